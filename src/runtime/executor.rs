@@ -1,0 +1,522 @@
+//! `Runtime`: the crate's own small, instrumented multi-threaded executor.
+
+use std::fmt;
+use std::future::Future;
+use std::io;
+use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use async_executor::Executor;
+use event_listener::{Event, Listener};
+
+use super::join::{CatchPanic, JoinHandle};
+use super::monitor::{Monitor, RuntimeStats, TaskInfo};
+use super::{BoxFuture, Spawn};
+
+/// How long [`Runtime::shutdown`] waits for worker threads to return after
+/// the remaining tasks were cancelled; a thread stuck in a blocking poll
+/// longer than this is left to finish on its own (and reported).
+const JOIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Configures and builds a [`Runtime`].
+///
+/// # Default
+///
+/// - threads: `std::thread::available_parallelism()` (1 if unknown)
+/// - thread name prefix: `"smolkit-worker"` (threads are `smolkit-worker-0`, ...)
+/// - monitor (task registry and per-poll timing): on
+/// - slow-poll threshold: 100 ms (asyncio debug mode's figure)
+#[derive(Debug, Clone)]
+pub struct Builder {
+    threads: Option<usize>,
+    name: String,
+    monitor: bool,
+    slow_poll: Duration,
+}
+
+/// Why a [`Runtime`] could not be built.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum BuildError {
+    /// `threads(0)` was asked for.
+    ZeroThreads,
+    /// The operating system refused to start a worker thread.
+    Spawn(io::Error),
+}
+
+impl fmt::Display for BuildError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            BuildError::ZeroThreads => {
+                f.write_str("a runtime needs at least one worker thread, got 0")
+            }
+            BuildError::Spawn(_) => f.write_str("failed to start a worker thread"),
+        }
+    }
+}
+
+impl std::error::Error for BuildError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            BuildError::Spawn(e) => Some(e),
+            BuildError::ZeroThreads => None,
+        }
+    }
+}
+
+impl Builder {
+    /// A builder with the defaults listed under [`Builder`].
+    pub fn new() -> Self {
+        Builder {
+            threads: None,
+            name: String::from("smolkit-worker"),
+            monitor: true,
+            slow_poll: Duration::from_millis(100),
+        }
+    }
+
+    /// The number of worker threads. `0` makes [`build`](Builder::build)
+    /// fail with [`BuildError::ZeroThreads`].
+    pub fn threads(mut self, n: usize) -> Self {
+        self.threads = Some(n);
+        self
+    }
+
+    /// The worker thread name prefix.
+    pub fn thread_name(mut self, prefix: impl Into<String>) -> Self {
+        self.name = prefix.into();
+        self
+    }
+
+    /// Turns the task registry and per-poll timing on or off. The counters
+    /// of [`Runtime::stats`] are always kept.
+    pub fn monitor(mut self, on: bool) -> Self {
+        self.monitor = on;
+        self
+    }
+
+    /// A poll that blocks its thread longer than this logs a `tracing`
+    /// warning naming the task (needs the monitor).
+    pub fn slow_poll_threshold(mut self, threshold: Duration) -> Self {
+        self.slow_poll = threshold;
+        self
+    }
+
+    /// Starts the worker threads.
+    ///
+    /// Worker threads inherit the `tracing` dispatcher that is current on
+    /// the thread calling `build`, so a subscriber set with
+    /// `tracing::subscriber::set_default` sees the runtime's events.
+    ///
+    /// # Errors
+    ///
+    /// [`BuildError::ZeroThreads`] for `threads(0)`, [`BuildError::Spawn`]
+    /// if a thread cannot be started (the threads already started are shut
+    /// down).
+    pub fn build(self) -> Result<Runtime, BuildError> {
+        let threads = match self.threads {
+            Some(0) => return Err(BuildError::ZeroThreads),
+            Some(n) => n,
+            None => thread::available_parallelism().map_or(1, NonZeroUsize::get),
+        };
+        let inner = Arc::new(Inner {
+            ex: Executor::new(),
+            closed: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            stop_event: Event::new(),
+            monitor: Arc::new(Monitor::new(self.monitor, self.slow_poll)),
+        });
+        let exited: Exits = Arc::new((Mutex::new(vec![false; threads]), Condvar::new()));
+        // NOTE: only a real subscriber is propagated; pinning the no-op one
+        // would hide a global subscriber installed after `build`.
+        let dispatch = tracing::dispatcher::get_default(|d| {
+            (!d.is::<tracing::subscriber::NoSubscriber>()).then(|| d.clone())
+        });
+        let mut rt = Runtime {
+            inner: Some(inner),
+            threads: Vec::with_capacity(threads),
+            exited,
+        };
+        for i in 0..threads {
+            let inner = rt.inner.clone().expect("set above");
+            let exited = rt.exited.clone();
+            let dispatch = dispatch.clone();
+            let spawned = thread::Builder::new()
+                .name(format!("{}-{i}", self.name))
+                .spawn(move || {
+                    let _exit = ExitSignal(exited, i);
+                    let _trace = dispatch.as_ref().map(tracing::dispatcher::set_default);
+                    async_io::block_on(inner.ex.run(inner.stopped()));
+                    // Drop our share of the executor before signalling exit,
+                    // so that once every thread has exited, the executor is
+                    // gone and every remaining task is cancelled.
+                    drop(inner);
+                });
+            match spawned {
+                Ok(t) => rt.threads.push(t),
+                Err(e) => return Err(BuildError::Spawn(e)),
+            }
+        }
+        Ok(rt)
+    }
+}
+
+impl Default for Builder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Which worker threads have left their run loop.
+type Exits = Arc<(Mutex<Vec<bool>>, Condvar)>;
+
+/// Marks worker thread `.1` as exited, even if it unwinds.
+struct ExitSignal(Exits, usize);
+
+impl Drop for ExitSignal {
+    fn drop(&mut self) {
+        let (exited, cv) = &*self.0;
+        exited.lock().unwrap_or_else(|e| e.into_inner())[self.1] = true;
+        cv.notify_all();
+    }
+}
+
+struct Inner {
+    ex: Executor<'static>,
+    /// No new tasks are accepted.
+    closed: AtomicBool,
+    /// Worker threads should return.
+    stop: AtomicBool,
+    stop_event: Event,
+    monitor: Arc<Monitor>,
+}
+
+impl Inner {
+    async fn stopped(&self) {
+        loop {
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            let listener = self.stop_event.listen();
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    fn spawn<F>(&self, name: Option<&str>, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        if self.closed.load(Ordering::Acquire) {
+            return JoinHandle::cancelled();
+        }
+        let fut = self.monitor.instrument(name, CatchPanic::new(fut));
+        JoinHandle::native(self.ex.spawn(fut))
+    }
+
+    fn spawn_boxed(&self, name: Option<&str>, fut: BoxFuture) {
+        if self.closed.load(Ordering::Acquire) {
+            return; // `fut` is dropped: its handle reports `Cancelled`.
+        }
+        self.ex.spawn(self.monitor.instrument(name, fut)).detach();
+    }
+}
+
+/// What [`Runtime::shutdown`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ShutdownReport {
+    /// Every task finished within the grace period.
+    pub drained: bool,
+    /// Tasks still live when the grace period ended (they are cancelled).
+    pub cancelled: u64,
+    /// Worker threads that did not return within a second of being told to
+    /// (stuck in a blocking poll); they finish on their own.
+    pub unjoined_threads: usize,
+}
+
+/// The crate's own small multi-threaded executor, with a task monitor.
+///
+/// Built from `async-executor` (smol's executor): N named worker threads run
+/// one shared executor. What it adds is what the seeds' "count and monitor
+/// running tasks" asks for, done properly:
+///
+/// - [`tasks`](Runtime::tasks): a snapshot of every live task with its name,
+///   age, poll count, busy time and longest poll;
+/// - [`stats`](Runtime::stats): spawned / completed / cancelled / panicked /
+///   live counters;
+/// - a `tracing` warning naming any task whose single poll blocked its
+///   thread longer than a threshold (default 100 ms);
+/// - [`shutdown`](Runtime::shutdown) with a grace period.
+///
+/// # Drop behavior
+///
+/// Dropping a `Runtime` is `shutdown(Duration::ZERO)`: live tasks are
+/// cancelled and the threads joined. It never hangs: a thread stuck in a
+/// blocking poll is left behind after a second (see [`ShutdownReport`]).
+///
+/// # Examples
+///
+/// ```
+/// use smolkit::runtime::Runtime;
+///
+/// let rt = Runtime::builder().threads(2).build().unwrap();
+/// let task = rt.spawn_named("adder", async { 40 + 2 });
+/// assert_eq!(rt.block_on(task), Ok(42));
+/// assert_eq!(rt.stats().completed, 1);
+/// ```
+pub struct Runtime {
+    inner: Option<Arc<Inner>>,
+    threads: Vec<thread::JoinHandle<()>>,
+    exited: Exits,
+}
+
+impl Runtime {
+    /// A runtime with the [`Builder`] defaults.
+    ///
+    /// # Errors
+    ///
+    /// As [`Builder::build`].
+    pub fn new() -> Result<Runtime, BuildError> {
+        Builder::new().build()
+    }
+
+    /// A builder to configure a runtime.
+    pub fn builder() -> Builder {
+        Builder::new()
+    }
+
+    fn inner(&self) -> &Arc<Inner> {
+        // NOTE: `inner` is `None` only inside `shutdown`, which takes `self`.
+        self.inner.as_ref().expect("runtime used after shutdown")
+    }
+
+    /// Runs `fut` to completion on the calling thread (tasks it spawns run
+    /// on the worker threads) and returns its output.
+    ///
+    /// # Panics
+    ///
+    /// Do not call it from inside an async task: it blocks the thread.
+    pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
+        async_io::block_on(fut)
+    }
+
+    /// Spawns a task. See [`JoinHandle`] for cancellation and panics.
+    pub fn spawn<F>(&self, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.inner().spawn(None, fut)
+    }
+
+    /// Spawns a task under a name shown by [`tasks`](Runtime::tasks) and the
+    /// slow-poll warning.
+    pub fn spawn_named<F>(&self, name: &str, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        self.inner().spawn(Some(name), fut)
+    }
+
+    /// A cheap, cloneable handle implementing [`Spawn`]. It does not keep
+    /// the runtime alive: once the runtime is shut down, spawning through
+    /// it gives handles that report [`JoinError::Cancelled`](super::JoinError::Cancelled).
+    pub fn handle(&self) -> Handle {
+        Handle {
+            inner: Arc::downgrade(self.inner()),
+        }
+    }
+
+    /// A snapshot of the live tasks, in spawn order (empty when the monitor
+    /// is off).
+    pub fn tasks(&self) -> Vec<TaskInfo> {
+        self.inner().monitor.tasks()
+    }
+
+    /// The task counters.
+    pub fn stats(&self) -> RuntimeStats {
+        self.inner().monitor.stats()
+    }
+
+    /// The number of worker threads.
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Stops accepting tasks, waits up to `grace` for the live ones to
+    /// finish, cancels the rest and joins the worker threads.
+    ///
+    /// Blocks the calling thread; call it from outside the runtime.
+    pub fn shutdown(mut self, grace: Duration) -> ShutdownReport {
+        self.shutdown_inner(grace)
+    }
+
+    fn shutdown_inner(&mut self, grace: Duration) -> ShutdownReport {
+        let Some(inner) = self.inner.take() else {
+            return ShutdownReport {
+                drained: true,
+                cancelled: 0,
+                unjoined_threads: 0,
+            };
+        };
+        inner.closed.store(true, Ordering::Release);
+        let deadline = Instant::now() + grace;
+        loop {
+            if inner.monitor.live() == 0 {
+                break;
+            }
+            let listener = inner.monitor.idle_listener();
+            if inner.monitor.live() == 0 {
+                break;
+            }
+            if listener.wait_deadline(deadline).is_none() {
+                break;
+            }
+        }
+        let left = inner.monitor.live();
+        inner.stop.store(true, Ordering::Release);
+        inner.stop_event.notify(usize::MAX);
+        let monitor = inner.monitor.clone();
+        // Dropping the last `Arc<Inner>` drops the executor, which cancels
+        // every task left; a worker still running holds its own clone and
+        // does so when it returns.
+        drop(inner);
+
+        let join_deadline = Instant::now() + JOIN_TIMEOUT;
+        let exited = {
+            let (flags, cv) = &*self.exited;
+            let mut exited = flags.lock().unwrap_or_else(|e| e.into_inner());
+            while !exited.iter().all(|&e| e) {
+                let now = Instant::now();
+                if now >= join_deadline {
+                    break;
+                }
+                exited = cv
+                    .wait_timeout(exited, join_deadline - now)
+                    .unwrap_or_else(|e| e.into_inner())
+                    .0;
+            }
+            exited.clone()
+        };
+        let mut unjoined = 0;
+        for (t, exited) in self.threads.drain(..).zip(exited) {
+            if exited {
+                // Past its run loop: returns at once.
+                let _ = t.join();
+            } else {
+                unjoined += 1;
+            }
+        }
+        if unjoined > 0 {
+            tracing::warn!(
+                threads = unjoined,
+                "runtime shut down with worker threads still blocked in a poll"
+            );
+        }
+        let report = ShutdownReport {
+            drained: left == 0,
+            cancelled: left,
+            unjoined_threads: unjoined,
+        };
+        tracing::debug!(
+            drained = report.drained,
+            cancelled = report.cancelled,
+            stats = ?monitor.stats(),
+            "runtime shut down"
+        );
+        report
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.shutdown_inner(Duration::ZERO);
+    }
+}
+
+impl fmt::Debug for Runtime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut d = f.debug_struct("Runtime");
+        d.field("threads", &self.threads.len());
+        if let Some(inner) = &self.inner {
+            d.field("stats", &inner.monitor.stats());
+        }
+        d.finish()
+    }
+}
+
+impl Spawn for Runtime {
+    fn spawn_boxed(&self, fut: BoxFuture) {
+        self.inner().spawn_boxed(None, fut)
+    }
+    fn spawn_named_boxed(&self, name: &str, fut: BoxFuture) {
+        self.inner().spawn_boxed(Some(name), fut)
+    }
+}
+
+/// A handle to a [`Runtime`]: spawns onto it without keeping it alive.
+#[derive(Clone)]
+pub struct Handle {
+    inner: Weak<Inner>,
+}
+
+impl Handle {
+    /// Spawns a task on the runtime; if it has shut down, the handle
+    /// reports [`JoinError::Cancelled`](super::JoinError::Cancelled).
+    pub fn spawn<F>(&self, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match self.inner.upgrade() {
+            Some(inner) => inner.spawn(None, fut),
+            None => JoinHandle::cancelled(),
+        }
+    }
+
+    /// Spawns a named task (see [`Runtime::spawn_named`]).
+    pub fn spawn_named<F>(&self, name: &str, fut: F) -> JoinHandle<F::Output>
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        match self.inner.upgrade() {
+            Some(inner) => inner.spawn(Some(name), fut),
+            None => JoinHandle::cancelled(),
+        }
+    }
+
+    /// The runtime's task counters, or `None` once it has shut down.
+    pub fn stats(&self) -> Option<RuntimeStats> {
+        self.inner.upgrade().map(|i| i.monitor.stats())
+    }
+}
+
+impl Spawn for Handle {
+    fn spawn_boxed(&self, fut: BoxFuture) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.spawn_boxed(None, fut);
+        }
+    }
+    fn spawn_named_boxed(&self, name: &str, fut: BoxFuture) {
+        if let Some(inner) = self.inner.upgrade() {
+            inner.spawn_boxed(Some(name), fut);
+        }
+    }
+}
+
+impl fmt::Debug for Handle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Handle")
+            .field("alive", &(self.inner.strong_count() > 0))
+            .finish()
+    }
+}
