@@ -1,0 +1,832 @@
+//! The fair, weighted, resizable semaphore.
+//!
+//! # How it works
+//!
+//! One `AtomicI64` holds the free permits (shifted left by two; negative
+//! while the semaphore is in debt after a shrink) and two flags: `WAITERS`
+//! (the queue is not empty) and `CLOSED`. While `WAITERS` is clear,
+//! acquiring and releasing are a single compare-and-swap each. While it is
+//! set, `try_acquire` fails at once (nobody overtakes a queued waiter) and
+//! releases go through the queue's mutex, which hands the permits directly
+//! to the waiters at the front, in order: the head may collect permits a
+//! few at a time until it has all it asked for. A waiter is woken only once
+//! its permits are already its own, so a wake-up can never be stolen, and a
+//! cancelled waiter gives back exactly what it had collected.
+//!
+//! Why not event-listener alone? A notification cannot carry permits to a
+//! chosen waiter, so a woken waiter would race newcomers for them (the
+//! barging that async-lock allows) and a weighted request could starve.
+
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
+
+use std::collections::VecDeque;
+
+use super::error::{AcquireError, TryAcquireError};
+use crate::sync::{self, AtomicI64, AtomicUsize, Mutex, Ordering};
+
+const WAITERS: i64 = 0b01;
+const CLOSED: i64 = 0b10;
+const SHIFT: u32 = 2;
+/// The largest number of permits the state word can hold.
+const MAX_PERMITS: usize = (i64::MAX >> (SHIFT + 1)) as usize;
+
+fn permits_of(state: i64) -> i64 {
+    state >> SHIFT
+}
+
+fn units(n: usize) -> i64 {
+    // NOTE: every count is clamped to MAX_PERMITS on the way in, so this
+    // cannot overflow.
+    (n as i64) << SHIFT
+}
+
+// A waiter's fate, stored in its slot (for FAILED_TOO_LARGE, the capacity
+// that failed it is stored above the two low bits).
+const PENDING: usize = 0;
+const GRANTED: usize = 1;
+const FAILED_CLOSED: usize = 2;
+const FAILED_TOO_LARGE: usize = 3;
+
+struct Slot {
+    state: AtomicUsize,
+}
+
+struct Node {
+    id: u64,
+    needed: usize,
+    assigned: usize,
+    slot: sync::Arc<Slot>,
+    waker: Option<Waker>,
+}
+
+struct Queue {
+    nodes: VecDeque<Node>,
+    next_id: u64,
+}
+
+/// Wakers collected under the lock, woken after it is released.
+type Wakers = Vec<Waker>;
+
+/// A fair, weighted async semaphore with exact resize and close.
+///
+/// - **Weighted**: [`acquire(n)`](Semaphore::acquire) takes `n` permits at
+///   once. Asking for more than the capacity fails at once with
+///   [`AcquireError::TooLarge`] instead of waiting forever.
+/// - **Strict FIFO**: permits go to waiters in arrival order, and no later
+///   arrival, including a [`try_acquire`](Semaphore::try_acquire) while
+///   waiters exist, overtakes a queued waiter.
+/// - **Cancel-safe**: dropping an acquire future gives back any permits it
+///   had collected, to the next waiters.
+/// - **Exact resize**: [`set_permits`](Semaphore::set_permits) takes effect
+///   at once, under load. Shrinking below the permits in use leaves the
+///   semaphore in debt ([`available`](Semaphore::available) is negative);
+///   permits coming back pay the debt before anyone is admitted, so no more
+///   than the new capacity is ever in use once the debt is paid.
+/// - [`close`](Semaphore::close) fails every waiter and later acquire with
+///   [`AcquireError::Closed`]; permits held stay valid.
+///
+/// # Head-of-line blocking
+///
+/// Strict FIFO has a price: a large weighted request at the head of the
+/// queue holds back smaller requests behind it, even when enough permits
+/// for them are free, until it has collected all it asked for. That is what
+/// makes large requests starvation-free. If small requests must not wait
+/// for large ones, give them separate semaphores.
+///
+/// # Examples
+///
+/// ```
+/// use smolkit::limit::Semaphore;
+///
+/// let sem = Semaphore::new(3);
+/// smol::block_on(async {
+///     let a = sem.acquire(2).await.unwrap();
+///     assert_eq!(sem.available(), 1);
+///     assert!(sem.try_acquire(2).is_err());
+///     drop(a);
+///     let _b = sem.try_acquire(3).unwrap();
+///     assert_eq!(sem.in_use(), 3);
+/// });
+/// ```
+pub struct Semaphore {
+    state: AtomicI64,
+    capacity: AtomicUsize,
+    /// Waiters in the queue (mirrors `queue.nodes.len()`, for stats).
+    waiting: AtomicUsize,
+    /// Permits handed to queued waiters that have not got all theirs yet.
+    assigned: AtomicUsize,
+    queue: Mutex<Queue>,
+}
+
+impl Semaphore {
+    /// A semaphore with `permits` permits (clamped to `usize::MAX >> 3`).
+    #[cfg(not(smolkit_loom))]
+    pub const fn new(permits: usize) -> Self {
+        let permits = if permits > MAX_PERMITS {
+            MAX_PERMITS
+        } else {
+            permits
+        };
+        Semaphore {
+            state: AtomicI64::new((permits as i64) << SHIFT),
+            capacity: AtomicUsize::new(permits),
+            waiting: AtomicUsize::new(0),
+            assigned: AtomicUsize::new(0),
+            queue: Mutex::new(Queue {
+                nodes: VecDeque::new(),
+                next_id: 0,
+            }),
+        }
+    }
+
+    /// A semaphore with `permits` permits (loom build: not `const`).
+    #[cfg(smolkit_loom)]
+    pub fn new(permits: usize) -> Self {
+        let permits = permits.min(MAX_PERMITS);
+        Semaphore {
+            state: AtomicI64::new(units(permits)),
+            capacity: AtomicUsize::new(permits),
+            waiting: AtomicUsize::new(0),
+            assigned: AtomicUsize::new(0),
+            queue: Mutex::new(Queue {
+                nodes: VecDeque::new(),
+                next_id: 0,
+            }),
+        }
+    }
+
+    /// Takes `n` permits now, or fails without waiting.
+    ///
+    /// # Errors
+    ///
+    /// [`TryAcquireError::NoPermits`] when fewer than `n` are free or
+    /// waiters are queued, [`TryAcquireError::Closed`],
+    /// [`TryAcquireError::TooLarge`] when `n` exceeds the capacity.
+    pub fn try_acquire(&self, n: usize) -> Result<SemaphoreGuard<'_>, TryAcquireError> {
+        self.try_take(n)?;
+        Ok(SemaphoreGuard {
+            sem: self,
+            permits: n,
+        })
+    }
+
+    /// [`try_acquire`](Semaphore::try_acquire) with an owned guard.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_acquire`](Semaphore::try_acquire).
+    pub fn try_acquire_arc(
+        self: &std::sync::Arc<Self>,
+        n: usize,
+    ) -> Result<SemaphoreGuardArc, TryAcquireError> {
+        self.try_take(n)?;
+        Ok(SemaphoreGuardArc {
+            sem: self.clone(),
+            permits: n,
+        })
+    }
+
+    fn try_take(&self, n: usize) -> Result<(), TryAcquireError> {
+        let mut cur = self.state.load(Ordering::Acquire);
+        loop {
+            if cur & CLOSED != 0 {
+                return Err(TryAcquireError::Closed);
+            }
+            if n > MAX_PERMITS || cur & WAITERS != 0 || permits_of(cur) < n as i64 {
+                let capacity = self.capacity();
+                if n > capacity {
+                    return Err(TryAcquireError::TooLarge {
+                        requested: n,
+                        capacity,
+                    });
+                }
+                return Err(TryAcquireError::NoPermits);
+            }
+            match self.state.compare_exchange_weak(
+                cur,
+                cur - units(n),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(()),
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    /// Waits for `n` permits, in FIFO order.
+    ///
+    /// # Errors
+    ///
+    /// [`AcquireError::Closed`] if the semaphore is or gets closed;
+    /// [`AcquireError::TooLarge`] at once if `n` exceeds the capacity, or
+    /// later if a resize shrinks the capacity below `n`.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes gives back the permits it
+    /// had collected and keeps the queue order of everyone else.
+    pub fn acquire(&self, n: usize) -> Acquire<'_> {
+        Acquire {
+            sem: self,
+            inner: AcquireState::new(n),
+        }
+    }
+
+    /// [`acquire`](Semaphore::acquire) with an owned guard that can move
+    /// into a spawned task.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Semaphore::acquire).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`acquire`](Semaphore::acquire).
+    pub fn acquire_arc(self: &std::sync::Arc<Self>, n: usize) -> AcquireArc {
+        AcquireArc {
+            sem: self.clone(),
+            inner: AcquireState::new(n),
+        }
+    }
+
+    /// Runs `f` while holding `n` permits: the seeds' `async with limiter`.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire`](Semaphore::acquire); `f` is not called then.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use smolkit::limit::Semaphore;
+    ///
+    /// let sem = Semaphore::new(10);
+    /// let out = smol::block_on(sem.run(1, || async { 6 * 7 }));
+    /// assert_eq!(out, Ok(42));
+    /// ```
+    pub async fn run<F, Fut>(&self, n: usize, f: F) -> Result<Fut::Output, AcquireError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future,
+    {
+        let _guard = self.acquire(n).await?;
+        Ok(f().await)
+    }
+
+    /// Adds `n` permits to the capacity; they go to waiters first.
+    pub fn add_permits(&self, n: usize) {
+        let mut wakers = Wakers::new();
+        {
+            let mut q = sync::lock(&self.queue);
+            let cap = self.capacity.load(Ordering::Acquire);
+            let new = cap.saturating_add(n).min(MAX_PERMITS);
+            self.capacity.store(new, Ordering::Release);
+            self.release_locked(&mut q, new - cap, &mut wakers);
+        }
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Sets the capacity to `n` (clamped to `usize::MAX >> 3`), at once and
+    /// under load.
+    ///
+    /// Growing hands the new permits to waiters first. Shrinking removes
+    /// free permits and, if too few are free, puts the semaphore in debt:
+    /// permits released later pay it off before anyone is admitted. Queued
+    /// waiters that asked for more than `n` fail with
+    /// [`AcquireError::TooLarge`].
+    pub fn set_permits(&self, n: usize) {
+        let n = n.min(MAX_PERMITS);
+        let mut wakers = Wakers::new();
+        {
+            let mut q = sync::lock(&self.queue);
+            let cap = self.capacity.swap(n, Ordering::AcqRel);
+            if n > cap {
+                self.release_locked(&mut q, n - cap, &mut wakers);
+            } else if n < cap {
+                self.state.fetch_sub(units(cap - n), Ordering::AcqRel);
+                self.fail_too_large_locked(&mut q, n, &mut wakers);
+            }
+        }
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Closes the semaphore: every queued waiter and every later acquire
+    /// fails with [`AcquireError::Closed`]. Guards already held stay valid
+    /// and still return their permits. Returns `false` if it was already
+    /// closed.
+    pub fn close(&self) -> bool {
+        let prev = self.state.fetch_or(CLOSED, Ordering::AcqRel);
+        let mut wakers = Wakers::new();
+        {
+            let mut q = sync::lock(&self.queue);
+            let mut returned = 0;
+            for node in q.nodes.drain(..) {
+                returned += node.assigned;
+                node.slot.state.store(FAILED_CLOSED, Ordering::Release);
+                wakers.extend(node.waker);
+            }
+            self.assigned.store(0, Ordering::Release);
+            self.waiting.store(0, Ordering::Release);
+            self.add_and_clear_waiters(returned);
+        }
+        wakers.into_iter().for_each(Waker::wake);
+        prev & CLOSED == 0
+    }
+
+    /// Whether [`close`](Semaphore::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.state.load(Ordering::Acquire) & CLOSED != 0
+    }
+
+    /// Free permits now; negative while the semaphore is in debt after a
+    /// shrink.
+    pub fn available(&self) -> i64 {
+        permits_of(self.state.load(Ordering::Acquire))
+    }
+
+    /// Permits held by guards (and by queued waiters that have collected
+    /// part of their request).
+    pub fn in_use(&self) -> usize {
+        let cap = self.capacity() as i64;
+        (cap - self.available()).max(0) as usize
+    }
+
+    /// Waiters queued now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Acquire)
+    }
+
+    /// The configured number of permits.
+    pub fn capacity(&self) -> usize {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// Adds `n` permits to the word and clears `WAITERS`: the queue has just
+    /// become empty. Called with the queue locked.
+    fn add_and_clear_waiters(&self, n: usize) {
+        let _ = self
+            .state
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |cur| {
+                Some((cur + units(n)) & !WAITERS)
+            });
+    }
+
+    /// Returns `n` permits (a guard's drop).
+    fn release(&self, n: usize) {
+        if n == 0 {
+            return;
+        }
+        let mut cur = self.state.load(Ordering::Acquire);
+        while cur & WAITERS == 0 {
+            match self.state.compare_exchange_weak(
+                cur,
+                cur + units(n),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
+        }
+        let mut wakers = Wakers::new();
+        {
+            let mut q = sync::lock(&self.queue);
+            self.release_locked(&mut q, n, &mut wakers);
+        }
+        wakers.into_iter().for_each(Waker::wake);
+    }
+
+    /// Adds `n` permits: pays any debt, then hands the rest to the queue in
+    /// order, then keeps what is left. Called with the queue locked.
+    fn release_locked(&self, q: &mut Queue, n: usize, wakers: &mut Wakers) {
+        if n == 0 {
+            return;
+        }
+        if q.nodes.is_empty() {
+            // WAITERS is clear and only changes under the lock.
+            self.state.fetch_add(units(n), Ordering::AcqRel);
+            return;
+        }
+        // Take the permits out of the word: with waiters queued, free
+        // permits never stay there (only debt does).
+        let mut cur = self.state.load(Ordering::Acquire);
+        let mut free = loop {
+            let total = permits_of(cur) + n as i64;
+            let (new, free) = if total <= 0 {
+                (cur + units(n), 0)
+            } else {
+                // Keep the flags, set the permits to zero.
+                (cur & (WAITERS | CLOSED), total as usize)
+            };
+            match self
+                .state
+                .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire)
+            {
+                Ok(_) => break free,
+                Err(actual) => cur = actual,
+            }
+        };
+        while free > 0 {
+            let Some(head) = q.nodes.front_mut() else {
+                break;
+            };
+            let give = (head.needed - head.assigned).min(free);
+            head.assigned += give;
+            free -= give;
+            self.assigned.fetch_add(give, Ordering::AcqRel);
+            if head.assigned == head.needed {
+                let node = q.nodes.pop_front().expect("front exists");
+                self.grant(node, wakers);
+            }
+        }
+        if q.nodes.is_empty() {
+            // Keep what is left.
+            self.add_and_clear_waiters(free);
+        }
+    }
+
+    fn grant(&self, node: Node, wakers: &mut Wakers) {
+        self.assigned.fetch_sub(node.assigned, Ordering::AcqRel);
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        node.slot.state.store(GRANTED, Ordering::Release);
+        wakers.extend(node.waker);
+    }
+
+    /// Fails queued waiters asking for more than `capacity`.
+    fn fail_too_large_locked(&self, q: &mut Queue, capacity: usize, wakers: &mut Wakers) {
+        let mut returned = 0;
+        q.nodes.retain_mut(|node| {
+            if node.needed <= capacity {
+                return true;
+            }
+            returned += node.assigned;
+            self.assigned.fetch_sub(node.assigned, Ordering::AcqRel);
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            node.slot
+                .state
+                .store(FAILED_TOO_LARGE | (capacity << 2), Ordering::Release);
+            wakers.extend(node.waker.take());
+            false
+        });
+        if q.nodes.is_empty() {
+            self.add_and_clear_waiters(returned);
+        } else {
+            self.release_locked(q, returned, wakers);
+        }
+    }
+}
+
+impl fmt::Debug for Semaphore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Semaphore")
+            .field("capacity", &self.capacity())
+            .field("available", &self.available())
+            .field("waiting", &self.waiting())
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+/// The state machine shared by [`Acquire`] and [`AcquireArc`].
+enum AcquireState {
+    Start { n: usize },
+    Queued { n: usize, id: u64, slot: sync::Arc<Slot> },
+    Done,
+}
+
+impl AcquireState {
+    fn new(n: usize) -> Self {
+        AcquireState::Start { n }
+    }
+
+    fn poll(&mut self, sem: &Semaphore, cx: &mut Context<'_>) -> Poll<Result<usize, AcquireError>> {
+        loop {
+            match self {
+                AcquireState::Done => panic!("acquire future polled after completion"),
+                AcquireState::Start { n } => {
+                    let n = *n;
+                    match sem.try_take(n) {
+                        Ok(()) => {
+                            *self = AcquireState::Done;
+                            return Poll::Ready(Ok(n));
+                        }
+                        Err(TryAcquireError::Closed) => {
+                            *self = AcquireState::Done;
+                            return Poll::Ready(Err(AcquireError::Closed));
+                        }
+                        Err(TryAcquireError::TooLarge {
+                            requested,
+                            capacity,
+                        }) => {
+                            *self = AcquireState::Done;
+                            return Poll::Ready(Err(AcquireError::TooLarge {
+                                requested,
+                                capacity,
+                            }));
+                        }
+                        Err(TryAcquireError::NoPermits) => {}
+                    }
+                    match enqueue(sem, n, cx.waker()) {
+                        Enqueued::Granted => {
+                            *self = AcquireState::Done;
+                            return Poll::Ready(Ok(n));
+                        }
+                        Enqueued::Failed(e) => {
+                            *self = AcquireState::Done;
+                            return Poll::Ready(Err(e));
+                        }
+                        Enqueued::Waiting { id, slot } => {
+                            *self = AcquireState::Queued { n, id, slot };
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                AcquireState::Queued { n, id, slot } => {
+                    if let Some(result) = fate(slot, *n) {
+                        *self = AcquireState::Done;
+                        return Poll::Ready(result);
+                    }
+                    let q = sync::lock(&sem.queue);
+                    // Re-check under the lock: grants happen under it.
+                    if fate(slot, *n).is_some() {
+                        drop(q);
+                        continue;
+                    }
+                    let mut q = q;
+                    if let Some(node) = q.nodes.iter_mut().find(|node| node.id == *id) {
+                        match &mut node.waker {
+                            Some(w) if w.will_wake(cx.waker()) => {}
+                            w => *w = Some(cx.waker().clone()),
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    /// Gives back what a cancelled acquire had collected.
+    fn cancel(&mut self, sem: &Semaphore) {
+        let AcquireState::Queued { n, id, slot } = std::mem::replace(self, AcquireState::Done)
+        else {
+            return;
+        };
+        let mut wakers = Wakers::new();
+        let mut release_all = false;
+        {
+            let mut q = sync::lock(&sem.queue);
+            match slot.state.load(Ordering::Acquire) & 0b11 {
+                GRANTED => release_all = true,
+                PENDING => {
+                    if let Some(pos) = q.nodes.iter().position(|node| node.id == id) {
+                        let node = q.nodes.remove(pos).expect("position is valid");
+                        sem.assigned.fetch_sub(node.assigned, Ordering::AcqRel);
+                        sem.waiting.fetch_sub(1, Ordering::AcqRel);
+                        if q.nodes.is_empty() {
+                            sem.add_and_clear_waiters(node.assigned);
+                        } else {
+                            // The next waiters may now be served: hand on
+                            // what this one had, including the wake-up.
+                            sem.release_locked(&mut q, node.assigned, &mut wakers);
+                        }
+                    }
+                }
+                _ => {} // failed: it holds nothing.
+            }
+        }
+        if release_all {
+            sem.release(n);
+        }
+        wakers.into_iter().for_each(Waker::wake);
+    }
+}
+
+fn fate(slot: &Slot, n: usize) -> Option<Result<usize, AcquireError>> {
+    let state = slot.state.load(Ordering::Acquire);
+    match state & 0b11 {
+        PENDING => None,
+        GRANTED => Some(Ok(n)),
+        FAILED_CLOSED => Some(Err(AcquireError::Closed)),
+        _ => Some(Err(AcquireError::TooLarge {
+            requested: n,
+            capacity: state >> 2,
+        })),
+    }
+}
+
+enum Enqueued {
+    Granted,
+    Failed(AcquireError),
+    Waiting { id: u64, slot: sync::Arc<Slot> },
+}
+
+/// The slow path: under the lock, take what is free and queue for the rest.
+fn enqueue(sem: &Semaphore, n: usize, waker: &Waker) -> Enqueued {
+    let mut q = sync::lock(&sem.queue);
+    let mut cur = sem.state.load(Ordering::Acquire);
+    let taken = loop {
+        if cur & CLOSED != 0 {
+            return Enqueued::Failed(AcquireError::Closed);
+        }
+        let capacity = sem.capacity();
+        if n > capacity {
+            return Enqueued::Failed(AcquireError::TooLarge {
+                requested: n,
+                capacity,
+            });
+        }
+        // With waiters queued the word holds no free permits.
+        let free = permits_of(cur).max(0) as usize;
+        if q.nodes.is_empty() && free >= n {
+            match sem.state.compare_exchange_weak(
+                cur,
+                cur - units(n),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Enqueued::Granted,
+                Err(actual) => {
+                    cur = actual;
+                    continue;
+                }
+            }
+        }
+        let take = if q.nodes.is_empty() { free.min(n) } else { 0 };
+        match sem.state.compare_exchange_weak(
+            cur,
+            (cur - units(take)) | WAITERS,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => break take,
+            Err(actual) => cur = actual,
+        }
+    };
+    let id = q.next_id;
+    q.next_id += 1;
+    let slot = sync::Arc::new(Slot {
+        state: AtomicUsize::new(PENDING),
+    });
+    sem.assigned.fetch_add(taken, Ordering::AcqRel);
+    sem.waiting.fetch_add(1, Ordering::AcqRel);
+    q.nodes.push_back(Node {
+        id,
+        needed: n,
+        assigned: taken,
+        slot: slot.clone(),
+        waker: Some(waker.clone()),
+    });
+    Enqueued::Waiting { id, slot }
+}
+
+/// The future of [`Semaphore::acquire`].
+#[must_use = "futures do nothing unless you .await or poll them"]
+pub struct Acquire<'a> {
+    sem: &'a Semaphore,
+    inner: AcquireState,
+}
+
+impl<'a> Future for Acquire<'a> {
+    type Output = Result<SemaphoreGuard<'a>, AcquireError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        let sem = this.sem;
+        this.inner.poll(sem, cx).map(|r| {
+            r.map(|permits| SemaphoreGuard { sem, permits })
+        })
+    }
+}
+
+impl Drop for Acquire<'_> {
+    fn drop(&mut self) {
+        self.inner.cancel(self.sem);
+    }
+}
+
+impl fmt::Debug for Acquire<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Acquire").field("semaphore", self.sem).finish()
+    }
+}
+
+/// The future of [`Semaphore::acquire_arc`].
+#[must_use = "futures do nothing unless you .await or poll them"]
+pub struct AcquireArc {
+    sem: std::sync::Arc<Semaphore>,
+    inner: AcquireState,
+}
+
+impl Future for AcquireArc {
+    type Output = Result<SemaphoreGuardArc, AcquireError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = &mut *self;
+        this.inner.poll(&this.sem, cx).map(|r| {
+            r.map(|permits| SemaphoreGuardArc {
+                sem: this.sem.clone(),
+                permits,
+            })
+        })
+    }
+}
+
+impl Drop for AcquireArc {
+    fn drop(&mut self) {
+        self.inner.cancel(&self.sem);
+    }
+}
+
+impl fmt::Debug for AcquireArc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AcquireArc").field("semaphore", &self.sem).finish()
+    }
+}
+
+/// Permits borrowed from a [`Semaphore`]; returned on drop.
+#[must_use = "the permits are returned as soon as the guard is dropped"]
+pub struct SemaphoreGuard<'a> {
+    sem: &'a Semaphore,
+    permits: usize,
+}
+
+impl SemaphoreGuard<'_> {
+    /// How many permits this guard holds.
+    pub fn permits(&self) -> usize {
+        self.permits
+    }
+
+    /// Keeps the permits out of the semaphore for good: its capacity
+    /// shrinks by this guard's permits.
+    pub fn forget(mut self) {
+        forget_permits(self.sem, std::mem::take(&mut self.permits));
+    }
+}
+
+impl Drop for SemaphoreGuard<'_> {
+    fn drop(&mut self) {
+        self.sem.release(self.permits);
+    }
+}
+
+impl fmt::Debug for SemaphoreGuard<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SemaphoreGuard")
+            .field("permits", &self.permits)
+            .finish()
+    }
+}
+
+/// Permits of an `Arc<Semaphore>`, owned: can move into a spawned task.
+#[must_use = "the permits are returned as soon as the guard is dropped"]
+pub struct SemaphoreGuardArc {
+    sem: std::sync::Arc<Semaphore>,
+    permits: usize,
+}
+
+impl SemaphoreGuardArc {
+    /// How many permits this guard holds.
+    pub fn permits(&self) -> usize {
+        self.permits
+    }
+
+    /// The semaphore the permits belong to.
+    pub fn semaphore(&self) -> &std::sync::Arc<Semaphore> {
+        &self.sem
+    }
+
+    /// Keeps the permits out of the semaphore for good: its capacity
+    /// shrinks by this guard's permits.
+    pub fn forget(mut self) {
+        forget_permits(&self.sem, std::mem::take(&mut self.permits));
+    }
+}
+
+impl Drop for SemaphoreGuardArc {
+    fn drop(&mut self) {
+        self.sem.release(self.permits);
+    }
+}
+
+impl fmt::Debug for SemaphoreGuardArc {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SemaphoreGuardArc")
+            .field("permits", &self.permits)
+            .finish()
+    }
+}
+
+fn forget_permits(sem: &Semaphore, n: usize) {
+    let mut wakers = Wakers::new();
+    {
+        let mut q = sync::lock(&sem.queue);
+        let cap = sem.capacity.load(Ordering::Acquire).saturating_sub(n);
+        sem.capacity.store(cap, Ordering::Release);
+        sem.fail_too_large_locked(&mut q, cap, &mut wakers);
+    }
+    wakers.into_iter().for_each(Waker::wake);
+}
