@@ -8,7 +8,9 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod limit;
 pub mod runtime;
+mod sync;
 
 #[cfg(feature = "testing")]
 pub mod testing;

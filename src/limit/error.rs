@@ -127,7 +127,7 @@ impl fmt::Display for RateLimitError {
 impl std::error::Error for RateLimitError {}
 
 /// A rate or limit configuration that cannot work.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 #[non_exhaustive]
 pub enum ConfigError {
     /// A value that must be positive was zero.

@@ -493,8 +493,14 @@ impl fmt::Debug for Semaphore {
 
 /// The state machine shared by [`Acquire`] and [`AcquireArc`].
 enum AcquireState {
-    Start { n: usize },
-    Queued { n: usize, id: u64, slot: sync::Arc<Slot> },
+    Start {
+        n: usize,
+    },
+    Queued {
+        n: usize,
+        id: u64,
+        slot: sync::Arc<Slot>,
+    },
     Done,
 }
 
@@ -696,9 +702,9 @@ impl<'a> Future for Acquire<'a> {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let sem = this.sem;
-        this.inner.poll(sem, cx).map(|r| {
-            r.map(|permits| SemaphoreGuard { sem, permits })
-        })
+        this.inner
+            .poll(sem, cx)
+            .map(|r| r.map(|permits| SemaphoreGuard { sem, permits }))
     }
 }
 
@@ -710,7 +716,9 @@ impl Drop for Acquire<'_> {
 
 impl fmt::Debug for Acquire<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Acquire").field("semaphore", self.sem).finish()
+        f.debug_struct("Acquire")
+            .field("semaphore", self.sem)
+            .finish()
     }
 }
 
@@ -743,7 +751,9 @@ impl Drop for AcquireArc {
 
 impl fmt::Debug for AcquireArc {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("AcquireArc").field("semaphore", &self.sem).finish()
+        f.debug_struct("AcquireArc")
+            .field("semaphore", &self.sem)
+            .finish()
     }
 }
 
