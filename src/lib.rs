@@ -9,6 +9,7 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod limit;
+pub mod resilience;
 pub mod runtime;
 mod sync;
 

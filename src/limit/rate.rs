@@ -132,6 +132,7 @@ impl Params {
     }
 
     /// One GCRA step on `tat` at `now`: the new TAT, or how long to wait.
+    #[inline]
     fn step(&self, tat: u64, now: u64, n: u32) -> Result<u64, RateLimitError> {
         let interval = self.interval_ns.load(Ordering::Relaxed);
         let burst = self.burst.load(Ordering::Relaxed);
@@ -168,6 +169,7 @@ impl Origin {
         Origin { clock, origin }
     }
 
+    #[inline]
     fn now_ns(&self) -> u64 {
         // NOTE: +1 so that a fresh TAT of 0 is always in the past.
         let since = self.clock.now().saturating_duration_since(self.origin);
@@ -233,6 +235,7 @@ impl RateLimiter {
     ///
     /// [`RateLimitError::NotYet`] with the wait;
     /// [`RateLimitError::InsufficientCapacity`] if `n` exceeds the burst.
+    #[inline]
     pub fn check(&self, n: u32) -> Result<(), RateLimitError> {
         let now = self.time.now_ns();
         if self.turnstile.available() <= 0 {
@@ -249,6 +252,7 @@ impl RateLimiter {
         self.take(n, now)
     }
 
+    #[inline]
     fn take(&self, n: u32, now: u64) -> Result<(), RateLimitError> {
         let mut tat = self.tat.load(Ordering::Acquire);
         loop {

@@ -165,6 +165,7 @@ impl Semaphore {
     /// [`TryAcquireError::NoPermits`] when fewer than `n` are free or
     /// waiters are queued, [`TryAcquireError::Closed`],
     /// [`TryAcquireError::TooLarge`] when `n` exceeds the capacity.
+    #[inline]
     pub fn try_acquire(&self, n: usize) -> Result<SemaphoreGuard<'_>, TryAcquireError> {
         self.try_take(n)?;
         Ok(SemaphoreGuard {
@@ -189,6 +190,7 @@ impl Semaphore {
         })
     }
 
+    #[inline]
     fn try_take(&self, n: usize) -> Result<(), TryAcquireError> {
         let mut cur = self.state.load(Ordering::Acquire);
         loop {
@@ -229,6 +231,7 @@ impl Semaphore {
     ///
     /// Dropping the future before it completes gives back the permits it
     /// had collected and keeps the queue order of everyone else.
+    #[inline]
     pub fn acquire(&self, n: usize) -> Acquire<'_> {
         Acquire {
             sem: self,
@@ -376,57 +379,54 @@ impl Semaphore {
     }
 
     /// Returns `n` permits (a guard's drop).
+    #[inline]
     fn release(&self, n: usize) {
         if n == 0 {
             return;
         }
-        let mut cur = self.state.load(Ordering::Acquire);
-        while cur & WAITERS == 0 {
-            match self.state.compare_exchange_weak(
-                cur,
-                cur + units(n),
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => return,
-                Err(actual) => cur = actual,
-            }
+        let prev = self.state.fetch_add(units(n), Ordering::AcqRel);
+        if prev & WAITERS == 0 {
+            return;
         }
+        // Waiters are queued: the permits just added are theirs. No
+        // fast-path acquire takes them meanwhile (it sees WAITERS).
         let mut wakers = Wakers::new();
         {
             let mut q = sync::lock(&self.queue);
-            self.release_locked(&mut q, n, &mut wakers);
+            self.redistribute_locked(&mut q, &mut wakers);
         }
         wakers.into_iter().for_each(Waker::wake);
     }
 
-    /// Adds `n` permits: pays any debt, then hands the rest to the queue in
-    /// order, then keeps what is left. Called with the queue locked.
+    /// Adds `n` permits: they pay any debt, then go to the queue in order,
+    /// and what is left stays free. Called with the queue locked.
     fn release_locked(&self, q: &mut Queue, n: usize, wakers: &mut Wakers) {
-        if n == 0 {
-            return;
-        }
-        if q.nodes.is_empty() {
-            // WAITERS is clear and only changes under the lock.
+        if n > 0 {
             self.state.fetch_add(units(n), Ordering::AcqRel);
+        }
+        self.redistribute_locked(q, wakers);
+    }
+
+    /// Hands the free permits in the word to the queue, front first.
+    /// Called with the queue locked.
+    fn redistribute_locked(&self, q: &mut Queue, wakers: &mut Wakers) {
+        if q.nodes.is_empty() {
             return;
         }
-        // Take the permits out of the word: with waiters queued, free
-        // permits never stay there (only debt does).
+        // Take the free permits out of the word (a debt stays there).
         let mut cur = self.state.load(Ordering::Acquire);
         let mut free = loop {
-            let total = permits_of(cur) + n as i64;
-            let (new, free) = if total <= 0 {
-                (cur + units(n), 0)
-            } else {
-                // Keep the flags, set the permits to zero.
-                (cur & (WAITERS | CLOSED), total as usize)
-            };
-            match self
-                .state
-                .compare_exchange_weak(cur, new, Ordering::AcqRel, Ordering::Acquire)
-            {
-                Ok(_) => break free,
+            let p = permits_of(cur);
+            if p <= 0 {
+                return;
+            }
+            match self.state.compare_exchange_weak(
+                cur,
+                cur - units(p as usize),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break p as usize,
                 Err(actual) => cur = actual,
             }
         };
@@ -509,6 +509,7 @@ impl AcquireState {
         AcquireState::Start { n }
     }
 
+    #[inline]
     fn poll(&mut self, sem: &Semaphore, cx: &mut Context<'_>) -> Poll<Result<usize, AcquireError>> {
         loop {
             match self {
@@ -576,7 +577,16 @@ impl AcquireState {
     }
 
     /// Gives back what a cancelled acquire had collected.
+    #[inline]
     fn cancel(&mut self, sem: &Semaphore) {
+        if !matches!(self, AcquireState::Queued { .. }) {
+            return;
+        }
+        self.cancel_queued(sem);
+    }
+
+    #[cold]
+    fn cancel_queued(&mut self, sem: &Semaphore) {
         let AcquireState::Queued { n, id, slot } = std::mem::replace(self, AcquireState::Done)
         else {
             return;
@@ -699,6 +709,7 @@ pub struct Acquire<'a> {
 impl<'a> Future for Acquire<'a> {
     type Output = Result<SemaphoreGuard<'a>, AcquireError>;
 
+    #[inline]
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
         let sem = this.sem;
@@ -709,6 +720,7 @@ impl<'a> Future for Acquire<'a> {
 }
 
 impl Drop for Acquire<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.inner.cancel(self.sem);
     }
@@ -744,6 +756,7 @@ impl Future for AcquireArc {
 }
 
 impl Drop for AcquireArc {
+    #[inline]
     fn drop(&mut self) {
         self.inner.cancel(&self.sem);
     }
@@ -778,6 +791,7 @@ impl SemaphoreGuard<'_> {
 }
 
 impl Drop for SemaphoreGuard<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.sem.release(self.permits);
     }
@@ -817,6 +831,7 @@ impl SemaphoreGuardArc {
 }
 
 impl Drop for SemaphoreGuardArc {
+    #[inline]
     fn drop(&mut self) {
         self.sem.release(self.permits);
     }
