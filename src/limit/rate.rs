@@ -110,11 +110,12 @@ impl Quota {
     }
 }
 
-/// The quota as the hot path reads it: emission interval and burst window
-/// in nanoseconds.
+/// The quota, and the two numbers the hot path reads from it: emission
+/// interval (ns) and burst.
 struct Params {
     interval_ns: AtomicU64,
     burst: AtomicU64,
+    quota: Mutex<Quota>,
 }
 
 impl Params {
@@ -122,13 +123,22 @@ impl Params {
         Params {
             interval_ns: AtomicU64::new(quota.interval_ns()),
             burst: AtomicU64::new(u64::from(quota.burst)),
+            quota: Mutex::new(quota),
         }
     }
 
+    /// Replaces the quota. A check racing this may see the old interval
+    /// with the new burst (or the reverse) once; both are valid limits.
     fn set(&self, quota: Quota) {
+        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
+        *q = quota;
         self.interval_ns
             .store(quota.interval_ns(), Ordering::Relaxed);
         self.burst.store(u64::from(quota.burst), Ordering::Relaxed);
+    }
+
+    fn quota(&self) -> Quota {
+        *self.quota.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// One GCRA step on `tat` at `now`: the new TAT, or how long to wait.
@@ -206,7 +216,6 @@ impl Origin {
 pub struct RateLimiter {
     tat: AtomicU64,
     params: Params,
-    quota: Mutex<Quota>,
     time: Origin,
     /// FIFO turnstile for `until_ready`: one waiter sleeps at a time.
     turnstile: Semaphore,
@@ -223,7 +232,6 @@ impl RateLimiter {
         RateLimiter {
             tat: AtomicU64::new(0),
             params: Params::new(quota),
-            quota: Mutex::new(quota),
             time: Origin::new(clock),
             turnstile: Semaphore::new(1),
         }
@@ -306,14 +314,12 @@ impl RateLimiter {
     /// Replaces the quota, at once. Cells already admitted stay counted
     /// against the new quota.
     pub fn set_quota(&self, quota: Quota) {
-        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
-        *q = quota;
         self.params.set(quota);
     }
 
     /// The current quota.
     pub fn quota(&self) -> Quota {
-        *self.quota.lock().unwrap_or_else(|e| e.into_inner())
+        self.params.quota()
     }
 
     /// Tasks waiting in [`until_ready`](RateLimiter::until_ready) (the one
@@ -367,7 +373,6 @@ pub struct KeyedRateLimiter<K> {
     shards: [Mutex<HashMap<K, u64>>; KEY_SHARDS],
     hasher: RandomState,
     params: Params,
-    quota: Mutex<Quota>,
     time: Origin,
     max_per_shard: usize,
 }
@@ -384,7 +389,6 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
             shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
             hasher: RandomState::new(),
             params: Params::new(quota),
-            quota: Mutex::new(quota),
             time: Origin::new(clock),
             max_per_shard: 65_536 / KEY_SHARDS,
         }
@@ -469,14 +473,12 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
 
     /// Replaces the quota for every key, at once.
     pub fn set_quota(&self, quota: Quota) {
-        let mut q = self.quota.lock().unwrap_or_else(|e| e.into_inner());
-        *q = quota;
         self.params.set(quota);
     }
 
     /// The current quota.
     pub fn quota(&self) -> Quota {
-        *self.quota.lock().unwrap_or_else(|e| e.into_inner())
+        self.params.quota()
     }
 }
 

@@ -283,7 +283,9 @@ impl<C, H> Retry<C, H> {
         let clock = &*self.clock;
         // NOTE: the clock is read only when an elapsed limit needs it.
         let start = self.max_elapsed.map(|_| clock.now());
-        let deadline = start.zip(self.max_elapsed).and_then(|(s, d)| s.checked_add(d));
+        let deadline = start
+            .zip(self.max_elapsed)
+            .and_then(|(s, d)| s.checked_add(d));
         let mut backoff = self.backoff.clone();
         backoff.reset();
         if let Some(budget) = &self.budget {
