@@ -300,38 +300,40 @@ impl<C, H> Retry<C, H> {
                 Err(AttemptError::Inner(e)) => self.classifier.classify(Err(e)),
                 Err(AttemptError::TimedOut(_)) => Decision::Retry,
             };
-            let stop =
-                |kind: Stop, outcome: Result<T, AttemptError<E>>| -> Result<T, RetryError<E>> {
-                    let error = match outcome {
-                        Ok(v) => return Ok(v),
-                        Err(e) => e,
-                    };
-                    Err(match kind {
-                        Stop::Permanent => match error {
-                            AttemptError::Inner(error) => RetryError::Permanent {
-                                error,
-                                attempts: attempt,
-                            },
-                            timed_out => RetryError::Exhausted {
-                                error: timed_out,
-                                attempts: attempt,
-                            },
-                        },
-                        Stop::Exhausted => RetryError::Exhausted {
-                            error,
-                            attempts: attempt,
-                        },
-                        Stop::Deadline => RetryError::Deadline {
-                            error,
-                            attempts: attempt,
-                            elapsed: clock.now().saturating_duration_since(start),
-                        },
-                        Stop::Budget => RetryError::Budget {
-                            error,
-                            attempts: attempt,
-                        },
-                    })
+            let stop = |kind: Stop,
+                        outcome: Result<T, AttemptError<E>>|
+             -> Result<T, RetryError<E>> {
+                let error = match outcome {
+                    Ok(v) => return Ok(v),
+                    Err(e) => e,
                 };
+                Err(match kind {
+                    Stop::Permanent => match error {
+                        AttemptError::Inner(error) => RetryError::Permanent {
+                            error,
+                            attempts: attempt,
+                        },
+                        timed_out => RetryError::Exhausted {
+                            error: timed_out,
+                            attempts: attempt,
+                        },
+                    },
+                    Stop::Exhausted => RetryError::Exhausted {
+                        error,
+                        attempts: attempt,
+                    },
+                    Stop::Deadline => RetryError::Deadline {
+                        error,
+                        attempts: attempt,
+                        elapsed: start
+                            .map_or(Duration::ZERO, |s| clock.now().saturating_duration_since(s)),
+                    },
+                    Stop::Budget => RetryError::Budget {
+                        error,
+                        attempts: attempt,
+                    },
+                })
+            };
             let delay = match decision {
                 Decision::Done => return stop(Stop::Permanent, outcome),
                 Decision::Retry => match backoff.next() {
