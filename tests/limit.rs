@@ -597,6 +597,18 @@ fn simulate(
     (lo, hi)
 }
 
+/// Over the last 1,000 of 3,000 saturated samples, the limit stays within
+/// 20% of the knee and moves over a range of at most 20% of it.
+fn assert_settles_near_the_knee(limit: &AdaptiveLimit, clock: &ManualClock, knee: usize) {
+    let (lo, hi) = simulate(limit, clock, knee, 3_000, 1_000);
+    let (min_ok, max_ok) = (knee * 8 / 10, knee * 12 / 10);
+    assert!(
+        lo >= min_ok && hi <= max_ok,
+        "settled in [{lo}, {hi}], want within [{min_ok}, {max_ok}]"
+    );
+    assert!(hi - lo <= knee / 5, "oscillates over [{lo}, {hi}]");
+}
+
 #[test]
 fn gradient_settles_near_the_knee_without_oscillating() {
     let knee = 50;
@@ -604,13 +616,7 @@ fn gradient_settles_near_the_knee_without_oscillating() {
     let limit = AdaptiveLimit::new(5, 1, 500, Gradient::new())
         .unwrap()
         .with_clock(c);
-    let (lo, hi) = simulate(&limit, &clock, knee, 3_000, 1_000);
-    let (min_ok, max_ok) = (knee * 8 / 10, knee * 12 / 10);
-    assert!(
-        lo >= min_ok && hi <= max_ok,
-        "settled in [{lo}, {hi}], want within [{min_ok}, {max_ok}]"
-    );
-    assert!(hi - lo <= knee / 5, "oscillates over [{lo}, {hi}]");
+    assert_settles_near_the_knee(&limit, &clock, knee);
 }
 
 #[test]
@@ -622,13 +628,7 @@ fn aimd_with_a_latency_threshold_settles_near_the_knee() {
         .unwrap()
         .with_clock(c)
         .with_cooldown(Duration::from_millis(50));
-    let (lo, hi) = simulate(&limit, &clock, knee, 3_000, 1_000);
-    let (min_ok, max_ok) = (knee * 8 / 10, knee * 12 / 10);
-    assert!(
-        lo >= min_ok && hi <= max_ok,
-        "settled in [{lo}, {hi}], want within [{min_ok}, {max_ok}]"
-    );
-    assert!(hi - lo <= knee / 5, "oscillates over [{lo}, {hi}]");
+    assert_settles_near_the_knee(&limit, &clock, knee);
 }
 
 #[test]

@@ -228,6 +228,17 @@ impl<C, H> Retry<C, H> {
 
     /// Decides which outcomes are retried.
     pub fn with_classifier<C2>(self, classifier: C2) -> Retry<C2, H> {
+        self.map_parts(|_, hook| (classifier, hook))
+    }
+
+    /// Calls `hook` before every retry sleep.
+    pub fn on_retry<H2>(self, hook: H2) -> Retry<C, H2> {
+        self.map_parts(|classifier, _| (classifier, hook))
+    }
+
+    /// The same policy with its classifier and hook replaced.
+    fn map_parts<C2, H2>(self, f: impl FnOnce(C, H) -> (C2, H2)) -> Retry<C2, H2> {
+        let (classifier, hook) = f(self.classifier, self.hook);
         Retry {
             backoff: self.backoff,
             max_attempts: self.max_attempts,
@@ -237,21 +248,6 @@ impl<C, H> Retry<C, H> {
             budget: self.budget,
             clock: self.clock,
             classifier,
-            hook: self.hook,
-        }
-    }
-
-    /// Calls `hook` before every retry sleep.
-    pub fn on_retry<H2>(self, hook: H2) -> Retry<C, H2> {
-        Retry {
-            backoff: self.backoff,
-            max_attempts: self.max_attempts,
-            max_elapsed: self.max_elapsed,
-            attempt_timeout: self.attempt_timeout,
-            max_retry_after: self.max_retry_after,
-            budget: self.budget,
-            clock: self.clock,
-            classifier: self.classifier,
             hook,
         }
     }
