@@ -8,9 +8,12 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+pub mod events;
 pub mod limit;
+pub mod pool;
 pub mod resilience;
 pub mod runtime;
+pub mod stream;
 mod sync;
 
 #[cfg(feature = "testing")]

@@ -48,6 +48,7 @@ pub use clock::{Clock, Sleep, SystemClock};
 pub use compat::AsyncStd;
 pub use compat::SmolGlobal;
 pub use executor::{BuildError, Builder, Handle, Runtime, ShutdownReport};
+pub(crate) use join::panic_message;
 pub use join::{JoinError, JoinHandle};
 pub use monitor::{RuntimeStats, TaskInfo};
 

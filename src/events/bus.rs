@@ -1,0 +1,835 @@
+use std::collections::HashMap;
+use std::error::Error;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+
+use async_channel::{Receiver, Sender, TrySendError};
+use futures_lite::{FutureExt, Stream};
+
+use super::topic::{Pattern, TopicError, validate_topic};
+use crate::limit::Semaphore;
+use crate::runtime::{JoinHandle, Spawn, SpawnExt, default_spawner, panic_message};
+use crate::sync::lock;
+
+/// One event: its topic and payload.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Event<E> {
+    /// The topic it was emitted on.
+    pub topic: Arc<str>,
+    /// The payload.
+    pub payload: E,
+}
+
+/// What a subscription does when its queue is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Overflow {
+    /// The emitter waits ([`Bus::emit`]) for room: backpressure, nothing
+    /// lost.
+    #[default]
+    Wait,
+    /// The oldest queued event is dropped (counted) to make room.
+    DropOldest,
+    /// The new event is dropped (counted).
+    DropNewest,
+}
+
+/// Options of one subscription.
+///
+/// # Default
+///
+/// The bus's capacity, [`Overflow::Wait`], concurrency 1, name
+/// `"subscriber"`.
+#[derive(Debug, Clone)]
+pub struct SubscribeOptions {
+    name: String,
+    capacity: Option<usize>,
+    overflow: Overflow,
+    concurrency: usize,
+}
+
+impl SubscribeOptions {
+    /// The defaults.
+    pub fn new() -> Self {
+        SubscribeOptions {
+            name: "subscriber".to_owned(),
+            capacity: None,
+            overflow: Overflow::Wait,
+            concurrency: 1,
+        }
+    }
+
+    /// A name for stats, logs and [`HandlerFailure`]s.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Events queued for this subscription (at least 1).
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = Some(capacity.max(1));
+        self
+    }
+
+    /// What to do when the queue is full.
+    pub fn with_overflow(mut self, overflow: Overflow) -> Self {
+        self.overflow = overflow;
+        self
+    }
+
+    /// For handlers: calls running at once (at least 1; 1 keeps order).
+    pub fn with_concurrency(mut self, n: usize) -> Self {
+        self.concurrency = n.max(1);
+        self
+    }
+}
+
+impl Default for SubscribeOptions {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// A handler call that failed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct HandlerFailure {
+    /// The handler's name.
+    pub handler: String,
+    /// The event's topic.
+    pub topic: Arc<str>,
+    /// The error or panic message.
+    pub error: String,
+    /// Whether it panicked.
+    pub panicked: bool,
+}
+
+/// Names a handler for [`Bus::off`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct HandlerId(u64);
+
+/// [`Bus::emit`] failed; the payload is handed back.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum EmitError<E> {
+    /// The topic is not well formed.
+    Topic(TopicError, E),
+    /// The bus was shut down.
+    Closed(E),
+}
+
+/// [`Bus::try_emit`] failed; the payload is handed back.
+#[derive(Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TryEmitError<E> {
+    /// The topic is not well formed.
+    Topic(TopicError, E),
+    /// The bus was shut down.
+    Closed(E),
+    /// A subscription with [`Overflow::Wait`] is full; nothing was
+    /// delivered.
+    Full(E),
+}
+
+macro_rules! emit_error_impls {
+    ($ty:ident { $($var:ident),* }) => {
+        impl<E> $ty<E> {
+            /// The payload that was not emitted.
+            pub fn into_inner(self) -> E {
+                match self {
+                    $ty::Topic(_, e) $(| $ty::$var(e))* => e,
+                }
+            }
+        }
+
+        impl<E> fmt::Debug for $ty<E> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $ty::Topic(t, _) => f.debug_tuple("Topic").field(t).finish_non_exhaustive(),
+                    $($ty::$var(_) => f.write_str(concat!(stringify!($var), "(..)")),)*
+                }
+            }
+        }
+
+        impl<E> fmt::Display for $ty<E> {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                match self {
+                    $ty::Topic(t, _) => t.fmt(f),
+                    $($ty::$var(_) => f.write_str(emit_error_impls!(@msg $var)),)*
+                }
+            }
+        }
+
+        impl<E> Error for $ty<E> {}
+    };
+    (@msg Closed) => { "event bus is shut down" };
+    (@msg Full) => { "a subscriber's queue is full" };
+}
+
+emit_error_impls!(EmitError { Closed });
+emit_error_impls!(TryEmitError { Closed, Full });
+
+/// Counters of the whole bus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct BusStats {
+    /// Events emitted.
+    pub emitted: u64,
+    /// Copies queued for subscriptions.
+    pub delivered: u64,
+    /// Copies dropped by overflow policies.
+    pub dropped: u64,
+    /// Handler calls that failed or panicked.
+    pub handler_failures: u64,
+    /// Subscriptions (streams and handlers).
+    pub subscribers: usize,
+}
+
+/// Counters of one subscription.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct SubscriberStats {
+    /// Its name.
+    pub name: String,
+    /// Its pattern.
+    pub pattern: String,
+    /// Events waiting in its queue.
+    pub queued: usize,
+    /// Events queued for it in total.
+    pub delivered: u64,
+    /// Events its overflow policy dropped.
+    pub dropped: u64,
+}
+
+struct Sub<E> {
+    id: u64,
+    name: String,
+    pattern: Pattern,
+    overflow: Overflow,
+    tx: Sender<Event<E>>,
+    /// Kept to drop the oldest event.
+    rx: Receiver<Event<E>>,
+    delivered: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl<E> Sub<E> {
+    /// Queues without waiting; `Err` only for a full `Wait` subscription.
+    fn offer(&self, ev: Event<E>) -> Result<(), Event<E>> {
+        let mut ev = ev;
+        loop {
+            match self.tx.try_send(ev) {
+                Ok(()) => {
+                    self.delivered.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(TrySendError::Closed(_)) => return Ok(()),
+                Err(TrySendError::Full(back)) => match self.overflow {
+                    Overflow::Wait => return Err(back),
+                    Overflow::DropNewest => {
+                        self.dropped.fetch_add(1, Ordering::Relaxed);
+                        return Ok(());
+                    }
+                    Overflow::DropOldest => {
+                        if self.rx.try_recv().is_ok() {
+                            self.dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        ev = back;
+                    }
+                },
+            }
+        }
+    }
+}
+
+type Added<E> = (Arc<Sub<E>>, Receiver<Event<E>>);
+
+struct Inner<E> {
+    subs: Mutex<Arc<Vec<Arc<Sub<E>>>>>,
+    retained: Option<Mutex<HashMap<Arc<str>, E>>>,
+    capacity: usize,
+    closed: AtomicBool,
+    spawner: Arc<dyn Spawn>,
+    errors_tx: Sender<HandlerFailure>,
+    errors_rx: Receiver<HandlerFailure>,
+    dispatchers: Mutex<Vec<(u64, JoinHandle<()>)>>,
+    next_id: AtomicU64,
+    emitted: AtomicU64,
+    gone_delivered: AtomicU64,
+    gone_dropped: AtomicU64,
+    failures: AtomicU64,
+}
+
+/// An event bus; see the [module docs](super). Cheap to clone (clones
+/// share the bus).
+///
+/// # Examples
+///
+/// ```
+/// use futures_lite::StreamExt;
+/// use smolkit::events::Bus;
+///
+/// smol::block_on(async {
+///     let bus = Bus::<u32>::new();
+///     let mut eu = bus.subscribe("orders.eu.*").unwrap();
+///     let mut all = bus.subscribe("orders.#").unwrap();
+///     bus.emit("orders.eu.created", 1).await.unwrap();
+///     bus.emit("orders.us.created", 2).await.unwrap();
+///     assert_eq!(eu.next().await.unwrap().payload, 1);
+///     assert_eq!(all.next().await.unwrap().payload, 1);
+///     assert_eq!(all.next().await.unwrap().payload, 2);
+///     assert_eq!(bus.stats().delivered, 3);
+/// });
+/// ```
+pub struct Bus<E> {
+    inner: Arc<Inner<E>>,
+}
+
+impl<E> Clone for Bus<E> {
+    fn clone(&self) -> Self {
+        Bus {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+/// Builds a [`Bus`].
+///
+/// # Default
+///
+/// 1024 events queued per subscription, no retained values, handlers on
+/// smol's global executor, 1024 handler failures kept for
+/// [`Bus::errors`] (the oldest dropped beyond that).
+#[derive(Debug)]
+pub struct BusBuilder {
+    capacity: usize,
+    retain: bool,
+    spawner: Arc<dyn Spawn>,
+    errors: usize,
+}
+
+impl BusBuilder {
+    /// Default queue size of a subscription (at least 1).
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity.max(1);
+        self
+    }
+
+    /// Keeps the last payload of every topic and replays the matching ones
+    /// to each new subscription.
+    pub fn with_retained(mut self, retain: bool) -> Self {
+        self.retain = retain;
+        self
+    }
+
+    /// Where handlers run.
+    pub fn with_spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
+        self.spawner = spawner;
+        self
+    }
+
+    /// Handler failures kept for [`Bus::errors`] (at least 1).
+    pub fn with_error_capacity(mut self, n: usize) -> Self {
+        self.errors = n.max(1);
+        self
+    }
+
+    /// The bus.
+    pub fn build<E: Clone + Send + 'static>(self) -> Bus<E> {
+        let (errors_tx, errors_rx) = async_channel::bounded(self.errors);
+        Bus {
+            inner: Arc::new(Inner {
+                subs: Mutex::new(Arc::new(Vec::new())),
+                retained: self.retain.then(|| Mutex::new(HashMap::new())),
+                capacity: self.capacity,
+                closed: AtomicBool::new(false),
+                spawner: self.spawner,
+                errors_tx,
+                errors_rx,
+                dispatchers: Mutex::new(Vec::new()),
+                next_id: AtomicU64::new(0),
+                emitted: AtomicU64::new(0),
+                gone_delivered: AtomicU64::new(0),
+                gone_dropped: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+            }),
+        }
+    }
+}
+
+impl<E: Clone + Send + 'static> Default for Bus<E> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<E: Clone + Send + 'static> Bus<E> {
+    /// A bus with the defaults (see [`BusBuilder`]).
+    pub fn new() -> Self {
+        Self::builder().build()
+    }
+
+    /// A builder.
+    pub fn builder() -> BusBuilder {
+        BusBuilder {
+            capacity: 1024,
+            retain: false,
+            spawner: default_spawner(),
+            errors: 1024,
+        }
+    }
+
+    fn snapshot(&self) -> Arc<Vec<Arc<Sub<E>>>> {
+        lock(&self.inner.subs).clone()
+    }
+
+    fn check(&self, topic: &str) -> Result<(), (TopicError, bool)> {
+        validate_topic(topic).map_err(|e| (e, false))?;
+        if self.inner.closed.load(Ordering::Acquire) {
+            return Err((
+                TopicError {
+                    value: String::new(),
+                    reason: "",
+                },
+                true,
+            ));
+        }
+        Ok(())
+    }
+
+    fn retain(&self, topic: &Arc<str>, payload: &E) {
+        if let Some(r) = &self.inner.retained {
+            lock(r).insert(topic.clone(), payload.clone());
+        }
+    }
+
+    /// Emits `payload` on `topic`, waiting while a matching
+    /// [`Overflow::Wait`] subscription is full. Returns the number of
+    /// subscriptions it was queued for.
+    ///
+    /// # Errors
+    ///
+    /// [`EmitError::Topic`] for a malformed topic (empty, an empty
+    /// segment, or a wildcard), [`EmitError::Closed`] after
+    /// [`shutdown`](Bus::shutdown). The payload is handed back.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future while it waits leaves the event queued for the
+    /// subscriptions reached so far and not for the rest.
+    pub async fn emit(&self, topic: &str, payload: E) -> Result<usize, EmitError<E>> {
+        if let Err((e, closed)) = self.check(topic) {
+            return Err(if closed {
+                EmitError::Closed(payload)
+            } else {
+                EmitError::Topic(e, payload)
+            });
+        }
+        self.inner.emitted.fetch_add(1, Ordering::Relaxed);
+        let topic: Arc<str> = topic.into();
+        self.retain(&topic, &payload);
+        let subs = self.snapshot();
+        let mut n = 0;
+        let mut matched = subs.iter().filter(|s| s.pattern.matches(&topic)).peekable();
+        while let Some(sub) = matched.next() {
+            // The last match takes the payload itself: one clone fewer.
+            let payload = if matched.peek().is_some() {
+                payload.clone()
+            } else {
+                return self.deliver(sub, topic, payload).await.map(|d| n + d);
+            };
+            n += self.deliver(sub, topic.clone(), payload).await?;
+        }
+        Ok(n)
+    }
+
+    async fn deliver(
+        &self,
+        sub: &Sub<E>,
+        topic: Arc<str>,
+        payload: E,
+    ) -> Result<usize, EmitError<E>> {
+        match sub.offer(Event { topic, payload }) {
+            Ok(()) => Ok(1),
+            Err(ev) => match sub.tx.send(ev).await {
+                Ok(()) => {
+                    sub.delivered.fetch_add(1, Ordering::Relaxed);
+                    Ok(1)
+                }
+                // The subscription closed while we waited (shutdown, or it
+                // was dropped): it no longer wants events.
+                Err(_) => Ok(0),
+            },
+        }
+    }
+
+    /// Emits without waiting. If a matching [`Overflow::Wait`]
+    /// subscription is full, nothing is delivered and the payload comes
+    /// back in [`TryEmitError::Full`]. (Two emitters racing for the last
+    /// slot: the loser's copy for that subscription is dropped and
+    /// counted.)
+    ///
+    /// # Errors
+    ///
+    /// [`TryEmitError`], with the payload.
+    pub fn try_emit(&self, topic: &str, payload: E) -> Result<usize, TryEmitError<E>> {
+        if let Err((e, closed)) = self.check(topic) {
+            return Err(if closed {
+                TryEmitError::Closed(payload)
+            } else {
+                TryEmitError::Topic(e, payload)
+            });
+        }
+        let subs = self.snapshot();
+        let matched: Vec<&Arc<Sub<E>>> = subs.iter().filter(|s| s.pattern.matches(topic)).collect();
+        if matched
+            .iter()
+            .any(|s| s.overflow == Overflow::Wait && s.tx.is_full())
+        {
+            return Err(TryEmitError::Full(payload));
+        }
+        self.inner.emitted.fetch_add(1, Ordering::Relaxed);
+        let topic: Arc<str> = topic.into();
+        self.retain(&topic, &payload);
+        let mut n = 0;
+        for sub in matched {
+            let ev = Event {
+                topic: topic.clone(),
+                payload: payload.clone(),
+            };
+            match sub.offer(ev) {
+                Ok(()) => n += 1,
+                Err(_) => {
+                    sub.dropped.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn add(&self, pattern: &str, opts: &SubscribeOptions) -> Result<Added<E>, TopicError> {
+        let pattern = Pattern::parse(pattern)?;
+        let (tx, rx) = async_channel::bounded(opts.capacity.unwrap_or(self.inner.capacity));
+        let sub = Arc::new(Sub {
+            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            name: opts.name.clone(),
+            pattern,
+            overflow: opts.overflow,
+            tx,
+            rx: rx.clone(),
+            delivered: AtomicU64::new(0),
+            dropped: AtomicU64::new(0),
+        });
+        {
+            let mut subs = lock(&self.inner.subs);
+            if self.inner.closed.load(Ordering::Acquire) {
+                sub.tx.close();
+            } else {
+                let mut next = Vec::with_capacity(subs.len() + 1);
+                next.extend(subs.iter().cloned());
+                next.push(sub.clone());
+                *subs = Arc::new(next);
+            }
+        }
+        if let Some(r) = &self.inner.retained {
+            let replay: Vec<Event<E>> = lock(r)
+                .iter()
+                .filter(|(t, _)| sub.pattern.matches(t))
+                .map(|(t, p)| Event {
+                    topic: t.clone(),
+                    payload: p.clone(),
+                })
+                .collect();
+            for ev in replay {
+                let _ = sub.offer(ev);
+            }
+        }
+        Ok((sub, rx))
+    }
+
+    fn remove(&self, id: u64) -> Option<Arc<Sub<E>>> {
+        let mut subs = lock(&self.inner.subs);
+        let pos = subs.iter().position(|s| s.id == id)?;
+        let mut next: Vec<_> = subs.iter().cloned().collect();
+        let sub = next.remove(pos);
+        *subs = Arc::new(next);
+        drop(subs);
+        self.inner
+            .gone_delivered
+            .fetch_add(sub.delivered.load(Ordering::Relaxed), Ordering::Relaxed);
+        self.inner
+            .gone_dropped
+            .fetch_add(sub.dropped.load(Ordering::Relaxed), Ordering::Relaxed);
+        sub.tx.close();
+        Some(sub)
+    }
+
+    /// A stream of the events matching `pattern`, with the defaults.
+    ///
+    /// # Errors
+    ///
+    /// [`TopicError`] for a malformed pattern.
+    pub fn subscribe(&self, pattern: &str) -> Result<Subscriber<E>, TopicError> {
+        self.subscribe_with(pattern, SubscribeOptions::new())
+    }
+
+    /// A stream of the events matching `pattern`.
+    ///
+    /// # Errors
+    ///
+    /// [`TopicError`] for a malformed pattern.
+    pub fn subscribe_with(
+        &self,
+        pattern: &str,
+        opts: SubscribeOptions,
+    ) -> Result<Subscriber<E>, TopicError> {
+        let (sub, rx) = self.add(pattern, &opts)?;
+        Ok(Subscriber {
+            bus: self.clone(),
+            id: sub.id,
+            rx: Box::pin(rx),
+        })
+    }
+
+    /// Runs `handler` for every event matching `pattern`, one call at a
+    /// time, with the defaults.
+    ///
+    /// # Errors
+    ///
+    /// [`TopicError`] for a malformed pattern.
+    pub fn on<F, Fut, HE>(&self, pattern: &str, handler: F) -> Result<HandlerId, TopicError>
+    where
+        F: Fn(Event<E>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HE>> + Send + 'static,
+        HE: fmt::Display + 'static,
+    {
+        self.on_with(pattern, SubscribeOptions::new().with_name(pattern), handler)
+    }
+
+    /// Runs `handler` for every event matching `pattern`, up to
+    /// `opts`' concurrency at once, on the bus's spawner. A handler that
+    /// returns `Err` or panics is reported on [`errors`](Bus::errors) and
+    /// in a `tracing` error; the next event is handled as usual.
+    ///
+    /// # Errors
+    ///
+    /// [`TopicError`] for a malformed pattern.
+    pub fn on_with<F, Fut, HE>(
+        &self,
+        pattern: &str,
+        opts: SubscribeOptions,
+        handler: F,
+    ) -> Result<HandlerId, TopicError>
+    where
+        F: Fn(Event<E>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<(), HE>> + Send + 'static,
+        HE: fmt::Display + 'static,
+    {
+        let (sub, rx) = self.add(pattern, &opts)?;
+        let id = sub.id;
+        let name: Arc<str> = opts.name.into();
+        let handler = Arc::new(handler);
+        let inner = self.inner.clone();
+        let limit = opts.concurrency;
+        let spawner = self.inner.spawner.clone();
+        let task = self.inner.spawner.spawn(async move {
+            let slots = Arc::new(Semaphore::new(limit));
+            while let Ok(ev) = rx.recv().await {
+                let call = run_handler(inner.clone(), name.clone(), handler.clone(), ev);
+                if limit == 1 {
+                    call.await;
+                } else if let Ok(slot) = slots.acquire_arc(1).await {
+                    spawner
+                        .spawn(async move {
+                            call.await;
+                            drop(slot);
+                        })
+                        .detach();
+                }
+            }
+            // Drained: wait for the calls still running.
+            let _ = slots.acquire(limit).await;
+        });
+        lock(&self.inner.dispatchers).push((id, task));
+        Ok(HandlerId(id))
+    }
+
+    /// Removes a handler; events already queued for it are still handled.
+    /// Returns whether it was there.
+    pub fn off(&self, id: HandlerId) -> bool {
+        if self.remove(id.0).is_none() {
+            return false;
+        }
+        // The dispatcher ends once its queue is drained.
+        let mut d = lock(&self.inner.dispatchers);
+        if let Some(i) = d.iter().position(|(h, _)| *h == id.0) {
+            d.swap_remove(i).1.detach();
+        }
+        true
+    }
+
+    /// Handler failures, oldest first, as a stream. Every call returns a
+    /// receiver of the same queue: a failure goes to one of them.
+    pub fn errors(&self) -> Receiver<HandlerFailure> {
+        self.inner.errors_rx.clone()
+    }
+
+    /// Stops accepting events and waits until every handler has handled
+    /// what was emitted before. Stream subscribers get the events queued
+    /// for them and then the end of the stream.
+    pub async fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        for sub in self.snapshot().iter() {
+            sub.tx.close();
+        }
+        let tasks: Vec<_> = std::mem::take(&mut *lock(&self.inner.dispatchers));
+        for (_, task) in tasks {
+            let _ = task.await;
+        }
+    }
+
+    /// Whether [`shutdown`](Bus::shutdown) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Counters of the bus. Never blocks on a subscriber.
+    pub fn stats(&self) -> BusStats {
+        let subs = self.snapshot();
+        BusStats {
+            emitted: self.inner.emitted.load(Ordering::Relaxed),
+            delivered: self.inner.gone_delivered.load(Ordering::Relaxed)
+                + subs
+                    .iter()
+                    .map(|s| s.delivered.load(Ordering::Relaxed))
+                    .sum::<u64>(),
+            dropped: self.inner.gone_dropped.load(Ordering::Relaxed)
+                + subs
+                    .iter()
+                    .map(|s| s.dropped.load(Ordering::Relaxed))
+                    .sum::<u64>(),
+            handler_failures: self.inner.failures.load(Ordering::Relaxed),
+            subscribers: subs.len(),
+        }
+    }
+
+    /// Counters of every current subscription.
+    pub fn subscribers(&self) -> Vec<SubscriberStats> {
+        self.snapshot()
+            .iter()
+            .map(|s| SubscriberStats {
+                name: s.name.clone(),
+                pattern: s.pattern.as_str().to_owned(),
+                queued: s.tx.len(),
+                delivered: s.delivered.load(Ordering::Relaxed),
+                dropped: s.dropped.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
+
+async fn run_handler<E, F, Fut, HE>(
+    inner: Arc<Inner<E>>,
+    name: Arc<str>,
+    handler: Arc<F>,
+    ev: Event<E>,
+) where
+    F: Fn(Event<E>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HE>> + Send + 'static,
+    HE: fmt::Display + 'static,
+{
+    let topic = ev.topic.clone();
+    let outcome = AssertUnwindSafe(async move { handler(ev).await })
+        .catch_unwind()
+        .await;
+    let (error, panicked) = match outcome {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => (e.to_string(), false),
+        Err(p) => (panic_message(p), true),
+    };
+    inner.failures.fetch_add(1, Ordering::Relaxed);
+    tracing::error!(handler = %name, topic = %topic, error = %error, panicked, "event handler failed");
+    let mut failure = HandlerFailure {
+        handler: name.to_string(),
+        topic,
+        error,
+        panicked,
+    };
+    // Keep the newest failures: drop the oldest when the queue is full.
+    loop {
+        match inner.errors_tx.try_send(failure) {
+            Err(TrySendError::Full(back)) => {
+                let _ = inner.errors_rx.try_recv();
+                failure = back;
+            }
+            _ => return,
+        }
+    }
+}
+
+/// A stream of events from [`Bus::subscribe`].
+///
+/// # Drop behavior
+///
+/// Dropping it unsubscribes.
+#[must_use = "streams do nothing unless polled"]
+pub struct Subscriber<E: Clone + Send + 'static> {
+    bus: Bus<E>,
+    id: u64,
+    rx: Pin<Box<Receiver<Event<E>>>>,
+}
+
+impl<E: Clone + Send + 'static> Subscriber<E> {
+    /// Events queued for this subscriber.
+    pub fn len(&self) -> usize {
+        self.rx.len()
+    }
+
+    /// Whether no event is queued.
+    pub fn is_empty(&self) -> bool {
+        self.rx.is_empty()
+    }
+
+    /// The next event if one is queued.
+    pub fn try_next(&mut self) -> Option<Event<E>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl<E: Clone + Send + 'static> Stream for Subscriber<E> {
+    type Item = Event<E>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event<E>>> {
+        self.rx.as_mut().poll_next(cx)
+    }
+}
+
+impl<E: Clone + Send + 'static> Drop for Subscriber<E> {
+    fn drop(&mut self) {
+        self.bus.remove(self.id);
+    }
+}
+
+impl<E: Clone + Send + 'static> fmt::Debug for Subscriber<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Subscriber")
+            .field("id", &self.id)
+            .field("queued", &self.rx.len())
+            .finish()
+    }
+}
+
+impl<E> fmt::Debug for Bus<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let subs = self.inner.subs.try_lock().map(|s| s.len()).ok();
+        f.debug_struct("Bus")
+            .field("subscribers", &subs)
+            .field("closed", &self.inner.closed.load(Ordering::Relaxed))
+            .finish()
+    }
+}

@@ -1,0 +1,29 @@
+//! An in-process event bus with wildcard topics.
+//!
+//! [`Bus`] routes each emitted event to every subscription whose pattern
+//! matches its topic. Topics are `.`-separated words (`orders.eu.created`);
+//! patterns may use `*` for exactly one word and `#` for zero or more
+//! (RabbitMQ's convention): `orders.*.created`, `orders.#`, `#`.
+//!
+//! Each subscription has its own bounded queue and [`Overflow`] policy, so
+//! one slow subscriber cannot lose another's events: `Wait` applies
+//! backpressure to the emitter, `DropOldest`/`DropNewest` shed load and
+//! count what they shed. Handlers registered with [`Bus::on`] run on their
+//! own tasks with a concurrency limit; an error or a panic in one is
+//! reported on [`Bus::errors`] and through `tracing`, and never reaches
+//! the emitter or another handler.
+//!
+//! # Compared with broadcast channels
+//!
+//! tokio's `broadcast` and `async-broadcast` share one ring among all
+//! receivers: a lagging receiver loses messages (tokio) or blocks everyone
+//! (async-broadcast with overflow off). Here the policy is per subscriber.
+
+mod bus;
+mod topic;
+
+pub use bus::{
+    Bus, BusBuilder, BusStats, EmitError, Event, HandlerFailure, HandlerId, Overflow,
+    SubscribeOptions, Subscriber, SubscriberStats, TryEmitError,
+};
+pub use topic::TopicError;

@@ -1,0 +1,849 @@
+//! [`WorkerPool`]: N worker tasks pulling jobs from one bounded queue.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use event_listener::Event;
+use futures_lite::{FutureExt, Stream, StreamExt};
+
+use super::error::{JobError, SubmitError, TrySubmitError};
+use super::oneshot;
+use crate::limit::{ConfigError, Semaphore, SemaphoreGuardArc};
+use crate::runtime::{
+    Clock, JoinHandle, Spawn, SpawnExt, SystemClock, default_spawner, panic_message,
+};
+
+/// A boxed, sendable future with a lifetime.
+pub(crate) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+type Handler<I, O, E> = Arc<dyn Fn(I) -> BoxFut<'static, Result<O, E>> + Send + Sync>;
+
+/// What one finished job of [`WorkerPool::process`] yields: the item and
+/// its result.
+pub type Processed<I, O, E> = (I, Result<O, JobError<E>>);
+
+/// A pool of worker tasks that run one async function over submitted
+/// items.
+///
+/// Items wait in a bounded queue ([`submit`](WorkerPool::submit) waits
+/// when it is full: backpressure); `workers` tasks spawned on a
+/// [`Spawn`] take them in order. Each job's result comes back through the
+/// [`JobHandle`] that `submit` returns, or through the stream of
+/// [`process`](WorkerPool::process). A job that panics yields
+/// [`JobError::Panicked`] and its worker carries on. The number of workers
+/// can change at run time ([`resize`](WorkerPool::resize)) or follow the
+/// queue ([`WorkerPoolBuilder::with_autoscale`]).
+///
+/// The pool is a cheap handle (`Clone`); the workers stop when it is
+/// closed and the queue is empty, or when every handle is dropped and the
+/// queue is empty.
+///
+/// # Examples
+///
+/// ```
+/// use smolkit::pool::WorkerPool;
+///
+/// smol::block_on(async {
+///     let pool = WorkerPool::builder(|x: u64| async move {
+///         if x == 3 { Err("three") } else { Ok(x * x) }
+///     })
+///     .with_workers(4)
+///     .build()
+///     .unwrap();
+///     let handles: Vec<_> = {
+///         let mut v = Vec::new();
+///         for x in 0..5 { v.push(pool.submit(x).await.unwrap()); }
+///         v
+///     };
+///     let mut out = Vec::new();
+///     for h in handles { out.push(h.await.ok()); }
+///     assert_eq!(out, vec![Some(0), Some(1), Some(4), None, Some(16)]);
+///     pool.join().await;
+///     assert_eq!(pool.stats().completed, 4);
+///     assert_eq!(pool.stats().failed, 1);
+/// });
+/// ```
+pub struct WorkerPool<I, O, E> {
+    shared: Arc<Shared<I, O, E>>,
+    tx: Sender<Job<I, O, E>>,
+}
+
+impl<I, O, E> Clone for WorkerPool<I, O, E> {
+    fn clone(&self) -> Self {
+        WorkerPool {
+            shared: self.shared.clone(),
+            tx: self.tx.clone(),
+        }
+    }
+}
+
+/// A snapshot of a [`WorkerPool`]'s counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct PoolStats {
+    /// Worker tasks alive.
+    pub workers: usize,
+    /// The number of workers the pool is steering towards.
+    pub target_workers: usize,
+    /// Jobs waiting in the queue.
+    pub queued: usize,
+    /// Jobs being run right now.
+    pub running: usize,
+    /// Jobs that returned `Ok`.
+    pub completed: u64,
+    /// Jobs that returned `Err` or panicked.
+    pub failed: u64,
+    /// Of `failed`, the jobs that panicked.
+    pub panicked: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Autoscale {
+    min: usize,
+    max: usize,
+    idle: Duration,
+    scale_up_at: usize,
+}
+
+struct Shared<I, O, E> {
+    rx: Receiver<Job<I, O, E>>,
+    handler: Handler<I, O, E>,
+    spawner: Arc<dyn Spawn>,
+    clock: Arc<dyn Clock>,
+    name: String,
+    autoscale: Option<Autoscale>,
+    target: AtomicUsize,
+    live: AtomicUsize,
+    running: AtomicUsize,
+    completed: AtomicU64,
+    failed: AtomicU64,
+    panicked: AtomicU64,
+    /// Notified when the target shrinks, so idle workers re-check it.
+    retire: Event,
+    /// Notified when a worker exits.
+    exited: Event,
+}
+
+struct Job<I, O, E> {
+    item: I,
+    reply: Reply<I, O, E>,
+}
+
+/// Where a job's result goes. Dropped without a result (the job was
+/// dropped unrun), it reports [`JobError::Cancelled`], so nothing is lost
+/// silently.
+enum Reply<I, O, E> {
+    Handle(Option<oneshot::Sender<Result<O, JobError<E>>>>),
+    Stream {
+        seq: u64,
+        item: Option<I>,
+        tx: Sender<Finished<I, O, E>>,
+        permit: Option<SemaphoreGuardArc>,
+    },
+}
+
+type Reorder<I, O, E> = (BTreeMap<u64, Finished<I, O, E>>, u64);
+
+struct Finished<I, O, E> {
+    seq: u64,
+    item: I,
+    result: Result<O, JobError<E>>,
+    _permit: Option<SemaphoreGuardArc>,
+}
+
+impl<I, O, E> Reply<I, O, E> {
+    fn finish(&mut self, result: Result<O, JobError<E>>) {
+        match self {
+            Reply::Handle(tx) => {
+                if let Some(tx) = tx.take() {
+                    tx.send(result);
+                }
+            }
+            Reply::Stream {
+                seq,
+                item,
+                tx,
+                permit,
+            } => {
+                if let Some(item) = item.take() {
+                    // NOTE: unbounded, and bounded in practice by the
+                    // process window; an error means the consumer is gone.
+                    let _ = tx.try_send(Finished {
+                        seq: *seq,
+                        item,
+                        result,
+                        _permit: permit.take(),
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl<I, O, E> Drop for Reply<I, O, E> {
+    fn drop(&mut self) {
+        self.finish(Err(JobError::Cancelled));
+    }
+}
+
+/// Builds a [`WorkerPool`].
+///
+/// # Default
+///
+/// 4 workers, a queue of 1024 items, smol's global executor, the system
+/// clock, no autoscaling.
+pub struct WorkerPoolBuilder<I, O, E> {
+    handler: Handler<I, O, E>,
+    workers: usize,
+    capacity: usize,
+    spawner: Arc<dyn Spawn>,
+    clock: Arc<dyn Clock>,
+    name: String,
+    autoscale: Option<(usize, usize)>,
+    idle: Duration,
+    scale_up_at: Option<usize>,
+}
+
+impl<I, O, E> WorkerPool<I, O, E>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    E: Send + 'static,
+{
+    /// A builder for a pool that runs `f` on every item.
+    pub fn builder<F, Fut>(f: F) -> WorkerPoolBuilder<I, O, E>
+    where
+        F: Fn(I) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Result<O, E>> + Send + 'static,
+    {
+        WorkerPoolBuilder {
+            handler: Arc::new(move |i| Box::pin(f(i))),
+            workers: 4,
+            capacity: 1024,
+            spawner: default_spawner(),
+            clock: Arc::new(SystemClock),
+            name: "worker-pool".to_owned(),
+            autoscale: None,
+            idle: Duration::from_secs(30),
+            scale_up_at: None,
+        }
+    }
+}
+
+impl<I, O, E> WorkerPoolBuilder<I, O, E>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    E: Send + 'static,
+{
+    /// Workers to start with (may be zero: nothing runs until
+    /// [`WorkerPool::resize`]).
+    pub fn with_workers(mut self, n: usize) -> Self {
+        self.workers = n;
+        self
+    }
+
+    /// Items the queue holds before `submit` waits.
+    pub fn with_capacity(mut self, capacity: usize) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// Where the workers run.
+    pub fn with_spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
+        self.spawner = spawner;
+        self
+    }
+
+    /// The clock of the autoscaler's idle timeout.
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The name workers are spawned under (shown by the crate's
+    /// [`Runtime`](crate::runtime::Runtime) task list) and logged with.
+    pub fn with_name(mut self, name: impl Into<String>) -> Self {
+        self.name = name.into();
+        self
+    }
+
+    /// Scales the workers between `min` and `max`: a submit that finds
+    /// more than [`with_scale_up_at`](Self::with_scale_up_at) items queued
+    /// (default: half the capacity) adds a worker, and a worker idle for
+    /// [`with_idle_timeout`](Self::with_idle_timeout) (default 30 s) leaves
+    /// while more than `min` remain. The starting count is clamped into
+    /// `min..=max`.
+    pub fn with_autoscale(mut self, min: usize, max: usize) -> Self {
+        self.autoscale = Some((min, max));
+        self
+    }
+
+    /// Queue depth above which an autoscaling pool adds a worker.
+    pub fn with_scale_up_at(mut self, depth: usize) -> Self {
+        self.scale_up_at = Some(depth);
+        self
+    }
+
+    /// How long an autoscaled worker idles before leaving.
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.idle = idle;
+        self
+    }
+
+    /// The pool, with its workers started.
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError::Zero`] for a zero capacity or an autoscale maximum of
+    /// zero; [`ConfigError::MinAboveMax`] for an autoscale minimum above
+    /// its maximum.
+    pub fn build(self) -> Result<WorkerPool<I, O, E>, ConfigError> {
+        if self.capacity == 0 {
+            return Err(ConfigError::Zero("worker pool capacity"));
+        }
+        let mut workers = self.workers;
+        let autoscale = match self.autoscale {
+            None => None,
+            Some((_, 0)) => return Err(ConfigError::Zero("autoscale maximum")),
+            Some((min, max)) if min > max => return Err(ConfigError::MinAboveMax { min, max }),
+            Some((min, max)) => {
+                workers = workers.clamp(min, max);
+                Some(Autoscale {
+                    min,
+                    max,
+                    idle: self.idle,
+                    scale_up_at: self.scale_up_at.unwrap_or(self.capacity / 2),
+                })
+            }
+        };
+        let (tx, rx) = async_channel::bounded(self.capacity);
+        let shared = Arc::new(Shared {
+            rx,
+            handler: self.handler,
+            spawner: self.spawner,
+            clock: self.clock,
+            name: self.name,
+            autoscale,
+            target: AtomicUsize::new(workers),
+            live: AtomicUsize::new(0),
+            running: AtomicUsize::new(0),
+            completed: AtomicU64::new(0),
+            failed: AtomicU64::new(0),
+            panicked: AtomicU64::new(0),
+            retire: Event::new(),
+            exited: Event::new(),
+        });
+        for _ in 0..workers {
+            Shared::start_worker(&shared);
+        }
+        Ok(WorkerPool { shared, tx })
+    }
+}
+
+impl<I, O, E> WorkerPool<I, O, E>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    E: Send + 'static,
+{
+    /// Queues `item`, waiting while the queue is full, and returns a handle
+    /// to its result.
+    ///
+    /// # Errors
+    ///
+    /// [`SubmitError`] with the item if the pool is closed.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes leaves the item unqueued.
+    pub async fn submit(&self, item: I) -> Result<JobHandle<O, E>, SubmitError<I>> {
+        let (reply, handle) = oneshot::channel();
+        let job = Job {
+            item,
+            reply: Reply::Handle(Some(reply)),
+        };
+        match self.tx.send(job).await {
+            Ok(()) => {
+                self.after_submit();
+                Ok(JobHandle { rx: handle })
+            }
+            Err(e) => Err(SubmitError(e.into_inner().into_item())),
+        }
+    }
+
+    /// Queues `item` if there is room now.
+    ///
+    /// # Errors
+    ///
+    /// [`TrySubmitError::Full`] or [`TrySubmitError::Closed`], with the item.
+    pub fn try_submit(&self, item: I) -> Result<JobHandle<O, E>, TrySubmitError<I>> {
+        let (reply, handle) = oneshot::channel();
+        let job = Job {
+            item,
+            reply: Reply::Handle(Some(reply)),
+        };
+        match self.tx.try_send(job) {
+            Ok(()) => {
+                self.after_submit();
+                Ok(JobHandle { rx: handle })
+            }
+            Err(TrySendError::Full(job)) => Err(TrySubmitError::Full(job.into_item())),
+            Err(TrySendError::Closed(job)) => Err(TrySubmitError::Closed(job.into_item())),
+        }
+    }
+
+    /// Runs every item of `items` through the pool and yields each item
+    /// with its result, in input order when `ordered`, else as they finish.
+    ///
+    /// At most the queue capacity plus the worker count (at the time of the
+    /// call) items are in flight or finished-but-unread for this call, so a
+    /// slow consumer slows the feeding, not the memory. Jobs keep running
+    /// while the consumer is slow. The items are read by a task on the
+    /// pool's spawner.
+    ///
+    /// # Drop behavior
+    ///
+    /// Dropping the stream stops feeding; jobs already queued still run and
+    /// their results are discarded.
+    ///
+    /// # Examples
+    ///
+    /// ```
+    /// use futures_lite::StreamExt;
+    /// use smolkit::pool::WorkerPool;
+    ///
+    /// smol::block_on(async {
+    ///     let pool = WorkerPool::builder(|x: u32| async move { Ok::<_, ()>(x + 1) })
+    ///         .build()
+    ///         .unwrap();
+    ///     let out: Vec<(u32, u32)> = pool
+    ///         .process(futures_lite::stream::iter(0..100u32), true)
+    ///         .map(|(x, r)| (x, r.unwrap()))
+    ///         .collect()
+    ///         .await;
+    ///     assert_eq!(out, (0..100).map(|x| (x, x + 1)).collect::<Vec<_>>());
+    /// });
+    /// ```
+    pub fn process<S>(&self, items: S, ordered: bool) -> Process<I, O, E>
+    where
+        S: Stream<Item = I> + Send + 'static,
+        I: Clone,
+    {
+        let window =
+            self.tx.capacity().unwrap_or(1024) + self.shared.target.load(Ordering::Relaxed).max(1);
+        let permits = Arc::new(Semaphore::new(window));
+        let (res_tx, res_rx) = async_channel::unbounded();
+        let tx = self.tx.clone();
+        let pool = self.clone();
+        let feeder = self.shared.spawner.spawn(async move {
+            let mut items = std::pin::pin!(items);
+            let mut seq = 0u64;
+            while let Some(item) = items.next().await {
+                // NOTE: the semaphore is never closed, so this cannot fail.
+                let permit = permits.acquire_arc(1).await.ok();
+                let job = Job {
+                    item: item.clone(),
+                    reply: Reply::Stream {
+                        seq,
+                        item: Some(item),
+                        tx: res_tx.clone(),
+                        permit,
+                    },
+                };
+                seq += 1;
+                if let Err(e) = tx.send(job).await {
+                    e.into_inner().reply.finish(Err(JobError::Closed));
+                } else {
+                    pool.after_submit();
+                }
+            }
+        });
+        Process {
+            rx: Box::pin(res_rx),
+            reorder: ordered.then(|| (BTreeMap::new(), 0)),
+            _feeder: feeder,
+        }
+    }
+
+    fn after_submit(&self) {
+        if let Some(scale) = self.shared.autoscale
+            && self.tx.len() > scale.scale_up_at
+        {
+            let target = &self.shared.target;
+            let mut cur = target.load(Ordering::Relaxed);
+            while cur < scale.max {
+                match target.compare_exchange_weak(
+                    cur,
+                    cur + 1,
+                    Ordering::AcqRel,
+                    Ordering::Relaxed,
+                ) {
+                    Ok(_) => {
+                        tracing::debug!(pool = %self.shared.name, workers = cur + 1, "scaling up");
+                        Shared::start_worker(&self.shared);
+                        break;
+                    }
+                    Err(now) => cur = now,
+                }
+            }
+        }
+    }
+
+    /// Sets the number of workers. Extra workers leave after their current
+    /// job (idle ones at once); new ones start immediately.
+    pub fn resize(&self, workers: usize) {
+        let old = self.shared.target.swap(workers, Ordering::AcqRel);
+        tracing::debug!(pool = %self.shared.name, from = old, to = workers, "resizing");
+        let live = self.shared.live.load(Ordering::Acquire);
+        for _ in live..workers {
+            Shared::start_worker(&self.shared);
+        }
+        if workers < old {
+            self.shared.retire.notify(usize::MAX);
+        }
+    }
+
+    /// Stops accepting items; queued items still run.
+    pub fn close(&self) -> bool {
+        self.tx.close()
+    }
+
+    /// Whether the pool is closed.
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// Closes the pool and waits until every queued job has run and every
+    /// worker has stopped. With no worker left (resized to zero), one is
+    /// started so the queue drains.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops waiting; the pool stays closed and drains
+    /// on its own.
+    pub async fn join(&self) {
+        self.close();
+        if !self.shared.rx.is_empty() && self.shared.target.load(Ordering::Acquire) == 0 {
+            self.resize(1);
+        }
+        loop {
+            let listener = self.shared.exited.listen();
+            if self.shared.live.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            listener.await;
+        }
+    }
+
+    /// A snapshot of the counters. Never blocks.
+    pub fn stats(&self) -> PoolStats {
+        let s = &self.shared;
+        PoolStats {
+            workers: s.live.load(Ordering::Relaxed),
+            target_workers: s.target.load(Ordering::Relaxed),
+            queued: s.rx.len(),
+            running: s.running.load(Ordering::Relaxed),
+            completed: s.completed.load(Ordering::Relaxed),
+            failed: s.failed.load(Ordering::Relaxed),
+            panicked: s.panicked.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The queue's capacity.
+    pub fn capacity(&self) -> usize {
+        self.tx.capacity().unwrap_or(usize::MAX)
+    }
+}
+
+impl<I, O, E> Job<I, O, E> {
+    fn into_item(mut self) -> I {
+        // The reply is dropped unsent, but the item is going back to the
+        // caller, so nothing is reported: disarm it first.
+        if let Reply::Handle(tx) = &mut self.reply {
+            // A dropped oneshot sender tells a receiver nobody holds.
+            drop(tx.take());
+        }
+        self.item
+    }
+}
+
+enum Wake<J> {
+    Job(J),
+    Closed,
+    Recheck,
+    Idle,
+}
+
+impl<I, O, E> Shared<I, O, E>
+where
+    I: Send + 'static,
+    O: Send + 'static,
+    E: Send + 'static,
+{
+    fn start_worker(this: &Arc<Self>) {
+        this.live.fetch_add(1, Ordering::AcqRel);
+        let shared = this.clone();
+        this.spawner
+            .spawn_named(&this.name, async move {
+                let mut exit = Exit {
+                    shared: &shared,
+                    counted: false,
+                };
+                shared.work(&mut exit).await;
+            })
+            .detach();
+    }
+
+    /// Takes one worker off `live` if there are more than the target.
+    fn try_retire(&self, exit: &mut Exit<'_, I, O, E>) -> bool {
+        let mut live = self.live.load(Ordering::Acquire);
+        loop {
+            if live <= self.target.load(Ordering::Acquire) {
+                return false;
+            }
+            match self.live.compare_exchange_weak(
+                live,
+                live - 1,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    exit.counted = true;
+                    self.exited.notify(usize::MAX);
+                    return true;
+                }
+                Err(now) => live = now,
+            }
+        }
+    }
+
+    async fn work(&self, exit: &mut Exit<'_, I, O, E>) {
+        loop {
+            if self.try_retire(exit) {
+                return;
+            }
+            let job = match self.rx.try_recv() {
+                Ok(job) => job,
+                Err(TryRecvError::Closed) => return,
+                Err(TryRecvError::Empty) => match self.wait().await {
+                    Wake::Job(job) => job,
+                    Wake::Closed => return,
+                    Wake::Recheck => continue,
+                    Wake::Idle => {
+                        let Some(scale) = self.autoscale else {
+                            continue;
+                        };
+                        let mut cur = self.target.load(Ordering::Acquire);
+                        while cur > scale.min {
+                            match self.target.compare_exchange_weak(
+                                cur,
+                                cur - 1,
+                                Ordering::AcqRel,
+                                Ordering::Acquire,
+                            ) {
+                                Ok(_) => {
+                                    tracing::debug!(pool = %self.name, workers = cur - 1, "idle worker leaving");
+                                    break;
+                                }
+                                Err(now) => cur = now,
+                            }
+                        }
+                        continue;
+                    }
+                },
+            };
+            self.run(job).await;
+        }
+    }
+
+    async fn wait(&self) -> Wake<Job<I, O, E>> {
+        let retire = self.retire.listen();
+        if self.live.load(Ordering::Acquire) > self.target.load(Ordering::Acquire) {
+            return Wake::Recheck;
+        }
+        let recv = async {
+            match self.rx.recv().await {
+                Ok(job) => Wake::Job(job),
+                Err(_) => Wake::Closed,
+            }
+        };
+        let retire = async {
+            retire.await;
+            Wake::Recheck
+        };
+        match self.autoscale {
+            Some(scale) => {
+                let idle = async {
+                    self.clock.sleep(scale.idle).await;
+                    Wake::Idle
+                };
+                recv.or(retire).or(idle).await
+            }
+            None => recv.or(retire).await,
+        }
+    }
+
+    async fn run(&self, mut job: Job<I, O, E>) {
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let handler = &self.handler;
+        let item = job.item;
+        let result = match AssertUnwindSafe(async move { handler(item).await })
+            .catch_unwind()
+            .await
+        {
+            Ok(Ok(v)) => {
+                self.completed.fetch_add(1, Ordering::Relaxed);
+                Ok(v)
+            }
+            Ok(Err(e)) => {
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                Err(JobError::Failed(e))
+            }
+            Err(payload) => {
+                let msg = panic_message(payload);
+                tracing::warn!(pool = %self.name, panic = %msg, "job panicked; worker carries on");
+                self.failed.fetch_add(1, Ordering::Relaxed);
+                self.panicked.fetch_add(1, Ordering::Relaxed);
+                Err(JobError::Panicked(msg))
+            }
+        };
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        job.reply.finish(result);
+    }
+}
+
+/// Counts a worker out however it ends (including being dropped by its
+/// executor).
+struct Exit<'a, I, O, E> {
+    shared: &'a Shared<I, O, E>,
+    counted: bool,
+}
+
+impl<I, O, E> Drop for Exit<'_, I, O, E> {
+    fn drop(&mut self) {
+        if !self.counted {
+            self.shared.live.fetch_sub(1, Ordering::AcqRel);
+            self.shared.exited.notify(usize::MAX);
+        }
+    }
+}
+
+/// The result of one submitted job.
+///
+/// # Drop behavior
+///
+/// Dropping the handle does not cancel the job; its result is discarded.
+#[must_use = "futures do nothing unless you .await or poll them"]
+pub struct JobHandle<O, E> {
+    rx: oneshot::Receiver<Result<O, JobError<E>>>,
+}
+
+impl<O, E> JobHandle<O, E> {
+    /// Whether the result is ready.
+    pub fn is_finished(&self) -> bool {
+        self.rx.is_ready()
+    }
+}
+
+impl<O, E> Future for JobHandle<O, E> {
+    type Output = Result<O, JobError<E>>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(JobError::Cancelled)))
+    }
+}
+
+impl<O, E> fmt::Debug for JobHandle<O, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JobHandle")
+            .field("finished", &self.is_finished())
+            .finish()
+    }
+}
+
+/// The stream returned by [`WorkerPool::process`].
+#[must_use = "streams do nothing unless polled"]
+pub struct Process<I, O, E> {
+    rx: Pin<Box<Receiver<Finished<I, O, E>>>>,
+    /// Finished results waiting for their turn, and the next turn.
+    reorder: Option<Reorder<I, O, E>>,
+    _feeder: JoinHandle<()>,
+}
+
+impl<I, O, E> Stream for Process<I, O, E> {
+    type Item = Processed<I, O, E>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if let Some((buf, next)) = &mut this.reorder
+                && let Some(done) = buf.remove(next)
+            {
+                *next += 1;
+                return Poll::Ready(Some((done.item, done.result)));
+            }
+            match this.rx.as_mut().poll_next(cx) {
+                Poll::Ready(Some(done)) => match &mut this.reorder {
+                    None => return Poll::Ready(Some((done.item, done.result))),
+                    Some((buf, _)) => {
+                        buf.insert(done.seq, done);
+                    }
+                },
+                // Every sender is gone: the feeder finished and every job
+                // reported. Anything still buffered is out of order only if
+                // a sequence number was never reported, which `Reply`'s
+                // drop rules out; flush it in order anyway.
+                Poll::Ready(None) => {
+                    return Poll::Ready(this.reorder.as_mut().and_then(|(buf, next)| {
+                        let (seq, done) = buf.pop_first()?;
+                        *next = seq + 1;
+                        Some((done.item, done.result))
+                    }));
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+impl<I, O, E> fmt::Debug for Process<I, O, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Process")
+            .field("ordered", &self.reorder.is_some())
+            .finish()
+    }
+}
+
+impl<I, O, E> fmt::Debug for WorkerPool<I, O, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerPool")
+            .field("name", &self.shared.name)
+            .field("capacity", &self.tx.capacity())
+            .field("closed", &self.tx.is_closed())
+            .field("workers", &self.shared.live.load(Ordering::Relaxed))
+            .field("queued", &self.shared.rx.len())
+            .finish()
+    }
+}
+
+impl<I, O, E> fmt::Debug for WorkerPoolBuilder<I, O, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("WorkerPoolBuilder")
+            .field("workers", &self.workers)
+            .field("capacity", &self.capacity)
+            .field("name", &self.name)
+            .field("autoscale", &self.autoscale)
+            .finish()
+    }
+}
