@@ -1,0 +1,295 @@
+//! The event bus: wildcard routing, overflow policies, handler isolation,
+//! retained values and draining shutdown.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::task::{Context, Poll, Waker};
+use std::time::Duration;
+
+use futures_lite::StreamExt;
+use smolkit::events::{Bus, EmitError, Overflow, SubscribeOptions, TryEmitError};
+
+fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(20))
+        .expect("test body hung for 20 s")
+}
+
+fn poll<F: Future>(fut: &mut Pin<Box<F>>) -> Poll<F::Output> {
+    fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
+}
+
+#[test]
+fn wildcard_matching_table() {
+    let table: &[(&str, &str, bool)] = &[
+        ("a.b.c", "a.b.c", true),
+        ("a.b.c", "a.b", false),
+        ("a.b.c", "a.b.c.d", false),
+        ("a.*.c", "a.b.c", true),
+        ("a.*.c", "a.c", false),
+        ("a.*.c", "a.b.b.c", false),
+        ("a.*", "a.b", true),
+        ("a.*", "a", false),
+        ("*", "a", true),
+        ("*", "a.b", false),
+        ("#", "a", true),
+        ("#", "a.b.c", true),
+        ("a.#", "a", true),
+        ("a.#", "a.b", true),
+        ("a.#", "a.b.c.d", true),
+        ("a.#", "b.a", false),
+        ("#.c", "c", true),
+        ("#.c", "a.b.c", true),
+        ("#.c", "a.b.c.d", false),
+        ("a.#.c", "a.c", true),
+        ("a.#.c", "a.x.y.c", true),
+        ("a.#.c", "a.x.y.d", false),
+        ("*.#", "a", true),
+        ("*.*.#", "a", false),
+        ("#.*.#", "a.b", true),
+        ("a.#.#.b", "a.b", true),
+        ("orders.eu", "orders.eu.created", false),
+    ];
+    for &(pattern, topic, expected) in table {
+        let bus = Bus::<()>::new();
+        let mut sub = bus.subscribe(pattern).unwrap();
+        let n = bus.try_emit(topic, ()).unwrap();
+        assert_eq!(n == 1, expected, "pattern {pattern:?} topic {topic:?}");
+        assert_eq!(sub.try_next().is_some(), expected, "pattern {pattern:?} topic {topic:?}");
+    }
+}
+
+#[test]
+fn malformed_topics_and_patterns_are_typed_errors_with_the_value() {
+    let bus = Bus::<u8>::new();
+    for bad in ["", "a..b", ".a", "a.", "a.*", "a.#", "a*"] {
+        match bus.try_emit(bad, 7) {
+            Err(TryEmitError::Topic(e, payload)) => {
+                assert_eq!(e.value, bad);
+                assert_eq!(payload, 7);
+            }
+            other => panic!("topic {bad:?}: {other:?}"),
+        }
+    }
+    for bad in ["", "a..b", "a.b*", "#x", "a.*b"] {
+        let e = bus.subscribe(bad).unwrap_err();
+        assert_eq!(e.value, bad);
+        assert!(e.to_string().contains(bad));
+    }
+}
+
+#[test]
+fn drop_oldest_keeps_the_newest_and_counts_the_rest() {
+    let bus = Bus::<u32>::new();
+    let mut sub = bus
+        .subscribe_with("t", SubscribeOptions::new().with_capacity(3).with_overflow(Overflow::DropOldest))
+        .unwrap();
+    for i in 0..10 {
+        assert_eq!(bus.try_emit("t", i).unwrap(), 1);
+    }
+    let got: Vec<u32> = std::iter::from_fn(|| sub.try_next().map(|e| e.payload)).collect();
+    assert_eq!(got, vec![7, 8, 9]);
+    assert_eq!(bus.stats().dropped, 7);
+    assert_eq!(bus.subscribers()[0].dropped, 7);
+}
+
+#[test]
+fn drop_newest_keeps_the_first_and_counts_the_rest() {
+    let bus = Bus::<u32>::new();
+    let mut sub = bus
+        .subscribe_with("t", SubscribeOptions::new().with_capacity(3).with_overflow(Overflow::DropNewest))
+        .unwrap();
+    smol::block_on(async {
+        for i in 0..10 {
+            bus.emit("t", i).await.unwrap();
+        }
+    });
+    let got: Vec<u32> = std::iter::from_fn(|| sub.try_next().map(|e| e.payload)).collect();
+    assert_eq!(got, vec![0, 1, 2]);
+    assert_eq!(bus.stats().dropped, 7);
+}
+
+#[test]
+fn wait_policy_makes_emit_wait_and_try_emit_refuse_without_partial_delivery() {
+    let bus = Bus::<u32>::new();
+    let mut slow = bus
+        .subscribe_with("t", SubscribeOptions::new().with_capacity(1))
+        .unwrap();
+    let mut other = bus.subscribe("#").unwrap();
+    bus.try_emit("t", 1).unwrap();
+    // Full: try_emit refuses and the other subscriber gets nothing either.
+    match bus.try_emit("t", 2) {
+        Err(TryEmitError::Full(2)) => {}
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(other.len(), 1);
+    // emit waits until the slow subscriber reads.
+    let mut emit = Box::pin(bus.emit("t", 3));
+    assert!(poll(&mut emit).is_pending());
+    assert!(poll(&mut emit).is_pending());
+    assert_eq!(slow.try_next().unwrap().payload, 1);
+    assert_eq!(poll(&mut emit), Poll::Ready(Ok(2)));
+    assert_eq!(slow.try_next().unwrap().payload, 3);
+    let o: Vec<u32> = std::iter::from_fn(|| other.try_next().map(|e| e.payload)).collect();
+    assert_eq!(o, vec![1, 3]);
+    assert_eq!(bus.stats().dropped, 0);
+}
+
+#[test]
+fn a_panicking_or_failing_handler_does_not_affect_the_others() {
+    within(|| {
+        let bus = Bus::<u32>::new();
+        let good = Arc::new(AtomicUsize::new(0));
+        let g = good.clone();
+        bus.on("jobs.#", move |_ev| {
+            let g = g.clone();
+            async move {
+                g.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(())
+            }
+        })
+        .unwrap();
+        bus.on_with("jobs.*", SubscribeOptions::new().with_name("bad"), |ev| async move {
+            if ev.payload % 2 == 0 {
+                panic!("even payload {}", ev.payload);
+            }
+            Err::<(), _>(format!("odd payload {}", ev.payload))
+        })
+        .unwrap();
+        let errors = bus.errors();
+        smol::block_on(async {
+            for i in 0..10 {
+                assert_eq!(bus.emit("jobs.run", i).await.unwrap(), 2);
+            }
+            bus.shutdown().await;
+        });
+        assert_eq!(good.load(Ordering::SeqCst), 10);
+        let failures: Vec<_> = std::iter::from_fn(|| errors.try_recv().ok()).collect();
+        assert_eq!(failures.len(), 10);
+        assert_eq!(failures.iter().filter(|f| f.panicked).count(), 5);
+        assert!(failures.iter().all(|f| f.handler == "bad" && &*f.topic == "jobs.run"));
+        assert!(failures.iter().any(|f| f.error == "even payload 4"));
+        assert!(failures.iter().any(|f| f.error == "odd payload 3"));
+        assert_eq!(bus.stats().handler_failures, 10);
+    });
+}
+
+#[test]
+fn handler_concurrency_is_limited() {
+    within(|| {
+        let bus = Bus::<u32>::new();
+        let running = Arc::new(AtomicUsize::new(0));
+        let peak = Arc::new(AtomicUsize::new(0));
+        let handled = Arc::new(AtomicUsize::new(0));
+        let (r, p, h) = (running.clone(), peak.clone(), handled.clone());
+        bus.on_with("t", SubscribeOptions::new().with_concurrency(3), move |_| {
+            let (r, p, h) = (r.clone(), p.clone(), h.clone());
+            async move {
+                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                p.fetch_max(now, Ordering::SeqCst);
+                for _ in 0..5 {
+                    futures_lite::future::yield_now().await;
+                }
+                r.fetch_sub(1, Ordering::SeqCst);
+                h.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, String>(())
+            }
+        })
+        .unwrap();
+        smol::block_on(async {
+            for i in 0..100 {
+                bus.emit("t", i).await.unwrap();
+            }
+            bus.shutdown().await;
+        });
+        assert_eq!(handled.load(Ordering::SeqCst), 100, "shutdown drains every call");
+        let p = peak.load(Ordering::SeqCst);
+        assert!((1..=3).contains(&p), "peak {p}");
+    });
+}
+
+#[test]
+fn late_subscribers_get_the_retained_value_of_each_matching_topic() {
+    let bus = Bus::<&str>::builder().with_retained(true).build();
+    bus.try_emit("temp.kitchen", "20C").unwrap();
+    bus.try_emit("temp.kitchen", "21C").unwrap();
+    bus.try_emit("temp.garage", "9C").unwrap();
+    bus.try_emit("door.front", "open").unwrap();
+    let mut late = bus.subscribe("temp.*").unwrap();
+    let mut got: Vec<(String, &str)> =
+        std::iter::from_fn(|| late.try_next().map(|e| (e.topic.to_string(), e.payload))).collect();
+    got.sort();
+    assert_eq!(
+        got,
+        vec![("temp.garage".into(), "9C"), ("temp.kitchen".into(), "21C")]
+    );
+    // Without retention, a late subscriber starts empty.
+    let plain = Bus::<&str>::new();
+    plain.try_emit("temp.kitchen", "20C").unwrap();
+    assert!(plain.subscribe("temp.*").unwrap().try_next().is_none());
+}
+
+#[test]
+fn shutdown_ends_streams_after_their_queued_events_and_refuses_new_ones() {
+    within(|| {
+        let bus = Bus::<u32>::new();
+        let sub = bus.subscribe("t").unwrap();
+        smol::block_on(async {
+            for i in 0..5 {
+                bus.emit("t", i).await.unwrap();
+            }
+            bus.shutdown().await;
+            assert!(matches!(bus.emit("t", 9).await, Err(EmitError::Closed(9))));
+            let got: Vec<u32> = sub.map(|e| e.payload).collect().await;
+            assert_eq!(got, vec![0, 1, 2, 3, 4]);
+        });
+    });
+}
+
+#[test]
+fn dropping_a_subscriber_unsubscribes_it() {
+    let bus = Bus::<u32>::new();
+    let sub = bus.subscribe("t").unwrap();
+    assert_eq!(bus.stats().subscribers, 1);
+    assert_eq!(bus.try_emit("t", 1).unwrap(), 1);
+    drop(sub);
+    assert_eq!(bus.stats().subscribers, 0);
+    assert_eq!(bus.try_emit("t", 2).unwrap(), 0);
+    assert_eq!(bus.stats().delivered, 1, "counts survive the subscriber");
+}
+
+#[test]
+fn off_removes_a_handler_after_it_drains() {
+    within(|| {
+        let bus = Bus::<u32>::new();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        let id = bus
+            .on("t", move |_| {
+                let s = s.clone();
+                async move {
+                    s.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, String>(())
+                }
+            })
+            .unwrap();
+        smol::block_on(async {
+            bus.emit("t", 1).await.unwrap();
+            assert!(bus.off(id));
+            assert!(!bus.off(id));
+            assert_eq!(bus.emit("t", 2).await.unwrap(), 0);
+            bus.shutdown().await;
+        });
+        let start = std::time::Instant::now();
+        while seen.load(Ordering::SeqCst) < 1 {
+            assert!(start.elapsed() < Duration::from_secs(20));
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        assert_eq!(seen.load(Ordering::SeqCst), 1);
+    });
+}
