@@ -60,7 +60,11 @@ fn wildcard_matching_table() {
         let mut sub = bus.subscribe(pattern).unwrap();
         let n = bus.try_emit(topic, ()).unwrap();
         assert_eq!(n == 1, expected, "pattern {pattern:?} topic {topic:?}");
-        assert_eq!(sub.try_next().is_some(), expected, "pattern {pattern:?} topic {topic:?}");
+        assert_eq!(
+            sub.try_next().is_some(),
+            expected,
+            "pattern {pattern:?} topic {topic:?}"
+        );
     }
 }
 
@@ -87,7 +91,12 @@ fn malformed_topics_and_patterns_are_typed_errors_with_the_value() {
 fn drop_oldest_keeps_the_newest_and_counts_the_rest() {
     let bus = Bus::<u32>::new();
     let mut sub = bus
-        .subscribe_with("t", SubscribeOptions::new().with_capacity(3).with_overflow(Overflow::DropOldest))
+        .subscribe_with(
+            "t",
+            SubscribeOptions::new()
+                .with_capacity(3)
+                .with_overflow(Overflow::DropOldest),
+        )
         .unwrap();
     for i in 0..10 {
         assert_eq!(bus.try_emit("t", i).unwrap(), 1);
@@ -102,7 +111,12 @@ fn drop_oldest_keeps_the_newest_and_counts_the_rest() {
 fn drop_newest_keeps_the_first_and_counts_the_rest() {
     let bus = Bus::<u32>::new();
     let mut sub = bus
-        .subscribe_with("t", SubscribeOptions::new().with_capacity(3).with_overflow(Overflow::DropNewest))
+        .subscribe_with(
+            "t",
+            SubscribeOptions::new()
+                .with_capacity(3)
+                .with_overflow(Overflow::DropNewest),
+        )
         .unwrap();
     smol::block_on(async {
         for i in 0..10 {
@@ -154,12 +168,16 @@ fn a_panicking_or_failing_handler_does_not_affect_the_others() {
             }
         })
         .unwrap();
-        bus.on_with("jobs.*", SubscribeOptions::new().with_name("bad"), |ev| async move {
-            if ev.payload % 2 == 0 {
-                panic!("even payload {}", ev.payload);
-            }
-            Err::<(), _>(format!("odd payload {}", ev.payload))
-        })
+        bus.on_with(
+            "jobs.*",
+            SubscribeOptions::new().with_name("bad"),
+            |ev| async move {
+                if ev.payload % 2 == 0 {
+                    panic!("even payload {}", ev.payload);
+                }
+                Err::<(), _>(format!("odd payload {}", ev.payload))
+            },
+        )
         .unwrap();
         let errors = bus.errors();
         smol::block_on(async {
@@ -172,7 +190,11 @@ fn a_panicking_or_failing_handler_does_not_affect_the_others() {
         let failures: Vec<_> = std::iter::from_fn(|| errors.try_recv().ok()).collect();
         assert_eq!(failures.len(), 10);
         assert_eq!(failures.iter().filter(|f| f.panicked).count(), 5);
-        assert!(failures.iter().all(|f| f.handler == "bad" && &*f.topic == "jobs.run"));
+        assert!(
+            failures
+                .iter()
+                .all(|f| f.handler == "bad" && &*f.topic == "jobs.run")
+        );
         assert!(failures.iter().any(|f| f.error == "even payload 4"));
         assert!(failures.iter().any(|f| f.error == "odd payload 3"));
         assert_eq!(bus.stats().handler_failures, 10);
@@ -187,19 +209,23 @@ fn handler_concurrency_is_limited() {
         let peak = Arc::new(AtomicUsize::new(0));
         let handled = Arc::new(AtomicUsize::new(0));
         let (r, p, h) = (running.clone(), peak.clone(), handled.clone());
-        bus.on_with("t", SubscribeOptions::new().with_concurrency(3), move |_| {
-            let (r, p, h) = (r.clone(), p.clone(), h.clone());
-            async move {
-                let now = r.fetch_add(1, Ordering::SeqCst) + 1;
-                p.fetch_max(now, Ordering::SeqCst);
-                for _ in 0..5 {
-                    futures_lite::future::yield_now().await;
+        bus.on_with(
+            "t",
+            SubscribeOptions::new().with_concurrency(3),
+            move |_| {
+                let (r, p, h) = (r.clone(), p.clone(), h.clone());
+                async move {
+                    let now = r.fetch_add(1, Ordering::SeqCst) + 1;
+                    p.fetch_max(now, Ordering::SeqCst);
+                    for _ in 0..5 {
+                        futures_lite::future::yield_now().await;
+                    }
+                    r.fetch_sub(1, Ordering::SeqCst);
+                    h.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, String>(())
                 }
-                r.fetch_sub(1, Ordering::SeqCst);
-                h.fetch_add(1, Ordering::SeqCst);
-                Ok::<_, String>(())
-            }
-        })
+            },
+        )
         .unwrap();
         smol::block_on(async {
             for i in 0..100 {
@@ -207,7 +233,11 @@ fn handler_concurrency_is_limited() {
             }
             bus.shutdown().await;
         });
-        assert_eq!(handled.load(Ordering::SeqCst), 100, "shutdown drains every call");
+        assert_eq!(
+            handled.load(Ordering::SeqCst),
+            100,
+            "shutdown drains every call"
+        );
         let p = peak.load(Ordering::SeqCst);
         assert!((1..=3).contains(&p), "peak {p}");
     });

@@ -32,7 +32,10 @@ fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
 fn eventually(what: &str, cond: impl Fn() -> bool) {
     let start = Instant::now();
     while !cond() {
-        assert!(start.elapsed() < Duration::from_secs(20), "timed out waiting for {what}");
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(1));
     }
 }
@@ -41,7 +44,8 @@ fn eventually(what: &str, cond: impl Fn() -> bool) {
 fn chunks_flush_when_full_after_max_wait_and_at_the_end() {
     let clock = ManualClock::new();
     let (tx, rx) = async_channel::unbounded::<u32>();
-    let mut chunks = Box::pin(rx.chunks_timeout_on(Arc::new(clock.clone()), 3, Duration::from_secs(5)));
+    let mut chunks =
+        Box::pin(rx.chunks_timeout_on(Arc::new(clock.clone()), 3, Duration::from_secs(5)));
 
     // Full chunk: out at once.
     for i in 0..3 {
@@ -95,22 +99,26 @@ fn map_concurrent_keeps_running_in_flight_work_while_the_consumer_waits() {
     within(|| {
         let finished = Arc::new(AtomicUsize::new(0));
         let f2 = finished.clone();
-        let mut s = Box::pin(futures_lite::stream::iter(0..4).map_concurrent(4, move |i| {
-            let finished = f2.clone();
-            async move {
-                // Item 0 is quick; the rest need a few turns of the executor.
-                for _ in 0..(i * 10) {
-                    futures_lite::future::yield_now().await;
+        let mut s = Box::pin(
+            futures_lite::stream::iter(0..4).map_concurrent(4, move |i| {
+                let finished = f2.clone();
+                async move {
+                    // Item 0 is quick; the rest need a few turns of the executor.
+                    for _ in 0..(i * 10) {
+                        futures_lite::future::yield_now().await;
+                    }
+                    finished.fetch_add(1, Ordering::SeqCst);
+                    i
                 }
-                finished.fetch_add(1, Ordering::SeqCst);
-                i
-            }
-        }));
+            }),
+        );
         let first = smol::block_on(s.next()).unwrap().unwrap();
         assert_eq!(first, 0);
         // The consumer now does not poll at all; the other three still
         // finish (buffer_unordered would leave them unpolled).
-        eventually("in-flight work to finish", || finished.load(Ordering::SeqCst) == 4);
+        eventually("in-flight work to finish", || {
+            finished.load(Ordering::SeqCst) == 4
+        });
         assert_eq!(s.in_flight(), 3);
         let mut rest: Vec<u32> = smol::block_on(s.map(Result::unwrap).collect());
         rest.sort();
@@ -189,7 +197,10 @@ fn a_panicking_future_is_an_error_item_and_the_rest_still_come() {
         );
         let panics: Vec<_> = out.iter().filter(|r| r.is_err()).collect();
         assert_eq!(panics.len(), 1);
-        assert_eq!(panics[0].as_ref().unwrap_err().panic_message(), Some("item two"));
+        assert_eq!(
+            panics[0].as_ref().unwrap_err().panic_message(),
+            Some("item two")
+        );
         out.retain(Result::is_ok);
         let mut ok: Vec<u32> = out.into_iter().map(Result::unwrap).collect();
         ok.sort();

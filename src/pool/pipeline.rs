@@ -554,6 +554,17 @@ impl Ctx {
         }
     }
 
+    /// Waits until the pipeline is cancelled.
+    async fn cancelled(&self) {
+        loop {
+            let l = self.control.state.event.listen();
+            if self.control.cancelled() {
+                return;
+            }
+            l.await;
+        }
+    }
+
     /// Waits until the pipeline is shutting down.
     async fn stopped(&self) {
         loop {
@@ -1188,21 +1199,34 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
             bump(&sink_counters.received, 1);
             bump(&sink_counters.in_flight, 1);
             let Elem { value, origin } = elem;
-            let (r, attempts, value) = match &sink_policy {
-                None => (start_sink(&mut sink, value.clone()).await, 1, value),
-                Some(p) => {
-                    let mut attempts = 0u32;
-                    let cell = Mutex::new(value);
-                    let r = p
-                        .run(|| {
-                            attempts += 1;
-                            start_sink(&mut sink, lock(&cell).clone())
-                        })
-                        .await
-                        .map_err(|e| e.to_string());
-                    let value = cell.into_inner().unwrap_or_else(|e| e.into_inner());
-                    (r, attempts.max(1), value)
+            // NOTE: a cancel interrupts a sink call in progress; the item
+            // is then not done, so the watermark stays before it.
+            let call = async {
+                match &sink_policy {
+                    None => (start_sink(&mut sink, value.clone()).await, 1, value),
+                    Some(p) => {
+                        let mut attempts = 0u32;
+                        let cell = Mutex::new(value);
+                        let r = p
+                            .run(|| {
+                                attempts += 1;
+                                start_sink(&mut sink, lock(&cell).clone())
+                            })
+                            .await
+                            .map_err(|e| e.to_string());
+                        let value = cell.into_inner().unwrap_or_else(|e| e.into_inner());
+                        (r, attempts.max(1), value)
+                    }
                 }
+            };
+            let Some((r, attempts, value)) = async { Some(call.await) }
+                .or(async {
+                    ctx.cancelled().await;
+                    None
+                })
+                .await
+            else {
+                break;
             };
             let elem = Elem { value, origin };
             sink_counters.in_flight.fetch_sub(1, Ordering::Relaxed);
