@@ -2,6 +2,7 @@ use std::collections::HashMap;
 use std::error::Error;
 use std::fmt;
 use std::future::Future;
+use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -305,15 +306,25 @@ impl<E> Clone for Bus<E> {
 /// 1024 events queued per subscription, no retained values, handlers on
 /// smol's global executor, 1024 handler failures kept for
 /// [`Bus::errors`] (the oldest dropped beyond that).
-#[derive(Debug)]
-pub struct BusBuilder {
+pub struct BusBuilder<E> {
     capacity: usize,
     retain: bool,
     spawner: Arc<dyn Spawn>,
     errors: usize,
+    _payload: PhantomData<fn() -> E>,
 }
 
-impl BusBuilder {
+impl<E> fmt::Debug for BusBuilder<E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("BusBuilder")
+            .field("capacity", &self.capacity)
+            .field("retain", &self.retain)
+            .field("errors", &self.errors)
+            .finish()
+    }
+}
+
+impl<E: Clone + Send + 'static> BusBuilder<E> {
     /// Default queue size of a subscription (at least 1).
     pub fn with_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity.max(1);
@@ -340,7 +351,7 @@ impl BusBuilder {
     }
 
     /// The bus.
-    pub fn build<E: Clone + Send + 'static>(self) -> Bus<E> {
+    pub fn build(self) -> Bus<E> {
         let (errors_tx, errors_rx) = async_channel::bounded(self.errors);
         Bus {
             inner: Arc::new(Inner {
@@ -375,12 +386,13 @@ impl<E: Clone + Send + 'static> Bus<E> {
     }
 
     /// A builder.
-    pub fn builder() -> BusBuilder {
+    pub fn builder() -> BusBuilder<E> {
         BusBuilder {
             capacity: 1024,
             retain: false,
             spawner: default_spawner(),
             errors: 1024,
+            _payload: PhantomData,
         }
     }
 
