@@ -250,8 +250,23 @@ impl<E> Sub<E> {
 
 type Added<E> = (Arc<Sub<E>>, Receiver<Event<E>>);
 
+/// The subscriptions matching one topic.
+type Route<E> = Arc<[Arc<Sub<E>>]>;
+
+/// Topics remembered in the route cache before it starts over.
+const ROUTES: usize = 4096;
+
+struct Subs<E> {
+    list: Arc<Vec<Arc<Sub<E>>>>,
+    /// NOTE: matching every pattern on every emit costs more than the
+    /// delivery itself; the matches of each topic seen are cached here
+    /// and the cache is cleared whenever a subscription comes or goes
+    /// (under this same lock, so no emit can store a stale route).
+    routes: HashMap<Arc<str>, Route<E>>,
+}
+
 struct Inner<E> {
-    subs: Mutex<Arc<Vec<Arc<Sub<E>>>>>,
+    subs: Mutex<Subs<E>>,
     retained: Option<Mutex<HashMap<Arc<str>, E>>>,
     capacity: usize,
     closed: AtomicBool,
@@ -355,7 +370,10 @@ impl<E: Clone + Send + 'static> BusBuilder<E> {
         let (errors_tx, errors_rx) = async_channel::bounded(self.errors);
         Bus {
             inner: Arc::new(Inner {
-                subs: Mutex::new(Arc::new(Vec::new())),
+                subs: Mutex::new(Subs {
+                    list: Arc::new(Vec::new()),
+                    routes: HashMap::new(),
+                }),
                 retained: self.retain.then(|| Mutex::new(HashMap::new())),
                 capacity: self.capacity,
                 closed: AtomicBool::new(false),
@@ -397,21 +415,29 @@ impl<E: Clone + Send + 'static> Bus<E> {
     }
 
     fn snapshot(&self) -> Arc<Vec<Arc<Sub<E>>>> {
-        lock(&self.inner.subs).clone()
+        lock(&self.inner.subs).list.clone()
     }
 
-    fn check(&self, topic: &str) -> Result<(), (TopicError, bool)> {
-        validate_topic(topic).map_err(|e| (e, false))?;
-        if self.inner.closed.load(Ordering::Acquire) {
-            return Err((
-                TopicError {
-                    value: String::new(),
-                    reason: "",
-                },
-                true,
-            ));
+    /// The subscriptions matching `topic` (validated on first sight),
+    /// and the shared topic name.
+    fn route(&self, topic: &str) -> Result<(Arc<str>, Route<E>), TopicError> {
+        let mut subs = lock(&self.inner.subs);
+        if let Some((name, route)) = subs.routes.get_key_value(topic) {
+            return Ok((name.clone(), route.clone()));
         }
-        Ok(())
+        validate_topic(topic)?;
+        let name: Arc<str> = topic.into();
+        let route: Route<E> = subs
+            .list
+            .iter()
+            .filter(|sub| sub.pattern.matches(topic))
+            .cloned()
+            .collect();
+        if subs.routes.len() >= ROUTES {
+            subs.routes.clear();
+        }
+        subs.routes.insert(name.clone(), route.clone());
+        Ok((name, route))
     }
 
     fn retain(&self, topic: &Arc<str>, payload: &E) {
@@ -435,19 +461,17 @@ impl<E: Clone + Send + 'static> Bus<E> {
     /// Dropping the future while it waits leaves the event queued for the
     /// subscriptions reached so far and not for the rest.
     pub async fn emit(&self, topic: &str, payload: E) -> Result<usize, EmitError<E>> {
-        if let Err((e, closed)) = self.check(topic) {
-            return Err(if closed {
-                EmitError::Closed(payload)
-            } else {
-                EmitError::Topic(e, payload)
-            });
+        if self.is_closed() {
+            return Err(EmitError::Closed(payload));
         }
+        let (topic, route) = match self.route(topic) {
+            Ok(r) => r,
+            Err(e) => return Err(EmitError::Topic(e, payload)),
+        };
         self.inner.emitted.fetch_add(1, Ordering::Relaxed);
-        let topic: Arc<str> = topic.into();
         self.retain(&topic, &payload);
-        let subs = self.snapshot();
         let mut n = 0;
-        let mut matched = subs.iter().filter(|s| s.pattern.matches(&topic)).peekable();
+        let mut matched = route.iter().peekable();
         while let Some(sub) = matched.next() {
             // The last match takes the payload itself: one clone fewer.
             let payload = if matched.peek().is_some() {
@@ -490,15 +514,13 @@ impl<E: Clone + Send + 'static> Bus<E> {
     ///
     /// [`TryEmitError`], with the payload.
     pub fn try_emit(&self, topic: &str, payload: E) -> Result<usize, TryEmitError<E>> {
-        if let Err((e, closed)) = self.check(topic) {
-            return Err(if closed {
-                TryEmitError::Closed(payload)
-            } else {
-                TryEmitError::Topic(e, payload)
-            });
+        if self.is_closed() {
+            return Err(TryEmitError::Closed(payload));
         }
-        let subs = self.snapshot();
-        let matched: Vec<&Arc<Sub<E>>> = subs.iter().filter(|s| s.pattern.matches(topic)).collect();
+        let (topic, matched) = match self.route(topic) {
+            Ok(r) => r,
+            Err(e) => return Err(TryEmitError::Topic(e, payload)),
+        };
         if matched
             .iter()
             .any(|s| s.overflow == Overflow::Wait && s.tx.is_full())
@@ -506,10 +528,9 @@ impl<E: Clone + Send + 'static> Bus<E> {
             return Err(TryEmitError::Full(payload));
         }
         self.inner.emitted.fetch_add(1, Ordering::Relaxed);
-        let topic: Arc<str> = topic.into();
         self.retain(&topic, &payload);
         let mut n = 0;
-        for sub in matched {
+        for sub in matched.iter() {
             let ev = Event {
                 topic: topic.clone(),
                 payload: payload.clone(),
@@ -542,10 +563,11 @@ impl<E: Clone + Send + 'static> Bus<E> {
             if self.inner.closed.load(Ordering::Acquire) {
                 sub.tx.close();
             } else {
-                let mut next = Vec::with_capacity(subs.len() + 1);
-                next.extend(subs.iter().cloned());
+                let mut next = Vec::with_capacity(subs.list.len() + 1);
+                next.extend(subs.list.iter().cloned());
                 next.push(sub.clone());
-                *subs = Arc::new(next);
+                subs.list = Arc::new(next);
+                subs.routes.clear();
             }
         }
         if let Some(r) = &self.inner.retained {
@@ -566,10 +588,11 @@ impl<E: Clone + Send + 'static> Bus<E> {
 
     fn remove(&self, id: u64) -> Option<Arc<Sub<E>>> {
         let mut subs = lock(&self.inner.subs);
-        let pos = subs.iter().position(|s| s.id == id)?;
-        let mut next: Vec<_> = subs.iter().cloned().collect();
+        let pos = subs.list.iter().position(|s| s.id == id)?;
+        let mut next: Vec<_> = subs.list.iter().cloned().collect();
         let sub = next.remove(pos);
-        *subs = Arc::new(next);
+        subs.list = Arc::new(next);
+        subs.routes.clear();
         drop(subs);
         self.inner
             .gone_delivered
@@ -838,7 +861,7 @@ impl<E: Clone + Send + 'static> fmt::Debug for Subscriber<E> {
 
 impl<E> fmt::Debug for Bus<E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let subs = self.inner.subs.try_lock().map(|s| s.len()).ok();
+        let subs = self.inner.subs.try_lock().map(|s| s.list.len()).ok();
         f.debug_struct("Bus")
             .field("subscribers", &subs)
             .field("closed", &self.inner.closed.load(Ordering::Relaxed))

@@ -1,0 +1,118 @@
+//! Event fan-out: 100k events to 1, 4 and 16 subscribers, each consuming
+//! on its own task, against async-broadcast and tokio's broadcast.
+//!
+//! smolkit's bus and async-broadcast run on a 2-thread smol executor with
+//! waiting (lossless) senders; tokio's broadcast runs on a 2-thread tokio
+//! runtime and cannot wait for slow receivers, so its receivers may lag
+//! (it is counted as done when the sender finishes and every receiver has
+//! drained what it still holds).
+//!
+//! Run: `cargo bench --bench events`
+
+use std::sync::Arc;
+use std::thread;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use futures_lite::StreamExt;
+use smolkit::events::Bus;
+
+const EVENTS: u64 = 100_000;
+const CAPACITY: usize = 1024;
+
+fn fanout(c: &mut Criterion) {
+    let mut group = c.benchmark_group("bus_fanout");
+    group.throughput(Throughput::Elements(EVENTS));
+    group.sample_size(10);
+
+    let ex = Arc::new(smol::Executor::<'static>::new());
+    let (stop, shutdown) = async_channel::unbounded::<()>();
+    for _ in 0..2 {
+        let (ex, shutdown) = (ex.clone(), shutdown.clone());
+        thread::spawn(move || smol::block_on(ex.run(shutdown.recv())));
+    }
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+
+    for subs in [1usize, 4, 16] {
+        group.bench_with_input(BenchmarkId::new("smolkit_bus", subs), &subs, |b, &k| {
+            b.iter(|| {
+                let bus = Bus::<u64>::builder().with_capacity(CAPACITY).build();
+                let tasks: Vec<_> = (0..k)
+                    .map(|_| {
+                        let sub = bus.subscribe("ticks.#").unwrap();
+                        ex.spawn(sub.count())
+                    })
+                    .collect();
+                smol::block_on(ex.run(async {
+                    for i in 0..EVENTS {
+                        bus.emit("ticks.eu", i).await.unwrap();
+                    }
+                    bus.shutdown().await;
+                    drop(bus);
+                    for t in tasks {
+                        assert_eq!(t.await as u64, EVENTS);
+                    }
+                }));
+            })
+        });
+
+        group.bench_with_input(BenchmarkId::new("async_broadcast", subs), &subs, |b, &k| {
+            b.iter(|| {
+                let (tx, rx) = async_broadcast::broadcast::<u64>(CAPACITY);
+                let tasks: Vec<_> = (0..k).map(|_| ex.spawn(rx.clone().count())).collect();
+                drop(rx);
+                smol::block_on(ex.run(async {
+                    for i in 0..EVENTS {
+                        tx.broadcast(i).await.unwrap();
+                    }
+                    drop(tx);
+                    for t in tasks {
+                        assert_eq!(t.await as u64, EVENTS);
+                    }
+                }));
+            })
+        });
+
+        group.bench_with_input(BenchmarkId::new("tokio_broadcast", subs), &subs, |b, &k| {
+            b.iter(|| {
+                tokio_rt.block_on(async {
+                    let (tx, _) = tokio::sync::broadcast::channel::<u64>(CAPACITY);
+                    let tasks: Vec<_> = (0..k)
+                        .map(|_| {
+                            let mut rx = tx.subscribe();
+                            tokio::spawn(async move {
+                                let mut n = 0u64;
+                                loop {
+                                    match rx.recv().await {
+                                        Ok(_) => n += 1,
+                                        Err(tokio::sync::broadcast::error::RecvError::Lagged(
+                                            _,
+                                        )) => {}
+                                        Err(_) => return n,
+                                    }
+                                }
+                            })
+                        })
+                        .collect();
+                    for i in 0..EVENTS {
+                        tx.send(i).unwrap();
+                        if i % 256 == 0 {
+                            tokio::task::yield_now().await;
+                        }
+                    }
+                    drop(tx);
+                    for t in tasks {
+                        t.await.unwrap();
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
+    drop(stop);
+}
+
+criterion_group!(benches, fanout);
+criterion_main!(benches);
