@@ -134,7 +134,7 @@ fn three_stages(spawner: Arc<dyn Spawn>, items: u64) -> u64 {
                 Stage::new("double").with_concurrency(2),
                 |x: u64| async move { Ok::<_, String>(x * 2) },
             )
-            .filter("even", |x: &u64| x % 4 == 0)
+            .filter("even", |x: &u64| x.is_multiple_of(4))
             .map("inc", |x: u64| async move { Ok::<_, String>(x + 1) })
             .run(|_| {
                 out += 1;

@@ -18,7 +18,7 @@ async fn job(id: u64) -> Result<String, String> {
     if id == 13 {
         panic!("job {id} hit a bug");
     }
-    if id % 7 == 0 {
+    if id.is_multiple_of(7) {
         return Err(format!("job {id}: upstream said no"));
     }
     Ok(format!("job {id} done"))
