@@ -3,10 +3,10 @@
 //! - [`StreamKit::chunks_timeout`]: batches of up to `size` items, a batch
 //!   going out early once its first item has waited `max_wait`; the
 //!   remainder is flushed at the end of the stream. Timers go through a
-//!   [`Clock`](crate::runtime::Clock), so tests drive them with
+//!   [`Clock`], so tests drive them with
 //!   `testing::ManualClock`.
 //! - [`StreamKit::throttle`]: items no faster than a
-//!   [`RateLimiter`](crate::limit::RateLimiter) allows.
+//!   [`RateLimiter`] allows.
 //! - [`StreamKit::map_concurrent`] and
 //!   [`StreamKit::map_concurrent_ordered`]: up to `n` futures in flight,
 //!   each spawned as its own task.
@@ -17,7 +17,7 @@
 //! consumer polls it: when the consumer is slow (it awaits a database write
 //! between items), every in-flight request stalls with it, and timeouts fire
 //! on work that was never driven. `map_concurrent` runs each future as a
-//! task on a [`Spawn`](crate::runtime::Spawn), so in-flight work keeps
+//! task on a [`Spawn`], so in-flight work keeps
 //! going whatever the consumer does; at most `n` items are in flight or
 //! finished-but-unread at any time, so memory stays bounded. A panic in a
 //! future becomes `Err(JoinError::Panicked)` for that item.
