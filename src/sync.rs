@@ -17,3 +17,9 @@ pub(crate) use loom::sync::{Arc, Mutex, MutexGuard};
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
+
+/// [`lock`] for a std mutex whatever the cfg: for the modules that no loom
+/// model covers (pools, pipelines, the event bus).
+pub(crate) fn lock_std<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}

@@ -1,24 +1,18 @@
 //! The event bus: wildcard routing, overflow policies, handler isolation,
 //! retained values and draining shutdown.
 
+mod common;
+
+use common::{eventually, within};
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
-use std::time::Duration;
 
 use futures_lite::StreamExt;
 use smolkit::events::{Bus, EmitError, Overflow, SubscribeOptions, TryEmitError};
-
-fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("test body hung for 20 s")
-}
 
 fn poll<F: Future>(fut: &mut Pin<Box<F>>) -> Poll<F::Output> {
     fut.as_mut().poll(&mut Context::from_waker(Waker::noop()))
@@ -315,11 +309,9 @@ fn off_removes_a_handler_after_it_drains() {
             assert_eq!(bus.emit("t", 2).await.unwrap(), 0);
             bus.shutdown().await;
         });
-        let start = std::time::Instant::now();
-        while seen.load(Ordering::SeqCst) < 1 {
-            assert!(start.elapsed() < Duration::from_secs(20));
-            std::thread::sleep(Duration::from_millis(1));
-        }
+        eventually("the queued event handled", || {
+            seen.load(Ordering::SeqCst) >= 1
+        });
         assert_eq!(seen.load(Ordering::SeqCst), 1);
     });
 }

@@ -2,6 +2,10 @@
 //! autoscale, draining, leases, conservation under random failures,
 //! ordering, backpressure, dead letters, and resuming after a real crash.
 
+mod common;
+
+use common::{eventually, within};
+
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,27 +21,6 @@ use smolkit::pool::{
 };
 use smolkit::resilience::{Backoff, Policy, Retry};
 use smolkit::testing::ManualClock;
-
-fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("test body hung for 30 s")
-}
-
-/// Waits (bounded: 20 s of 1 ms naps) until `cond` holds.
-fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
-}
 
 // ---------------------------------------------------------------------------
 // WorkerPool

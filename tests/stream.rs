@@ -1,11 +1,15 @@
 //! Stream combinators: batching on the manual clock, throttling, and
 //! concurrent maps that keep running while their consumer is slow.
 
+mod common;
+
+use common::{eventually, within};
+
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_lite::{Stream, StreamExt};
 use smolkit::limit::{Quota, RateLimiter};
@@ -15,29 +19,6 @@ use smolkit::testing::ManualClock;
 
 fn poll_next<S: Stream + Unpin>(s: &mut S) -> Poll<Option<S::Item>> {
     Pin::new(s).poll_next(&mut Context::from_waker(Waker::noop()))
-}
-
-/// Runs `f` on a thread and fails the test if it takes over 20 s (a hang
-/// must fail, not stall CI).
-fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(f());
-    });
-    rx.recv_timeout(Duration::from_secs(20))
-        .expect("test body hung for 20 s")
-}
-
-/// Waits (bounded: 20 s of 1 ms naps) until `cond` holds.
-fn eventually(what: &str, cond: impl Fn() -> bool) {
-    let start = Instant::now();
-    while !cond() {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(1));
-    }
 }
 
 #[test]

@@ -15,7 +15,7 @@ use futures_lite::{FutureExt, Stream};
 use super::topic::{Pattern, TopicError, validate_topic};
 use crate::limit::Semaphore;
 use crate::runtime::{JoinHandle, Spawn, SpawnExt, default_spawner, panic_message};
-use crate::sync::lock;
+use crate::sync::lock_std as lock;
 
 /// One event: its topic and payload.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use super::BoxFut;
 use crate::runtime::offload;
-use crate::sync::lock;
+use crate::sync::lock_std as lock;
 
 /// A store for a pipeline's *watermark*: the number of input positions
 /// from the start that are completely done (every item derived from them

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::BoxFut;
 use crate::runtime::offload;
-use crate::sync::lock;
+use crate::sync::lock_std as lock;
 
 /// An item that failed a pipeline stage after its retries.
 ///

@@ -10,7 +10,7 @@ use std::task::{Context, Poll};
 
 use atomic_waker::AtomicWaker;
 
-use crate::sync::lock;
+use crate::sync::lock_std as lock;
 
 const EMPTY: u8 = 0;
 const SENT: u8 = 1;

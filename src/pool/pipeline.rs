@@ -42,7 +42,7 @@ use crate::runtime::{
     Clock, JoinHandle, Spawn, SpawnExt, SystemClock, default_spawner, offload, panic_message,
 };
 use crate::stream::StreamKit;
-use crate::sync::lock;
+use crate::sync::lock_std as lock;
 
 type StageFn<A, B> = Arc<dyn Fn(A) -> BoxFut<'static, Result<B, String>> + Send + Sync>;
 type Wire<In, T> = Box<dyn FnOnce(&Arc<Ctx>, Receiver<Elem<In>>) -> Receiver<Elem<T>> + Send>;
@@ -1427,8 +1427,11 @@ async fn read_queue<T: Send + 'static>(
                 return;
             }
         };
-        ctx.tracker.admit().await;
+        // NOTE: registered before any await, so a cancel at any later point
+        // finds the delivery among the outstanding ones and nacks it. The
+        // window is then entered one position late, which is harmless.
         let pos = ctx.tracker.register(Some(delivery.id));
+        ctx.tracker.admit().await;
         ctx.inputs.fetch_add(1, Ordering::Relaxed);
         if tx
             .send(Elem {

@@ -11,7 +11,7 @@ use futures_lite::FutureExt;
 
 use super::BoxFut;
 use crate::runtime::{Clock, SystemClock};
-use crate::sync::lock;
+use crate::sync::lock_std as lock;
 
 /// A queue of work with at-least-once delivery.
 ///

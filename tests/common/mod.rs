@@ -1,0 +1,29 @@
+//! Helpers shared by the integration tests of the stream, pool and event
+//! modules.
+#![allow(dead_code)]
+
+use std::time::{Duration, Instant};
+
+/// Runs `f` on a thread and fails the test if it takes over 30 s (a hang
+/// must fail, not stall CI).
+pub fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(Duration::from_secs(30))
+        .expect("test body hung for 30 s")
+}
+
+/// Waits (bounded: 20 s of 1 ms naps) until `cond` holds, for state that
+/// real threads reach on their own time.
+pub fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let start = Instant::now();
+    while !cond() {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
