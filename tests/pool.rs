@@ -20,6 +20,7 @@ use smolkit::pool::{
     Pipeline, PipelineError, Queue, QueueError, Stage, SubmitError, TrySubmitError, WorkerPool,
 };
 use smolkit::resilience::{Backoff, Policy, Retry};
+use smolkit::runtime::Clock;
 use smolkit::testing::ManualClock;
 
 // ---------------------------------------------------------------------------
@@ -184,17 +185,20 @@ fn autoscale_grows_with_the_queue_and_shrinks_when_idle() {
         });
         clock.advance(Duration::from_secs(29));
         assert_eq!(pool.stats().workers, 4);
-        // Past it, workers leave down to the minimum, never below.
-        for _ in 0..10 {
-            clock.advance(Duration::from_secs(31));
-            if pool.stats().workers == 1 {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        eventually("the minimum again", || pool.stats().workers == 1);
-        clock.advance(Duration::from_secs(300));
-        std::thread::sleep(Duration::from_millis(20));
+        // Past it, every idle timer fires: workers leave down to the
+        // minimum, and the one left re-arms its timer.
+        clock.advance(Duration::from_secs(31));
+        eventually("the minimum, idling again", || {
+            pool.stats().workers == 1 && clock.sleepers() == 1
+        });
+        assert_eq!(pool.stats().target_workers, 1);
+        // Another timeout never takes the pool below the minimum: the last
+        // worker's timer fires and it re-arms (a later deadline) instead of
+        // leaving.
+        clock.advance(Duration::from_secs(31));
+        eventually("the last worker re-arming", || {
+            clock.next_deadline().is_some_and(|d| d > clock.now())
+        });
         assert_eq!(pool.stats().workers, 1);
     });
 }
@@ -460,23 +464,22 @@ fn a_stalled_sink_stops_the_source_within_the_channel_capacities() {
                 }
             }))
         });
-        // Let the pipeline fill up and settle.
-        let mut last = usize::MAX;
-        for _ in 0..200 {
-            std::thread::sleep(Duration::from_millis(10));
-            let now = pulled.load(Ordering::SeqCst);
-            if now == last && now > 0 {
-                break;
-            }
-            last = now;
-        }
+        // Wait until every buffer is full: the source channel (4), two
+        // workers blocked sending, the work stage's output channel (4), and
+        // the sink holding the first item. Stage counters: `work` received
+        // 4 + 2 + 1 = 7.
+        eventually("the pipeline to fill", || {
+            let stats = control.stats();
+            stats.len() == 2
+                && stats[0].queued == 4
+                && stats[0].received == 7
+                && stats[1].queued == 4
+                && stats[1].in_flight == 1
+        });
         let n = pulled.load(Ordering::SeqCst);
-        // source channel 4 + the source's held item 1 + 2 in work + work's
-        // output channel 4 + 1 in the sink = 12.
+        // 4 + 7 + at most the one item the source holds, blocked on send.
         assert!(n <= 12, "source ran ahead: {n} items pulled");
-        assert!(n >= 6, "pipeline did not fill: {n}");
-        let stats = control.stats();
-        assert_eq!(stats.last().unwrap().in_flight, 1, "sink holds one");
+        assert!(n >= 11, "pipeline did not fill: {n}");
         control.cancel();
         let report = run.join().unwrap().unwrap();
         assert!(report.cancelled);
