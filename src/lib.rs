@@ -9,6 +9,8 @@
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod events;
+#[cfg(feature = "http")]
+pub mod http;
 pub mod limit;
 pub mod pool;
 pub mod resilience;

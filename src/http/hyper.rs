@@ -1,0 +1,700 @@
+//! `HyperClient`: the default backend, a connection pool written on
+//! `hyper::client::conn::http1`.
+//!
+//! Why not hyper-util's legacy client? It compiles tokio's net, rt and time
+//! parts and has no cap on connections per host (32 concurrent requests
+//! open 32 sockets). This pool is small, runs on any executor through
+//! [`Spawn`], and caps connections per host.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use ::http::header::{HOST, HeaderValue, USER_AGENT};
+use ::http::{Request, Response, Uri};
+use async_net::TcpStream;
+use event_listener::Event;
+use futures_lite::{AsyncRead, AsyncWrite};
+use hyper::client::conn::http1::SendRequest;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use smol_hyper::rt::FuturesIo;
+
+use super::body::Body;
+use super::client::{self, Client, Redirects, ResponseFuture, SendOnce};
+use super::error::Error;
+use crate::resilience::timeout_on;
+use crate::runtime::{Clock, Spawn, SystemClock, default_spawner};
+use crate::sync::lock_std as lock;
+
+/// The default backend: HTTP/1.1 over TCP or rustls (ring), with a
+/// connection pool.
+///
+/// - **Pool**: at most [`max_connections_per_host`] connections to each
+///   `(scheme, host, port)` — open ones, busy or idle. A request that finds
+///   none idle and the cap reached waits (FIFO) for one to come back or
+///   close. Idle connections are reused most recently used first, and
+///   dropped after [`idle_timeout`] (checked when the pool is next used for
+///   that host) or when the server closes them.
+/// - A connection returns to the pool when its response body has been read
+///   to the end; a body dropped earlier closes it.
+/// - TCP_NODELAY on every socket; a connect timeout covering TCP and TLS;
+///   an optional response timeout (until the response head arrives).
+/// - TLS: rustls with the ring provider only, webpki's roots plus any
+///   extra roots (a private CA, a test server's certificate).
+/// - Redirects: up to the limit, only to `http(s)`, and `Authorization`,
+///   `Cookie` and `Proxy-Authorization` are dropped when the redirect
+///   leaves the origin. 303 (and 301/302 for non-GET) become a GET without
+///   body; 307/308 resend the method and body (a streaming body cannot be
+///   resent: [`Error::RedirectBody`]).
+/// - A request that fails on a reused connection before it was written
+///   (the server closed the idle connection at that moment) is sent again
+///   on a new connection, once.
+///
+/// Connection tasks run on the builder's [`Spawn`] (default: smol's
+/// global executor). Cloning is cheap and shares the pool.
+///
+/// # Default
+///
+/// - 16 connections per host
+/// - idle timeout 90 s
+/// - connect timeout 10 s, no response timeout
+/// - 10 redirects
+/// - `User-Agent: smolkit/<version>` unless the request sets one
+///
+/// [`max_connections_per_host`]: HyperClientBuilder::max_connections_per_host
+/// [`idle_timeout`]: HyperClientBuilder::idle_timeout
+///
+/// # Examples
+///
+/// ```no_run
+/// use smolkit::http::{Body, Client, HyperClient};
+///
+/// # smol::block_on(async {
+/// let client = HyperClient::new();
+/// let request = http::Request::get("https://example.com/").body(Body::empty()).unwrap();
+/// let response = client.send(request).await?;
+/// let text = response.into_body().bytes_limited(1 << 20).await?;
+/// # Ok::<(), smolkit::http::Error>(())
+/// # });
+/// ```
+#[derive(Clone)]
+pub struct HyperClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    max_per_host: usize,
+    idle_timeout: Duration,
+    connect_timeout: Option<Duration>,
+    response_timeout: Option<Duration>,
+    redirects: Redirects,
+    tls: Arc<rustls::ClientConfig>,
+    spawner: Arc<dyn Spawn>,
+    clock: Arc<dyn Clock>,
+    user_agent: HeaderValue,
+    hosts: Mutex<HashMap<(String, String, u16), Arc<Host>>>,
+    stats: Counters,
+}
+
+#[derive(Default)]
+struct Counters {
+    requests: AtomicU64,
+    opened: AtomicU64,
+    reused: AtomicU64,
+    retried_stale: AtomicU64,
+}
+
+/// A snapshot of a [`HyperClient`]'s pool.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ClientStats {
+    /// Requests sent (each redirect hop counts).
+    pub requests: u64,
+    /// Connections opened.
+    pub connections_opened: u64,
+    /// Requests sent on a reused connection.
+    pub connections_reused: u64,
+    /// Requests resent once because a reused connection was found closed.
+    pub stale_retries: u64,
+    /// Connections open now (busy or idle), all hosts.
+    pub open: usize,
+    /// Idle connections now, all hosts.
+    pub idle: usize,
+}
+
+/// The pool of one `(scheme, host, port)`.
+struct Host {
+    /// Open connections (busy + idle), never above the cap.
+    open: AtomicUsize,
+    idle: Mutex<Vec<Pooled>>,
+    /// Notified when a connection goes idle or closes.
+    event: Event,
+}
+
+/// Holds one of the host's connection slots; gives it back on drop.
+struct Slot {
+    host: Arc<Host>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.host.open.fetch_sub(1, Ordering::AcqRel);
+        self.host.event.notify(1);
+    }
+}
+
+struct Pooled {
+    sender: SendRequest<Body>,
+    idle_since: Instant,
+    slot: Slot,
+}
+
+impl Default for HyperClient {
+    fn default() -> Self {
+        HyperClient::new()
+    }
+}
+
+impl HyperClient {
+    /// A client with the defaults.
+    pub fn new() -> Self {
+        HyperClient::builder().build()
+    }
+
+    /// A builder.
+    pub fn builder() -> HyperClientBuilder {
+        HyperClientBuilder::default()
+    }
+
+    /// A snapshot of the pool.
+    pub fn stats(&self) -> ClientStats {
+        let s = &self.inner.stats;
+        let hosts = lock(&self.inner.hosts);
+        let (open, idle) = hosts.values().fold((0, 0), |(o, i), h| {
+            (o + h.open.load(Ordering::Acquire), i + lock(&h.idle).len())
+        });
+        ClientStats {
+            requests: s.requests.load(Ordering::Relaxed),
+            connections_opened: s.opened.load(Ordering::Relaxed),
+            connections_reused: s.reused.load(Ordering::Relaxed),
+            stale_retries: s.retried_stale.load(Ordering::Relaxed),
+            open,
+            idle,
+        }
+    }
+
+    fn host(&self, key: &(String, String, u16)) -> Arc<Host> {
+        let mut hosts = lock(&self.inner.hosts);
+        if let Some(h) = hosts.get(key) {
+            return h.clone();
+        }
+        let h = Arc::new(Host {
+            open: AtomicUsize::new(0),
+            idle: Mutex::new(Vec::new()),
+            event: Event::new(),
+        });
+        hosts.insert(key.clone(), h.clone());
+        h
+    }
+
+    /// An idle connection that is still usable, newest first; the expired
+    /// and closed ones are dropped on the way.
+    fn take_idle(&self, host: &Host) -> Option<Pooled> {
+        let now = self.inner.clock.now();
+        let mut stale = Vec::new();
+        let found = {
+            let mut idle = lock(&host.idle);
+            let mut found = None;
+            while let Some(p) = idle.pop() {
+                let expired =
+                    now.saturating_duration_since(p.idle_since) >= self.inner.idle_timeout;
+                if expired || p.sender.is_closed() {
+                    stale.push(p);
+                } else {
+                    found = Some(p);
+                    break;
+                }
+            }
+            // The oldest idle ones sit at the front: expire them too.
+            while idle.first().is_some_and(|p| {
+                now.saturating_duration_since(p.idle_since) >= self.inner.idle_timeout
+            }) {
+                stale.push(idle.remove(0));
+            }
+            found
+        };
+        // NOTE: dropped outside the lock: a slot's drop notifies waiters.
+        drop(stale);
+        found
+    }
+
+    fn try_reserve(&self, host: &Arc<Host>) -> Option<Slot> {
+        host.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < self.inner.max_per_host).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot { host: host.clone() })
+    }
+
+    /// A connection to `key`: an idle one, a new one within the cap, or
+    /// the next one to come back.
+    async fn checkout(&self, key: &(String, String, u16)) -> Result<(Pooled, bool), Error> {
+        let host = self.host(key);
+        loop {
+            if let Some(p) = self.take_idle(&host) {
+                return Ok((p, true));
+            }
+            if let Some(slot) = self.try_reserve(&host) {
+                let sender = self.connect(key).await?;
+                self.inner.stats.opened.fetch_add(1, Ordering::Relaxed);
+                return Ok((
+                    Pooled {
+                        sender,
+                        idle_since: self.inner.clock.now(),
+                        slot,
+                    },
+                    false,
+                ));
+            }
+            let listener = host.event.listen();
+            if let Some(p) = self.take_idle(&host) {
+                return Ok((p, true));
+            }
+            if host.open.load(Ordering::Acquire) < self.inner.max_per_host {
+                continue;
+            }
+            listener.await;
+        }
+    }
+
+    async fn connect(
+        &self,
+        (scheme, host, port): &(String, String, u16),
+    ) -> Result<SendRequest<Body>, Error> {
+        let addr = format!("{host}:{port}");
+        // `Uri::host` keeps an IPv6 literal's brackets.
+        let bare = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned();
+        let https = scheme == "https";
+        let connect = async {
+            let tcp = TcpStream::connect((bare.as_str(), *port))
+                .await
+                .map_err(|source| Error::Connect {
+                    addr: addr.clone(),
+                    source,
+                })?;
+            // NOTE: small requests must not wait for Nagle.
+            let _ = tcp.set_nodelay(true);
+            let io = if https {
+                let name = ServerName::try_from(bare.clone()).map_err(|e| Error::Tls {
+                    host: bare.clone(),
+                    source: io::Error::new(io::ErrorKind::InvalidInput, e),
+                })?;
+                let tls = futures_rustls::TlsConnector::from(self.inner.tls.clone())
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|source| Error::Tls {
+                        host: bare.clone(),
+                        source,
+                    })?;
+                MaybeTls::Tls(Box::new(tls))
+            } else {
+                MaybeTls::Plain(tcp)
+            };
+            let (sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(io))
+                .await
+                .map_err(|e| Error::Transport {
+                    url: addr.clone(),
+                    source: e.into(),
+                })?;
+            let peer = addr.clone();
+            self.inner.spawner.spawn_named_boxed(
+                "smolkit-http-conn",
+                Box::pin(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(addr = %peer, error = %e, "http connection ended with an error");
+                    }
+                }),
+            );
+            tracing::debug!(addr = %addr, tls = https, "http connection opened");
+            Ok(sender)
+        };
+        match self.inner.connect_timeout {
+            Some(after) => match timeout_on(&*self.inner.clock, after, connect).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::ConnectTimeout { addr, after }),
+            },
+            None => connect.await,
+        }
+    }
+
+    async fn send_inner(&self, mut request: Request<Body>) -> Result<Response<Body>, Error> {
+        client::check_uri(request.uri())?;
+        let uri = request.uri().clone();
+        let key = client::origin(&uri).ok_or_else(|| Error::invalid_url(&uri, "no host"))?;
+        if !request.headers().contains_key(HOST) {
+            let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
+            // The authority without user info.
+            let host = authority.rsplit('@').next().unwrap_or(authority);
+            let value =
+                HeaderValue::from_str(host).map_err(|_| Error::invalid_url(&uri, "bad host"))?;
+            request.headers_mut().insert(HOST, value);
+        }
+        if !request.headers().contains_key(USER_AGENT) {
+            request
+                .headers_mut()
+                .insert(USER_AGENT, self.inner.user_agent.clone());
+        }
+        // http/1.1 to an origin server: the request line has the path only.
+        let path = uri.path_and_query().map_or("/", |p| p.as_str());
+        *request.uri_mut() = Uri::try_from(path).map_err(|e| Error::invalid_url(&uri, e))?;
+        self.inner.stats.requests.fetch_add(1, Ordering::Relaxed);
+
+        let exchange = async {
+            let mut request = request;
+            let mut fresh_retry = false;
+            loop {
+                let (mut pooled, reused) = self.checkout(&key).await?;
+                if reused {
+                    self.inner.stats.reused.fetch_add(1, Ordering::Relaxed);
+                }
+                if pooled.sender.ready().await.is_err() {
+                    // Closed while idle: try the next one.
+                    continue;
+                }
+                match pooled.sender.try_send_request(request).await {
+                    Ok(response) => return Ok(self.wrap(response, pooled)),
+                    Err(mut e) => match e.take_message() {
+                        Some(back) if reused && !fresh_retry => {
+                            // Never written: safe to send on another
+                            // connection, whatever the method.
+                            self.inner
+                                .stats
+                                .retried_stale
+                                .fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(url = %uri, "reused connection was closed; resending");
+                            fresh_retry = true;
+                            request = back;
+                        }
+                        _ => {
+                            return Err(Error::Transport {
+                                url: uri.to_string(),
+                                source: e.into_error().into(),
+                            });
+                        }
+                    },
+                }
+            }
+        };
+        match self.inner.response_timeout {
+            Some(after) => match timeout_on(&*self.inner.clock, after, exchange).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::Timeout {
+                    url: uri.to_string(),
+                    after,
+                }),
+            },
+            None => exchange.await,
+        }
+    }
+
+    /// Gives the response a body that puts the connection back in the
+    /// pool once read to the end.
+    fn wrap(
+        &self,
+        response: Response<hyper::body::Incoming>,
+        mut pooled: Pooled,
+    ) -> Response<Body> {
+        let (parts, incoming) = response.into_parts();
+        let clock = self.inner.clock.clone();
+        let give_back = move || {
+            if pooled.sender.is_closed() {
+                return;
+            }
+            pooled.idle_since = clock.now();
+            let host = pooled.slot.host.clone();
+            lock(&host.idle).push(pooled);
+            host.event.notify(1);
+        };
+        let body = if hyper::body::Body::is_end_stream(&incoming) {
+            give_back();
+            drop(incoming);
+            Body::empty()
+        } else {
+            Body::from_incoming(incoming, Some(Box::new(give_back)))
+        };
+        Response::from_parts(parts, body)
+    }
+}
+
+impl SendOnce for HyperClient {
+    fn send_once(&self, request: Request<Body>) -> ResponseFuture<'_> {
+        Box::pin(self.send_inner(request))
+    }
+}
+
+impl Client for HyperClient {
+    fn send(&self, request: Request<Body>) -> ResponseFuture<'_> {
+        Box::pin(client::follow(self.inner.redirects, request, self))
+    }
+}
+
+impl fmt::Debug for HyperClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HyperClient")
+            .field("max_per_host", &self.inner.max_per_host)
+            .field("idle_timeout", &self.inner.idle_timeout)
+            .field("connect_timeout", &self.inner.connect_timeout)
+            .field("response_timeout", &self.inner.response_timeout)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+/// Configures a [`HyperClient`]. See its `# Default` section.
+pub struct HyperClientBuilder {
+    max_per_host: usize,
+    idle_timeout: Duration,
+    connect_timeout: Option<Duration>,
+    response_timeout: Option<Duration>,
+    redirects: usize,
+    extra_roots: Vec<CertificateDer<'static>>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    spawner: Arc<dyn Spawn>,
+    clock: Arc<dyn Clock>,
+    user_agent: HeaderValue,
+}
+
+impl Default for HyperClientBuilder {
+    fn default() -> Self {
+        HyperClientBuilder {
+            max_per_host: 16,
+            idle_timeout: Duration::from_secs(90),
+            connect_timeout: Some(Duration::from_secs(10)),
+            response_timeout: None,
+            redirects: 10,
+            extra_roots: Vec::new(),
+            tls: None,
+            spawner: default_spawner(),
+            clock: Arc::new(SystemClock),
+            user_agent: HeaderValue::from_static(concat!("smolkit/", env!("CARGO_PKG_VERSION"))),
+        }
+    }
+}
+
+impl HyperClientBuilder {
+    /// The cap on open connections per `(scheme, host, port)`; 0 is taken
+    /// as 1.
+    pub fn max_connections_per_host(mut self, n: usize) -> Self {
+        self.max_per_host = n.max(1);
+        self
+    }
+
+    /// How long a connection may sit idle before it is closed instead of
+    /// reused.
+    pub fn idle_timeout(mut self, after: Duration) -> Self {
+        self.idle_timeout = after;
+        self
+    }
+
+    /// The limit on opening a connection (TCP and TLS); `None` for none.
+    pub fn connect_timeout(mut self, after: Option<Duration>) -> Self {
+        self.connect_timeout = after;
+        self
+    }
+
+    /// The limit from sending a request to its response head (including
+    /// the wait for a pooled connection); `None` for none.
+    pub fn response_timeout(mut self, after: Option<Duration>) -> Self {
+        self.response_timeout = after;
+        self
+    }
+
+    /// How many redirects to follow; 0 returns redirect responses as they
+    /// are.
+    pub fn max_redirects(mut self, n: usize) -> Self {
+        self.redirects = n;
+        self
+    }
+
+    /// Trusts this certificate (DER) as a root, beside webpki's roots.
+    pub fn add_root_certificate(mut self, der: CertificateDer<'static>) -> Self {
+        self.extra_roots.push(der);
+        self
+    }
+
+    /// Trusts every certificate in this PEM text as a root.
+    ///
+    /// # Errors
+    ///
+    /// [`Error::InvalidRequest`] naming the PEM problem when no
+    /// certificate can be read from it.
+    pub fn add_root_pem(mut self, pem: &[u8]) -> Result<Self, Error> {
+        let mut n = 0;
+        for cert in CertificateDer::pem_slice_iter(pem) {
+            let cert = cert.map_err(|e| Error::InvalidRequest {
+                reason: format!("root certificate PEM: {e}"),
+            })?;
+            self.extra_roots.push(cert);
+            n += 1;
+        }
+        if n == 0 {
+            return Err(Error::InvalidRequest {
+                reason: "root certificate PEM: no CERTIFICATE section".into(),
+            });
+        }
+        Ok(self)
+    }
+
+    /// Uses this rustls configuration as it is (roots, client
+    /// certificates, ALPN); extra roots given to the builder are ignored.
+    /// Build it with the ring provider only.
+    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+        self.tls = Some(config);
+        self
+    }
+
+    /// Where connection tasks run.
+    pub fn spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
+        self.spawner = spawner;
+        self
+    }
+
+    /// The clock for timeouts and idle expiry.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The `User-Agent` sent when a request has none.
+    pub fn user_agent(mut self, value: HeaderValue) -> Self {
+        self.user_agent = value;
+        self
+    }
+
+    /// The client.
+    pub fn build(self) -> HyperClient {
+        let tls = self
+            .tls
+            .unwrap_or_else(|| Arc::new(tls_config(&self.extra_roots)));
+        HyperClient {
+            inner: Arc::new(Inner {
+                max_per_host: self.max_per_host,
+                idle_timeout: self.idle_timeout,
+                connect_timeout: self.connect_timeout,
+                response_timeout: self.response_timeout,
+                redirects: Redirects {
+                    limit: self.redirects,
+                },
+                tls,
+                spawner: self.spawner,
+                clock: self.clock,
+                user_agent: self.user_agent,
+                hosts: Mutex::new(HashMap::new()),
+                stats: Counters::default(),
+            }),
+        }
+    }
+}
+
+impl fmt::Debug for HyperClientBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HyperClientBuilder")
+            .field("max_per_host", &self.max_per_host)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("response_timeout", &self.response_timeout)
+            .field("redirects", &self.redirects)
+            .field("extra_roots", &self.extra_roots.len())
+            .finish()
+    }
+}
+
+/// A rustls client configuration on the ring provider with webpki's roots
+/// and `extra` roots, offering HTTP/1.1 by ALPN.
+pub(crate) fn tls_config(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    for cert in extra {
+        if let Err(e) = roots.add(cert.clone()) {
+            tracing::warn!(error = %e, "extra root certificate refused");
+        }
+    }
+    // NOTE: ring only; with two providers compiled in, rustls cannot pick
+    // a default and some connectors panic (DESIGN "Dependencies").
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
+    .unwrap_or_else(|e| unreachable!("ring supports the default protocol versions: {e}"));
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config
+}
+
+/// A plain or TLS socket (client side here, server side in the
+/// `ChaosServer`).
+pub(crate) enum MaybeTls<T> {
+    Plain(TcpStream),
+    Tls(Box<T>),
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
+        }
+    }
+
+    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            MaybeTls::Plain(s) => Pin::new(s).poll_close(cx),
+            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_close(cx),
+        }
+    }
+}
