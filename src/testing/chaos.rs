@@ -593,9 +593,10 @@ fn pattern_body(total: u64, send: u64, chunked: bool, bps: Option<u64>) -> Respo
         if bps.is_some() {
             async_io::Timer::after(Duration::from_millis(100)).await;
         }
-        let n = chunk_len.min(send - sent);
-        let bytes: Vec<u8> = (sent..sent + n).map(|i| (i % 251) as u8).collect();
-        Some((Ok(Bytes::from(bytes)), sent + n))
+        let n = chunk_len.min(send - sent).min(CHUNK);
+        let start = (sent % 251) as usize;
+        let bytes = PATTERN.with(|p| p.slice(start..start + n as usize));
+        Some((Ok(bytes), sent + n))
     });
     let mut r = Response::new(Body::from_stream(stream, (!chunked).then_some(total)));
     if !chunked {
@@ -607,6 +608,11 @@ fn pattern_body(total: u64, send: u64, chunked: bool, bps: Option<u64>) -> Respo
         HeaderValue::from_static("application/octet-stream"),
     );
     r
+}
+
+thread_local! {
+    /// 64 KiB of the pattern plus one period, so any chunk is a slice.
+    static PATTERN: Bytes = Bytes::from(pattern(64 * 1024 + 251));
 }
 
 /// The byte pattern of `/bytes`, `/truncate`, `/reset` and `/slow`, for

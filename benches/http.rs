@@ -1,0 +1,241 @@
+//! HTTP client benchmarks against a local server (the ChaosServer, hyper
+//! on smol), peers in the same run:
+//!
+//! - `requests/{1,16,64}`: 512 GETs of a 9-byte body with that many
+//!   concurrent callers, for `HyperClient` (16 connections per host, and
+//!   64 for the 64-caller run), surf 2.3 (`h1-client-rustls`), and
+//!   hyper-util's legacy client on a smol connector and executor (no tokio
+//!   runtime).
+//! - `body_256mib`: one 256 MiB response body read to the end, per client.
+//!
+//! Run: `cargo bench --features testing,surf --bench http`
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use futures_lite::StreamExt;
+use http_body_util::{BodyExt, Empty};
+use smolkit::http::{Body, Client, HyperClient, Request, SurfClient};
+use smolkit::runtime::Spawn;
+use smolkit::testing::ChaosServer;
+
+const REQUESTS: usize = 512;
+const BIG: u64 = 256 << 20;
+
+/// hyper-util's legacy client needs a connector (a tower `Service<Uri>`);
+/// this one opens an async-net socket and adapts it with smol-hyper.
+#[derive(Clone)]
+struct SmolConnector;
+
+struct Conn(smol_hyper::rt::FuturesIo<async_net::TcpStream>);
+
+impl hyper_util::client::legacy::connect::Connection for Conn {
+    fn connected(&self) -> hyper_util::client::legacy::connect::Connected {
+        hyper_util::client::legacy::connect::Connected::new()
+    }
+}
+
+impl hyper::rt::Read for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for Conn {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+}
+
+impl tower_service::Service<hyper::Uri> for SmolConnector {
+    type Response = Conn;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Conn, std::io::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: hyper::Uri) -> Self::Future {
+        Box::pin(async move {
+            let host = uri.host().unwrap_or("127.0.0.1").to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            let tcp = async_net::TcpStream::connect((host.as_str(), port)).await?;
+            tcp.set_nodelay(true)?;
+            Ok(Conn(smol_hyper::rt::FuturesIo::new(tcp)))
+        })
+    }
+}
+
+type Legacy = hyper_util::client::legacy::Client<SmolConnector, Empty<bytes::Bytes>>;
+
+/// A smol executor with two threads of its own: each hyper client (ours
+/// and hyper-util's) runs its connection tasks on one, so neither shares
+/// the server's thread.
+fn executor() -> Arc<smol::Executor<'static>> {
+    let ex = Arc::new(smol::Executor::new());
+    for _ in 0..2 {
+        let ex = ex.clone();
+        std::thread::spawn(move || smol::block_on(ex.run(futures_lite::future::pending::<()>())));
+    }
+    ex
+}
+
+fn legacy() -> Legacy {
+    hyper_util::client::legacy::Client::builder(smol_hyper::rt::SmolExecutor::new(executor())).build(SmolConnector)
+}
+
+fn hyper_client(max_per_host: usize) -> HyperClient {
+    HyperClient::builder()
+        .max_connections_per_host(max_per_host)
+        .spawner(executor() as Arc<dyn Spawn>)
+        .build()
+}
+
+async fn smolkit_get(client: &dyn Client, url: &str) -> usize {
+    let r = client
+        .send(Request::get(url).body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    r.into_body().bytes().await.unwrap().len()
+}
+
+async fn legacy_get(client: &Legacy, url: &str) -> usize {
+    let r = client.get(url.parse().unwrap()).await.unwrap();
+    r.into_body().collect().await.unwrap().to_bytes().len()
+}
+
+/// `REQUESTS` requests by `callers` concurrent loops.
+async fn run<F, Fut>(callers: usize, f: F)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = usize> + Send,
+{
+    let per = REQUESTS / callers;
+    let tasks: Vec<_> = (0..callers)
+        .map(|_| {
+            let f = f.clone();
+            smol::spawn(async move {
+                for _ in 0..per {
+                    assert_eq!(f().await, 10);
+                }
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await;
+    }
+}
+
+fn requests(c: &mut Criterion) {
+    let server = smol::block_on(ChaosServer::start()).unwrap();
+    let url = server.url("/status/200");
+    let mut group = c.benchmark_group("requests");
+    group.throughput(Throughput::Elements(REQUESTS as u64));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(6));
+    let surf = Arc::new(SurfClient::default());
+    let legacy = Arc::new(legacy());
+    for callers in [1usize, 16, 64] {
+        let hyper = Arc::new(hyper_client(callers.max(16)));
+        group.bench_with_input(BenchmarkId::new("smolkit_hyper", callers), &callers, |b, &n| {
+            b.iter(|| {
+                let (client, url) = (hyper.clone(), url.clone());
+                smol::block_on(run(n, move || {
+                    let (client, url) = (client.clone(), url.clone());
+                    async move { smolkit_get(&*client, &url).await }
+                }))
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("surf", callers), &callers, |b, &n| {
+            b.iter(|| {
+                let (client, url) = (surf.clone(), url.clone());
+                smol::block_on(run(n, move || {
+                    let (client, url) = (client.clone(), url.clone());
+                    async move { smolkit_get(&*client, &url).await }
+                }))
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("hyper_util_legacy", callers), &callers, |b, &n| {
+            b.iter(|| {
+                let (client, url) = (legacy.clone(), url.clone());
+                smol::block_on(run(n, move || {
+                    let (client, url) = (client.clone(), url.clone());
+                    async move { legacy_get(&client, &url).await }
+                }))
+            })
+        });
+        let stats = hyper.stats();
+        assert!(stats.open <= callers.max(16), "cap broken: {stats:?}");
+    }
+    group.finish();
+}
+
+fn body_256mib(c: &mut Criterion) {
+    let server = smol::block_on(ChaosServer::start()).unwrap();
+    let url = server.url(&format!("/bytes/{BIG}"));
+    let mut group = c.benchmark_group("body_256mib");
+    group.throughput(Throughput::Bytes(BIG));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(10));
+    let hyper = hyper_client(16);
+    let surf = SurfClient::default();
+    let legacy = legacy();
+    let drain = |body: Body| async move {
+        let mut body = body;
+        let mut n = 0u64;
+        while let Some(chunk) = body.next().await {
+            n += chunk.unwrap().len() as u64;
+        }
+        assert_eq!(n, BIG);
+    };
+    group.bench_function("smolkit_hyper", |b| {
+        b.iter(|| {
+            smol::block_on(async {
+                let r = hyper.send(Request::get(&url).body(Body::empty()).unwrap()).await.unwrap();
+                drain(r.into_body()).await
+            })
+        })
+    });
+    group.bench_function("surf", |b| {
+        b.iter(|| {
+            smol::block_on(async {
+                let r = surf.send(Request::get(&url).body(Body::empty()).unwrap()).await.unwrap();
+                drain(r.into_body()).await
+            })
+        })
+    });
+    group.bench_function("hyper_util_legacy", |b| {
+        b.iter(|| {
+            smol::block_on(async {
+                let r = legacy.get(url.parse().unwrap()).await.unwrap();
+                let mut body = r.into_body();
+                let mut n = 0u64;
+                while let Some(frame) = body.frame().await {
+                    if let Ok(data) = frame.unwrap().into_data() {
+                        n += data.len() as u64;
+                    }
+                }
+                assert_eq!(n, BIG);
+            })
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, requests, body_256mib);
+criterion_main!(benches);
