@@ -50,7 +50,11 @@ impl hyper::rt::Read for Conn {
 }
 
 impl hyper::rt::Write for Conn {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
         Pin::new(&mut self.0).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
@@ -96,7 +100,8 @@ fn executor() -> Arc<smol::Executor<'static>> {
 }
 
 fn legacy() -> Legacy {
-    hyper_util::client::legacy::Client::builder(smol_hyper::rt::SmolExecutor::new(executor())).build(SmolConnector)
+    hyper_util::client::legacy::Client::builder(smol_hyper::rt::SmolExecutor::new(executor()))
+        .build(SmolConnector)
 }
 
 fn hyper_client(max_per_host: usize) -> HyperClient {
@@ -152,15 +157,19 @@ fn requests(c: &mut Criterion) {
     let legacy = Arc::new(legacy());
     for callers in [1usize, 16, 64] {
         let hyper = Arc::new(hyper_client(callers.max(16)));
-        group.bench_with_input(BenchmarkId::new("smolkit_hyper", callers), &callers, |b, &n| {
-            b.iter(|| {
-                let (client, url) = (hyper.clone(), url.clone());
-                smol::block_on(run(n, move || {
-                    let (client, url) = (client.clone(), url.clone());
-                    async move { smolkit_get(&*client, &url).await }
-                }))
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("smolkit_hyper", callers),
+            &callers,
+            |b, &n| {
+                b.iter(|| {
+                    let (client, url) = (hyper.clone(), url.clone());
+                    smol::block_on(run(n, move || {
+                        let (client, url) = (client.clone(), url.clone());
+                        async move { smolkit_get(&*client, &url).await }
+                    }))
+                })
+            },
+        );
         group.bench_with_input(BenchmarkId::new("surf", callers), &callers, |b, &n| {
             b.iter(|| {
                 let (client, url) = (surf.clone(), url.clone());
@@ -170,15 +179,19 @@ fn requests(c: &mut Criterion) {
                 }))
             })
         });
-        group.bench_with_input(BenchmarkId::new("hyper_util_legacy", callers), &callers, |b, &n| {
-            b.iter(|| {
-                let (client, url) = (legacy.clone(), url.clone());
-                smol::block_on(run(n, move || {
-                    let (client, url) = (client.clone(), url.clone());
-                    async move { legacy_get(&client, &url).await }
-                }))
-            })
-        });
+        group.bench_with_input(
+            BenchmarkId::new("hyper_util_legacy", callers),
+            &callers,
+            |b, &n| {
+                b.iter(|| {
+                    let (client, url) = (legacy.clone(), url.clone());
+                    smol::block_on(run(n, move || {
+                        let (client, url) = (client.clone(), url.clone());
+                        async move { legacy_get(&client, &url).await }
+                    }))
+                })
+            },
+        );
         let stats = hyper.stats();
         assert!(stats.open <= callers.max(16), "cap broken: {stats:?}");
     }
@@ -206,7 +219,10 @@ fn body_256mib(c: &mut Criterion) {
     group.bench_function("smolkit_hyper", |b| {
         b.iter(|| {
             smol::block_on(async {
-                let r = hyper.send(Request::get(&url).body(Body::empty()).unwrap()).await.unwrap();
+                let r = hyper
+                    .send(Request::get(&url).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap();
                 drain(r.into_body()).await
             })
         })
@@ -214,7 +230,10 @@ fn body_256mib(c: &mut Criterion) {
     group.bench_function("surf", |b| {
         b.iter(|| {
             smol::block_on(async {
-                let r = surf.send(Request::get(&url).body(Body::empty()).unwrap()).await.unwrap();
+                let r = surf
+                    .send(Request::get(&url).body(Body::empty()).unwrap())
+                    .await
+                    .unwrap();
                 drain(r.into_body()).await
             })
         })

@@ -46,7 +46,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
         // 1. Retries with backoff.
         let start = Instant::now();
-        let r = api.get("flaky/orders").query(&[("fail", "2")]).send().await?;
+        let r = api
+            .get("flaky/orders")
+            .query(&[("fail", "2")])
+            .send()
+            .await?;
         let body: Flaky = r.json()?;
         println!(
             "1. flaky/{}: {} after {} attempts ({} calls seen by the server) in {:?}",
@@ -71,7 +75,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
 
         // 3. POST is not retried unless the call says so.
-        match api.post("flaky/payment?fail=1").json_body(&serde_json::json!({"amount": 42})).send().await {
+        match api
+            .post("flaky/payment?fail=1")
+            .json_body(&serde_json::json!({"amount": 42}))
+            .send()
+            .await
+        {
             Err(e) => println!("3. POST without opting in: {e}"),
             Ok(r) => println!("3. unexpected success: {}", r.status),
         }
@@ -82,7 +91,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .retry_non_idempotent()
             .send()
             .await?;
-        println!("   POST with an idempotency key, opted in: {} after {} attempts", r.status, r.attempts);
+        println!(
+            "   POST with an idempotency key, opted in: {} after {} attempts",
+            r.status, r.attempts
+        );
 
         // 4. The breaker.
         let guarded = ApiClient::builder(&server.url("/"))
@@ -98,7 +110,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .build()?;
         let host = server.addr().to_string();
         let _ = guarded.get("status/200").send().await;
-        let changes = guarded.breaker(&host).expect("breaker exists after a call").subscribe();
+        let changes = guarded
+            .breaker(&host)
+            .expect("breaker exists after a call")
+            .subscribe();
         let seen_before = server.requests().len();
         for i in 1..=8 {
             match guarded.get("status/503").send().await {
@@ -139,7 +154,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 Err(e) => println!("5. {path:<16} error: {e}"),
             }
         }
-        println!("   12 requests, 4 at a time, in {:?}, results in input order", start.elapsed());
+        println!(
+            "   12 requests, 4 at a time, in {:?}, results in input order",
+            start.elapsed()
+        );
         println!("stats: {:?}", api.stats());
         Ok(())
     })

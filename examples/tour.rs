@@ -97,10 +97,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 async move {
                     // Orders 1, 4, 7, ... fail once with 503 (and some ask
                     // for a Retry-After); every 10th does not exist.
-                    let path = if id % 10 == 0 {
+                    let path = if id.is_multiple_of(10) {
                         format!("status/404?order={id}")
                     } else if id % 3 == 1 {
-                        format!("flaky/order-{id}?fail=1&retry_after={}", u64::from(id % 2 == 0))
+                        format!("flaky/order-{id}?fail=1&retry_after={}", u64::from(id.is_multiple_of(2)))
                     } else {
                         format!("echo?order={id}")
                     };

@@ -367,9 +367,17 @@ impl HyperClient {
                 if reused {
                     self.inner.stats.reused.fetch_add(1, Ordering::Relaxed);
                 }
-                if pooled.sender.ready().await.is_err() {
-                    // Closed while idle: try the next one.
-                    continue;
+                if let Err(e) = pooled.sender.ready().await {
+                    if reused {
+                        // Closed while idle: try the next one.
+                        continue;
+                    }
+                    // NOTE: a new connection that is not ready was closed
+                    // by the server at once; do not loop on it.
+                    return Err(Error::Transport {
+                        url: uri.to_string(),
+                        source: e.into(),
+                    });
                 }
                 match pooled.sender.try_send_request(request).await {
                     Ok(response) => return Ok(self.wrap(response, pooled)),
