@@ -171,6 +171,7 @@ async fn suite_faulty_bodies(client: &dyn Client) {
     let r = send(client, get(&server.url("/reset/100000?after=5000"))).await;
     let err = r.into_body().bytes().await.unwrap_err();
     assert!(err.is_transport(), "{err:?}");
+    assert!(format!("{err:?}").contains("ConnectionReset"), "{err:?}");
     // The client is still usable afterwards.
     let (status, body) = text(client, &server.url("/status/200")).await;
     assert_eq!((status, body.as_str()), (StatusCode::OK, "status 200"));
@@ -612,8 +613,11 @@ fn api_honours_retry_after_seconds_and_dates() {
         smol::block_on(async {
             let server = ChaosServer::start().await.unwrap();
             let clock = Arc::new(ManualClock::new());
+            // No per-attempt timeout: the retry's sleep is then the only
+            // sleeper on the clock.
             let api = ApiClient::builder(&server.url("/"))
                 .clock(clock.clone())
+                .timeout(None)
                 .retry(fast_retry(3))
                 .build()
                 .unwrap();

@@ -24,8 +24,8 @@ const CHUNK: usize = 64 * 1024;
 ///
 /// A body is a [`Stream`] of `Result<Bytes, Error>`; [`into_reader`]
 /// gives an [`AsyncRead`] view. [`bytes_limited`], [`text`] and [`json`]
-/// read it whole; only `bytes_limited` (and the `_limited` forms) bound
-/// the memory, so read bodies from servers you do not control with a limit.
+/// read it whole; only `bytes_limited` bounds the memory, so read bodies
+/// from servers you do not control with it (or stream them).
 ///
 /// Bodies in memory can be sent again (redirects, retries: see
 /// [`try_clone`](Body::try_clone)); streams cannot.

@@ -52,9 +52,9 @@ use crate::sync::lock_std as lock;
 ///   leaves the origin. 303 (and 301/302 for non-GET) become a GET without
 ///   body; 307/308 resend the method and body (a streaming body cannot be
 ///   resent: [`Error::RedirectBody`]).
-/// - A request that fails on a reused connection before it was written
-///   (the server closed the idle connection at that moment) is sent again
-///   on a new connection, once.
+/// - A request that fails on a reused connection before any of it was
+///   written (the server closed the idle connection at that moment) is
+///   sent again, once, on another connection.
 ///
 /// Connection tasks run on the builder's [`Spawn`] (default: smol's
 /// global executor). Cloning is cheap and shares the pool.

@@ -61,7 +61,7 @@ pub struct RequestRecord {
 /// | `ANY /flaky/{key}?fail=N&status=S&retry_after=R` | the first `N` calls per key answer `S` (default 503) with `Retry-After: R` (seconds, or `date:R` for an HTTP date R seconds ahead); later calls answer 200 with JSON `{"key":..,"calls":..}` |
 /// | `GET /bytes/{n}` | `n` bytes (a repeating pattern, Content-Length set), streamed in 64 KiB chunks |
 /// | `GET /truncate/{n}?send=m` | promises `Content-Length: n`, sends `m` bytes (default n/2), closes |
-/// | `GET /reset/{n}?after=m` | a chunked body cut off after `m` bytes (default n/2): the connection closes without the last chunk |
+/// | `GET /reset/{n}?after=m` | a chunked body cut off after `m` bytes (default n/2) by a connection reset (TCP RST: SO_LINGER 0, then close) |
 /// | `GET /slow/{n}?bps=B` | `n` bytes at `B` bytes per second (default 1024), in tenth-of-a-second chunks |
 /// | `GET /redirect/{n}` | 302 to `/redirect/{n-1}`; `/redirect/0` answers 200 `done` |
 /// | `ANY /redirect-to?url=U&status=S` | `S` (default 302) with `Location: U` |
@@ -341,6 +341,10 @@ async fn accept_loop(
         state.max_open.fetch_max(now, Ordering::AcqRel);
         let state = state.clone();
         let acceptor = acceptor.clone();
+        // NOTE: a second handle on the socket, for `/reset` to set
+        // SO_LINGER 0; it is dropped with the service when the connection
+        // ends, so the socket still closes then.
+        let raw = stream.clone();
         spawner
             .spawn_named("chaos-conn", async move {
                 let stop = state.stop.listen();
@@ -355,7 +359,7 @@ async fn accept_loop(
                         },
                         None => MaybeTls::Plain(stream),
                     };
-                    serve_connection(io, state.clone(), id).await;
+                    serve_connection(io, state.clone(), id, raw).await;
                 };
                 if !state.stopped.load(Ordering::Acquire) {
                     serve.or(stop).await;
@@ -366,10 +370,11 @@ async fn accept_loop(
     }
 }
 
-async fn serve_connection(io: ServerIo, state: Arc<State>, id: u64) {
+async fn serve_connection(io: ServerIo, state: Arc<State>, id: u64, raw: TcpStream) {
+    let raw = Arc::new(raw);
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
-        let state = state.clone();
-        async move { Ok::<_, std::convert::Infallible>(route(req, &state, id).await) }
+        let (state, raw) = (state.clone(), raw.clone());
+        async move { Ok::<_, std::convert::Infallible>(route(req, &state, id, &raw).await) }
     });
     let result = hyper::server::conn::http1::Builder::new()
         .timer(SmolTimer::new())
@@ -402,6 +407,7 @@ async fn route(
     req: Request<hyper::body::Incoming>,
     state: &State,
     connection: u64,
+    raw: &TcpStream,
 ) -> Response<Body> {
     let path = req.uri().path().to_owned();
     lock(&state.log).push(RequestRecord {
@@ -453,6 +459,10 @@ async fn route(
         ("reset", Some(n)) => match num(n) {
             Some(n) => {
                 let after = q.get("after").and_then(|v| num(v)).unwrap_or(n / 2).min(n);
+                // Closing with SO_LINGER 0 sends a TCP RST, not a FIN.
+                if let Err(e) = socket2::SockRef::from(raw).set_linger(Some(Duration::ZERO)) {
+                    tracing::warn!(error = %e, "chaos server cannot set SO_LINGER for /reset");
+                }
                 pattern_body(n, after, true, None)
             }
             None => text(400, "bad length"),
