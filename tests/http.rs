@@ -7,12 +7,12 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{eventually, within};
+use common::{eventually, fast_retry, within};
 use futures_lite::{AsyncReadExt, StreamExt};
 use smolkit::http::{
     ApiClient, Body, Client, Error, HyperClient, Method, Request, Response, StatusCode, header,
 };
-use smolkit::resilience::{Backoff, CircuitBreaker, Retry, Window};
+use smolkit::resilience::{CircuitBreaker, Window};
 use smolkit::runtime::Clock;
 use smolkit::testing::{ChaosServer, ManualClock, pattern};
 
@@ -540,12 +540,6 @@ fn tls_with_the_servers_certificate_and_without() {
 
 // ---------------------------------------------------------------------------
 // ApiClient.
-
-fn fast_retry(n: u32) -> Retry {
-    Retry::new()
-        .with_max_attempts(n)
-        .with_backoff(Backoff::constant(Duration::from_millis(1)).build().unwrap())
-}
 
 #[derive(Debug, serde::Deserialize, PartialEq)]
 struct Flaky {

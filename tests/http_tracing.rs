@@ -5,18 +5,10 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::within;
+use common::{fast_retry, within};
 use smolkit::http::ApiClient;
-use smolkit::resilience::{Backoff, Retry};
 use smolkit::testing::ChaosServer;
-
-fn fast_retry(n: u32) -> Retry {
-    Retry::new()
-        .with_max_attempts(n)
-        .with_backoff(Backoff::constant(Duration::from_millis(1)).build().unwrap())
-}
 
 #[test]
 fn api_call_span_carries_its_fields() {

@@ -1,5 +1,5 @@
-//! Helpers shared by the integration tests of the stream, pool and event
-//! modules.
+//! Helpers shared by the integration tests of the stream, pool, event and
+//! HTTP modules.
 #![allow(dead_code)]
 
 use std::time::{Duration, Instant};
@@ -26,4 +26,16 @@ pub fn eventually(what: &str, cond: impl Fn() -> bool) {
         );
         std::thread::sleep(Duration::from_millis(1));
     }
+}
+
+/// A retry of `n` attempts, 1 ms apart (HTTP tests on real servers).
+#[cfg(feature = "http")]
+pub fn fast_retry(n: u32) -> smolkit::resilience::Retry {
+    smolkit::resilience::Retry::new()
+        .with_max_attempts(n)
+        .with_backoff(
+            smolkit::resilience::Backoff::constant(Duration::from_millis(1))
+                .build()
+                .unwrap(),
+        )
 }
