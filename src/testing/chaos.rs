@@ -591,9 +591,11 @@ fn pattern_body(total: u64, send: u64, chunked: bool, bps: Option<u64>) -> Respo
     let stream = futures_lite::stream::unfold(0u64, move |sent| async move {
         if sent >= send {
             if send < total && sent != u64::MAX {
-                // Let hyper flush what was sent, then fail the body: hyper
-                // closes the connection mid-response.
-                async_io::Timer::after(Duration::from_millis(20)).await;
+                // One `Pending` first: hyper's dispatcher flushes what it
+                // has written whenever the body is not ready, so the head
+                // and the sent bytes are on the wire before the error
+                // makes hyper close the connection mid-response.
+                futures_lite::future::yield_now().await;
                 let e = io::Error::new(io::ErrorKind::ConnectionAborted, "chaos: cut off");
                 return (sent != u64::MAX)
                     .then(|| (Err(HttpError::Body { source: e.into() }), u64::MAX));
