@@ -17,6 +17,8 @@ pub mod resilience;
 pub mod runtime;
 pub mod stream;
 mod sync;
+#[cfg(feature = "ws")]
+pub mod ws;
 
 #[cfg(feature = "testing")]
 pub mod testing;

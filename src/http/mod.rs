@@ -13,10 +13,10 @@
 //! and an application's own code should not care which backend moves the
 //! bytes; tests can put a recording or failing client in its place.
 
-mod api;
+pub(crate) mod api;
 mod body;
 mod client;
-mod error;
+pub(crate) mod error;
 pub(crate) mod hyper;
 #[cfg(feature = "surf")]
 mod surf;

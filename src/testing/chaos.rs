@@ -1,5 +1,6 @@
-//! `ChaosServer`: a real HTTP server on `127.0.0.1:0` with routes that
-//! misbehave on purpose, for testing HTTP clients (smolkit's and yours).
+//! `ChaosServer`: a real HTTP and WebSocket server on `127.0.0.1:0` with
+//! routes that misbehave on purpose, for testing clients (smolkit's and
+//! yours).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -21,7 +22,9 @@ use event_listener::Event;
 use futures_lite::FutureExt;
 use smol_hyper::rt::{FuturesIo, SmolTimer};
 
+use super::chaos_ws::{WsRecord, WsState, upgrade};
 use crate::http::hyper::MaybeTls;
+use crate::ws::Message;
 use crate::http::{Body, Error as HttpError};
 use crate::runtime::{Spawn, SpawnExt, default_spawner};
 use crate::sync::lock_std as lock;
@@ -65,6 +68,19 @@ pub struct RequestRecord {
 /// | `GET /slow/{n}?bps=B` | `n` bytes at `B` bytes per second (default 1024), in tenth-of-a-second chunks |
 /// | `GET /redirect/{n}` | 302 to `/redirect/{n-1}`; `/redirect/0` answers 200 `done` |
 /// | `ANY /redirect-to?url=U&status=S` | `S` (default 302) with `Location: U` |
+/// | `GET /ws` (WebSocket) | echoes each text or binary message; the options below combine |
+/// | `/ws?mode=broadcast` | each message goes to every connection in broadcast mode (the sender too) instead of an echo |
+/// | `/ws?ack=1` | answers `{"type":"ack","id":..}` for every envelope with an `id` (batch and compressed frames decoded); `echo=0` turns the echo off |
+/// | `/ws?drop_after=N&drops=D&key=K` | drops the connection (no close frame) on receiving its `N`th message, before answering it; with `drops`, only the first `D` connections using key `K` |
+/// | `/ws?mute_after=N` (or `mute=1`) | stops reading after `N` messages (0 at once): pings go unanswered |
+/// | `/ws?refuse=N&key=K&status=S&retry_after=R` | the first `N` handshakes with key `K` answer `S` (default 503) with `Retry-After: R` |
+///
+/// The WebSocket side logs what it receives
+/// ([`ws_messages`](ChaosServer::ws_messages)), can drop every connection
+/// ([`drop_ws_connections`](ChaosServer::drop_ws_connections)) or push to
+/// all of them ([`ws_send_all`](ChaosServer::ws_send_all)); on
+/// [`shutdown`](ChaosServer::shutdown) it closes them with 1001 (going
+/// away).
 ///
 /// Unknown routes answer 404.
 ///
@@ -89,7 +105,7 @@ pub struct ChaosServer {
     state: Arc<State>,
 }
 
-struct State {
+pub(crate) struct State {
     files: HashMap<String, Bytes>,
     dir: Option<PathBuf>,
     log: Mutex<Vec<RequestRecord>>,
@@ -97,9 +113,11 @@ struct State {
     accepted: AtomicU64,
     open: AtomicUsize,
     max_open: AtomicUsize,
-    stop: Event,
-    stopped: std::sync::atomic::AtomicBool,
+    pub(crate) stop: Event,
+    pub(crate) stopped: std::sync::atomic::AtomicBool,
     started: SystemTime,
+    pub(crate) spawner: Arc<dyn Spawn>,
+    pub(crate) ws: WsState,
 }
 
 /// Configures a [`ChaosServer`].
@@ -185,6 +203,8 @@ impl ChaosBuilder {
             stop: Event::new(),
             stopped: std::sync::atomic::AtomicBool::new(false),
             started: SystemTime::now(),
+            spawner: self.spawner.clone(),
+            ws: WsState::default(),
         });
         let spawner = self.spawner.clone();
         let accept_state = state.clone();
@@ -247,10 +267,45 @@ impl ChaosServer {
         lock(&self.state.log).clone()
     }
 
-    /// Forgets the request log and the flaky routes' counts.
+    /// Forgets the request log, the flaky routes' counts, the WebSocket
+    /// message log and its refusal and drop counts.
     pub fn reset(&self) {
         lock(&self.state.log).clear();
         lock(&self.state.flaky).clear();
+        self.state.ws.clear();
+    }
+
+    /// `ws://127.0.0.1:{port}{path}` (`wss` in TLS mode).
+    pub fn ws_url(&self, path: &str) -> String {
+        let scheme = if self.tls { "wss" } else { "ws" };
+        format!("{scheme}://{}{path}", self.addr)
+    }
+
+    /// Every data message the WebSocket endpoint received, in order.
+    pub fn ws_messages(&self) -> Vec<WsRecord> {
+        self.state.ws.messages()
+    }
+
+    /// WebSocket connections accepted so far.
+    pub fn ws_connections(&self) -> u64 {
+        self.state.ws.accepted()
+    }
+
+    /// WebSocket connections open now.
+    pub fn ws_open_connections(&self) -> usize {
+        self.state.ws.open()
+    }
+
+    /// Drops every open WebSocket connection at once, without a close
+    /// frame (as a crashed proxy would).
+    pub fn drop_ws_connections(&self) {
+        self.state.ws.drop_all();
+    }
+
+    /// Sends `message` to every open WebSocket connection; returns how
+    /// many took it.
+    pub fn ws_send_all(&self, message: impl Into<Message>) -> usize {
+        self.state.ws.send_all(message.into())
     }
 
     /// Connections accepted so far.
@@ -380,13 +435,14 @@ async fn serve_connection(io: ServerIo, state: Arc<State>, id: u64, raw: TcpStre
         .timer(SmolTimer::new())
         .keep_alive(true)
         .serve_connection(FuturesIo::new(io), service)
+        .with_upgrades()
         .await;
     if let Err(e) = result {
         tracing::trace!(error = %e, "chaos connection ended");
     }
 }
 
-fn text(status: u16, body: impl Into<Bytes>) -> Response<Body> {
+pub(crate) fn text(status: u16, body: impl Into<Bytes>) -> Response<Body> {
     let mut r = Response::new(Body::from_bytes(body.into()));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     r
@@ -405,7 +461,7 @@ fn query(req: &Request<hyper::body::Incoming>) -> HashMap<String, String> {
 
 async fn route(
     req: Request<hyper::body::Incoming>,
-    state: &State,
+    state: &Arc<State>,
     connection: u64,
     raw: &TcpStream,
 ) -> Response<Body> {
@@ -424,6 +480,7 @@ async fn route(
     let segments: Vec<&str> = path.trim_start_matches('/').splitn(2, '/').collect();
     match (segments[0], segments.get(1).copied()) {
         ("echo", _) => echo(req).await,
+        ("ws", None) => upgrade(req, state, &q),
         ("status", Some(code)) => match code.parse::<u16>() {
             Ok(c) if (200..600).contains(&c) => {
                 let mut r = text(c, format!("status {c}"));
@@ -744,4 +801,4 @@ fn parse_range(value: &str, len: u64) -> Option<(u64, u64)> {
     (start <= end && start < len).then_some((start, end))
 }
 
-type ServerIo = MaybeTls<futures_rustls::server::TlsStream<TcpStream>>;
+pub(crate) type ServerIo = MaybeTls<futures_rustls::server::TlsStream<TcpStream>>;

@@ -5,7 +5,9 @@
 //! tests do.
 
 mod chaos;
+mod chaos_ws;
 mod clock;
 
 pub use chaos::{ChaosBuilder, ChaosServer, RequestRecord, pattern};
+pub use chaos_ws::WsRecord;
 pub use clock::ManualClock;

@@ -1,0 +1,247 @@
+//! The outbox: messages waiting for a socket, and messages written but not
+//! yet confirmed (by a pong, or by the server's ack in at-least-once mode).
+
+use std::collections::VecDeque;
+use std::time::Instant;
+
+use super::message::Frame;
+
+/// What to do when a message does not fit in the outbox.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Overflow {
+    /// `send` waits for room (`try_send` returns [`SendError::Full`](super::SendError::Full)).
+    #[default]
+    Wait,
+    /// The oldest message is dropped (counted in
+    /// [`SessionStats::dropped`](super::SessionStats::dropped) and reported
+    /// in a [`EventKind::Dropped`](super::EventKind::Dropped) event).
+    DropOldest,
+    /// `send` returns [`SendError::Full`](super::SendError::Full) with the
+    /// message.
+    Error,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Entry {
+    pub(crate) frame: Frame,
+    pub(crate) id: Option<String>,
+    /// An envelope (JSON), so it may share a batch frame.
+    pub(crate) batchable: bool,
+    pub(crate) at: Instant,
+}
+
+impl Entry {
+    fn size(&self) -> usize {
+        self.frame.data.len()
+    }
+}
+
+#[derive(Debug)]
+pub(crate) struct Outbox {
+    pub(crate) pending: VecDeque<Entry>,
+    /// Written, waiting for confirmation: (write sequence number, entry).
+    pub(crate) inflight: VecDeque<(u64, Entry)>,
+    bytes: usize,
+    pub(crate) max_messages: usize,
+    pub(crate) max_bytes: usize,
+    pub(crate) closed: bool,
+}
+
+/// Why a push did not take the entry.
+pub(crate) enum Refused {
+    Full(Entry),
+    Closed(Entry),
+    TooLarge(usize, usize),
+}
+
+impl Outbox {
+    pub(crate) fn new(max_messages: usize, max_bytes: usize) -> Self {
+        Outbox {
+            pending: VecDeque::new(),
+            inflight: VecDeque::new(),
+            bytes: 0,
+            max_messages,
+            max_bytes,
+            closed: false,
+        }
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.pending.len() + self.inflight.len()
+    }
+
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    fn fits(&self, size: usize) -> bool {
+        self.len() < self.max_messages && self.bytes + size <= self.max_bytes
+    }
+
+    /// Adds `entry` if it fits; with `drop_oldest`, makes room first and
+    /// returns how many entries were dropped.
+    pub(crate) fn push(&mut self, entry: Entry, drop_oldest: bool) -> Result<Vec<Entry>, Refused> {
+        if self.closed {
+            return Err(Refused::Closed(entry));
+        }
+        let size = entry.size();
+        if size > self.max_bytes {
+            return Err(Refused::TooLarge(size, self.max_bytes));
+        }
+        let mut dropped = Vec::new();
+        while !self.fits(size) {
+            if !drop_oldest {
+                return Err(Refused::Full(entry));
+            }
+            let oldest = match self.pending.pop_front() {
+                Some(e) => e,
+                None => match self.inflight.pop_front() {
+                    Some((_, e)) => e,
+                    None => break,
+                },
+            };
+            self.bytes -= oldest.size();
+            dropped.push(oldest);
+        }
+        self.bytes += size;
+        self.pending.push_back(entry);
+        Ok(dropped)
+    }
+
+    /// Moves `n` pending entries from the front to in-flight under `seq`.
+    pub(crate) fn mark_written(&mut self, taken: Vec<Entry>, seq: u64) {
+        for e in taken {
+            self.inflight.push_back((seq, e));
+        }
+    }
+
+    /// Takes up to `max` pending entries (and `max_bytes`) from the front:
+    /// consecutive batchable ones, or a single other one.
+    pub(crate) fn take(&mut self, max: usize, max_bytes: usize) -> Vec<Entry> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while let Some(front) = self.pending.front() {
+            if !out.is_empty()
+                && (!front.batchable || out.len() >= max || bytes + front.size() > max_bytes)
+            {
+                break;
+            }
+            let batchable = front.batchable;
+            bytes += front.size();
+            out.extend(self.pending.pop_front());
+            if !batchable {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Releases in-flight entries written at or before `seq` (a pong
+    /// confirmed them). Returns how many.
+    pub(crate) fn confirm_through(&mut self, seq: u64) -> usize {
+        let mut n = 0;
+        while self.inflight.front().is_some_and(|(s, _)| *s <= seq) {
+            if let Some((_, e)) = self.inflight.pop_front() {
+                self.bytes -= e.size();
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// Releases the in-flight entry with this id (an ack). Acks usually
+    /// come in order, so the front is checked first.
+    pub(crate) fn ack(&mut self, id: &str) -> bool {
+        let pos = self
+            .inflight
+            .iter()
+            .position(|(_, e)| e.id.as_deref() == Some(id));
+        match pos.and_then(|i| self.inflight.remove(i)) {
+            Some((_, e)) => {
+                self.bytes -= e.size();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Every in-flight entry, released (reported as unconfirmed).
+    pub(crate) fn drain_inflight(&mut self) -> Vec<Entry> {
+        let out: Vec<Entry> = self.inflight.drain(..).map(|(_, e)| e).collect();
+        self.bytes -= out.iter().map(Entry::size).sum::<usize>();
+        out
+    }
+
+    /// Puts every in-flight entry back in front of the pending ones, in
+    /// order (at-least-once resend). Returns how many.
+    pub(crate) fn requeue_inflight(&mut self) -> usize {
+        let n = self.inflight.len();
+        while let Some((_, e)) = self.inflight.pop_back() {
+            self.pending.push_front(e);
+        }
+        n
+    }
+
+    /// Everything left, pending first... in order; the outbox is closed.
+    pub(crate) fn close(&mut self) -> (Vec<Entry>, Vec<Entry>) {
+        self.closed = true;
+        let inflight = self.drain_inflight();
+        let pending: Vec<Entry> = self.pending.drain(..).collect();
+        self.bytes = 0;
+        (pending, inflight)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn entry(s: &str) -> Entry {
+        Entry {
+            frame: Frame {
+                text: true,
+                data: Bytes::copy_from_slice(s.as_bytes()),
+            },
+            id: Some(s.to_owned()),
+            batchable: true,
+            at: Instant::now(),
+        }
+    }
+
+    #[test]
+    fn counts_pending_and_inflight_against_both_limits() {
+        let mut o = Outbox::new(3, 10);
+        assert!(o.push(entry("aaaa"), false).is_ok());
+        assert!(o.push(entry("bbbb"), false).is_ok());
+        assert!(matches!(o.push(entry("ccc"), false), Err(Refused::Full(_))));
+        let taken = o.take(10, 100);
+        assert_eq!(taken.len(), 2);
+        o.mark_written(taken, 1);
+        assert!(matches!(o.push(entry("ccc"), false), Err(Refused::Full(_))));
+        assert_eq!(o.confirm_through(1), 2);
+        assert!(o.push(entry("ccc"), false).is_ok());
+        assert!(matches!(o.push(entry(&"x".repeat(11)), false), Err(Refused::TooLarge(11, 10))));
+    }
+
+    #[test]
+    fn drop_oldest_makes_room_and_requeue_keeps_order() {
+        let mut o = Outbox::new(2, 100);
+        o.push(entry("1"), false).ok();
+        o.push(entry("2"), false).ok();
+        let dropped = o.push(entry("3"), true).ok().unwrap();
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].id.as_deref(), Some("1"));
+        let t = o.take(1, 100);
+        o.mark_written(t, 1);
+        assert!(o.ack("2"));
+        assert!(!o.ack("2"));
+        let t = o.take(1, 100);
+        o.mark_written(t, 2);
+        o.push(entry("4"), false).ok();
+        assert_eq!(o.requeue_inflight(), 1);
+        let ids: Vec<_> = o.pending.iter().map(|e| e.id.clone().unwrap()).collect();
+        assert_eq!(ids, ["3", "4"]);
+    }
+}
