@@ -24,7 +24,11 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 }
 
 /// The next event matching `pred` (bounded: 20 s, 10 000 events).
-fn wait_event(events: &Receiver<Event>, what: &str, pred: impl Fn(&EventKind) -> bool) -> EventKind {
+fn wait_event(
+    events: &Receiver<Event>,
+    what: &str,
+    pred: impl Fn(&EventKind) -> bool,
+) -> EventKind {
     block_on(async {
         for _ in 0..10_000 {
             let ev = events
@@ -120,7 +124,10 @@ fn compression_round_trip_and_bomb_rejected() {
         assert_eq!(recv(&session), Message::Text(big.clone()));
         // On the wire it was a small binary frame.
         let wire = server.ws_messages()[0].message.clone();
-        assert!(matches!(&wire, Message::Binary(b) if b.len() < 2_000), "{wire:?}");
+        assert!(
+            matches!(&wire, Message::Binary(b) if b.len() < 2_000),
+            "{wire:?}"
+        );
 
         // A raw frame that inflates to 64 MiB: the echo comes back and is
         // refused at the 1 MiB cap; the connection stays up.
@@ -128,7 +135,9 @@ fn compression_round_trip_and_bomb_rejected() {
             .compress_above(Some(0))
             .encode(Message::Text("a".repeat(64 << 20)));
         block_on(session.send(bomb)).unwrap();
-        match wait_event(&events, "decode failure", |k| matches!(k, EventKind::DecodeFailed { .. })) {
+        match wait_event(&events, "decode failure", |k| {
+            matches!(k, EventKind::DecodeFailed { .. })
+        }) {
             EventKind::DecodeFailed {
                 error: Error::Inflated { limit, .. },
             } => assert_eq!(limit, 1 << 20),
@@ -153,13 +162,17 @@ fn an_incoming_message_over_the_limit_drops_the_connection() {
         .unwrap();
         let events = session.events();
         assert_eq!(server.ws_send_all("x".repeat(2048)), 1);
-        match wait_event(&events, "disconnect", |k| matches!(k, EventKind::Disconnected { .. })) {
+        match wait_event(&events, "disconnect", |k| {
+            matches!(k, EventKind::Disconnected { .. })
+        }) {
             EventKind::Disconnected { error } => {
                 assert!(error.to_string().contains("too long"), "{error}")
             }
             other => panic!("{other:?}"),
         }
-        wait_event(&events, "reconnect", |k| matches!(k, EventKind::Connected { .. }));
+        wait_event(&events, "reconnect", |k| {
+            matches!(k, EventKind::Connected { .. })
+        });
         block_on(session.send("small")).unwrap();
         assert_eq!(recv(&session), Message::Text("small".into()));
     });
@@ -242,18 +255,25 @@ fn heartbeat_finds_a_dead_peer_on_the_manual_clock() {
         clock.advance(Duration::from_secs(9));
         assert_eq!(muted.state(), State::Connected);
         clock.advance(Duration::from_secs(1));
-        match wait_event(&events, "disconnect", |k| matches!(k, EventKind::Disconnected { .. })) {
+        match wait_event(&events, "disconnect", |k| {
+            matches!(k, EventKind::Disconnected { .. })
+        }) {
             EventKind::Disconnected {
                 error: Error::PongTimeout { after },
             } => assert_eq!(after, s10),
             other => panic!("{other:?}"),
         }
-        match wait_event(&events, "reconnecting", |k| matches!(k, EventKind::Reconnecting { .. })) {
+        match wait_event(&events, "reconnecting", |k| {
+            matches!(k, EventKind::Reconnecting { .. })
+        }) {
             EventKind::Reconnecting {
                 attempt,
                 delay,
                 retry_after,
-            } => assert_eq!((attempt, delay, retry_after), (1, Duration::from_secs(1), false)),
+            } => assert_eq!(
+                (attempt, delay, retry_after),
+                (1, Duration::from_secs(1), false)
+            ),
             other => panic!("{other:?}"),
         }
         assert_eq!(muted.stats().pongs, 0);
@@ -271,7 +291,12 @@ fn server_restart_flushes_the_outbox_in_order() {
             fast(&server.ws_url("/ws"))
                 .on_connect(move |info| {
                     h.fetch_add(1, Ordering::SeqCst);
-                    async move { Ok(vec![Message::Text(format!("subscribe #{}", info.connection))]) }
+                    async move {
+                        Ok(vec![Message::Text(format!(
+                            "subscribe #{}",
+                            info.connection
+                        ))])
+                    }
                 })
                 .connect(),
         )
@@ -279,7 +304,9 @@ fn server_restart_flushes_the_outbox_in_order() {
         let events = session.events();
         eventually("the subscription", || texts(&server) == ["subscribe #1"]);
         server.shutdown();
-        match wait_event(&events, "disconnect", |k| matches!(k, EventKind::Disconnected { .. })) {
+        match wait_event(&events, "disconnect", |k| {
+            matches!(k, EventKind::Disconnected { .. })
+        }) {
             EventKind::Disconnected { error } => {
                 assert!(error.to_string().contains("1001"), "going away: {error}")
             }
@@ -294,7 +321,11 @@ fn server_restart_flushes_the_outbox_in_order() {
         eventually("all 50 after the restart", || texts(&server).len() == 51);
         let mut expected = vec!["subscribe #2".to_owned()];
         expected.extend((0..50).map(|i| format!("m{i}")));
-        assert_eq!(texts(&server), expected, "hook first, then the outbox in order");
+        assert_eq!(
+            texts(&server),
+            expected,
+            "hook first, then the outbox in order"
+        );
         assert_eq!(hooked.load(Ordering::SeqCst), 2);
         assert_eq!(session.stats().reconnects, 1);
     });
@@ -344,7 +375,10 @@ fn overflow_error_and_drop_oldest_while_disconnected() {
         }
         assert_eq!(drop.stats().dropped, 2);
         assert!(matches!(
-            wait_event(&events, "dropped", |k| matches!(k, EventKind::Dropped { .. })),
+            wait_event(&events, "dropped", |k| matches!(
+                k,
+                EventKind::Dropped { .. }
+            )),
             EventKind::Dropped { count: 1 }
         ));
         let report = block_on(drop.close());
@@ -373,7 +407,9 @@ fn overflow_wait_blocks_until_the_connection_drains_the_outbox() {
         assert!(matches!(session.try_send("w2"), Err(SendError::Full(_))));
         let s = session.clone();
         let waiting = std::thread::spawn(move || block_on(s.send("w2")));
-        wait_event(&events, "reconnecting", |k| matches!(k, EventKind::Reconnecting { .. }));
+        wait_event(&events, "reconnecting", |k| {
+            matches!(k, EventKind::Reconnecting { .. })
+        });
         let server = block_on(ChaosServer::builder().bind(addr).start()).unwrap();
         clock.advance(Duration::from_secs(1));
         waiting.join().unwrap().unwrap();
@@ -394,7 +430,9 @@ fn at_least_once_resends_what_was_not_acked() {
             let id = block_on(session.send_envelope(Envelope::new("order", i))).unwrap();
             ids.push(id.expect("an id in at-least-once mode"));
         }
-        wait_event(&events, "resend", |k| matches!(k, EventKind::Resending { .. }));
+        wait_event(&events, "resend", |k| {
+            matches!(k, EventKind::Resending { .. })
+        });
         eventually("every message acked", || session.stats().acked == 10);
         assert_eq!(session.stats().queued, 0);
         let seen: Vec<String> = texts(&server)
@@ -442,7 +480,9 @@ fn unconfirmed_messages_of_a_dead_socket_are_reported() {
         clock.advance(Duration::from_secs(20));
         eventually("pong deadline", || clock.sleepers() == 2);
         clock.advance(Duration::from_secs(10));
-        match wait_event(&events, "unconfirmed", |k| matches!(k, EventKind::Unconfirmed { .. })) {
+        match wait_event(&events, "unconfirmed", |k| {
+            matches!(k, EventKind::Unconfirmed { .. })
+        }) {
             EventKind::Unconfirmed { messages } => assert_eq!(
                 messages,
                 ["u0", "u1", "u2"].map(|s| Message::Text(s.into()))
@@ -509,7 +549,13 @@ fn handshake_retry_after_sets_the_delay_and_give_up_ends_the_session() {
         match report.error {
             Some(Error::GaveUp { attempts, last }) => {
                 assert_eq!(attempts, 2);
-                assert!(matches!(*last, Error::Handshake { status: Some(503), .. }));
+                assert!(matches!(
+                    *last,
+                    Error::Handshake {
+                        status: Some(503),
+                        ..
+                    }
+                ));
             }
             other => panic!("{other:?}"),
         }
@@ -557,10 +603,7 @@ fn twenty_forced_disconnects_lose_nothing() {
 fn pool_spreads_sends_and_each_session_reconnects_alone() {
     within(|| {
         let server = block_on(ChaosServer::start()).unwrap();
-        let pool = block_on(
-            Pool::builder(fast(&server.ws_url("/ws")), 3).connect(),
-        )
-        .unwrap();
+        let pool = block_on(Pool::builder(fast(&server.ws_url("/ws")), 3).connect()).unwrap();
         for i in 0..9 {
             block_on(pool.send(format!("p{i}"))).unwrap();
         }
@@ -569,7 +612,11 @@ fn pool_spreads_sends_and_each_session_reconnects_alone() {
             .collect();
         got.sort();
         assert_eq!(got.len(), 9);
-        assert!(pool.stats().iter().all(|s| s.sent == 3), "{:?}", pool.stats());
+        assert!(
+            pool.stats().iter().all(|s| s.sent == 3),
+            "{:?}",
+            pool.stats()
+        );
         let mut per_conn = std::collections::HashMap::new();
         for r in server.ws_messages() {
             *per_conn.entry(r.connection).or_insert(0) += 1;
@@ -577,13 +624,20 @@ fn pool_spreads_sends_and_each_session_reconnects_alone() {
         assert_eq!(per_conn.len(), 3);
         assert!(per_conn.values().all(|&c| c == 3));
 
-        // Least-queued avoids a session whose outbox holds messages.
-        let events = pool.events();
         server.drop_ws_connections();
-        for _ in 0..3 {
-            wait_event(&events, "reconnect", |k| matches!(k, EventKind::Connected { .. }));
-        }
-        assert!(pool.stats().iter().all(|s| s.reconnects == 1));
+        eventually("each session reconnected", || {
+            pool.stats().iter().all(|s| s.reconnects == 1)
+        });
+        let sessions: std::collections::HashSet<usize> =
+            std::iter::from_fn(|| pool.events().try_recv().ok())
+                .filter(|e| matches!(e.kind, EventKind::Disconnected { .. }))
+                .map(|e| e.session)
+                .collect();
+        assert_eq!(
+            sessions.len(),
+            3,
+            "each session reported its own disconnect"
+        );
         let reports = block_on(pool.close());
         assert!(reports.iter().all(|r| r.error.is_none()));
 
@@ -591,12 +645,18 @@ fn pool_spreads_sends_and_each_session_reconnects_alone() {
             .strategy(Strategy::LeastQueued)
             .start()
             .unwrap();
+        // Least-queued avoids a session whose outbox holds messages.
         block_on(lq.sessions()[0].send("a")).unwrap();
+        block_on(lq.sessions()[0].send("a2")).unwrap();
         block_on(lq.send("b")).unwrap();
         block_on(lq.send("c")).unwrap();
         let queued: Vec<usize> = lq.sessions().iter().map(|s| s.queued()).collect();
-        assert_eq!(queued, [2, 1]);
-        block_on(lq.close());
+        assert_eq!(queued, [2, 2]);
+        let reports = block_on(lq.close());
+        assert_eq!(
+            reports[1].unsent,
+            ["b", "c"].map(|s| Message::Text(s.into()))
+        );
     });
 }
 
@@ -621,7 +681,9 @@ fn wss_with_the_servers_root_and_without() {
             .start()
             .unwrap();
         match block_on(untrusted.closed()).error {
-            Some(Error::GaveUp { last, .. }) => assert!(matches!(*last, Error::Tls { .. }), "{last}"),
+            Some(Error::GaveUp { last, .. }) => {
+                assert!(matches!(*last, Error::Tls { .. }), "{last}")
+            }
             other => panic!("{other:?}"),
         }
     });
@@ -641,15 +703,26 @@ fn bad_input_is_a_typed_error() {
         Session::builder("ws://127.0.0.1/ws")
             .heartbeat(Duration::ZERO, Duration::from_secs(1))
             .start(),
-        Err(Error::InvalidConfig { setting: "heartbeat", .. })
+        Err(Error::InvalidConfig {
+            setting: "heartbeat",
+            ..
+        })
     ));
     assert!(matches!(
         Session::builder("ws://127.0.0.1/ws").outbox(0, 10).start(),
-        Err(Error::InvalidConfig { setting: "outbox", .. })
+        Err(Error::InvalidConfig {
+            setting: "outbox",
+            ..
+        })
     ));
     assert!(matches!(
-        Session::builder("ws://127.0.0.1/ws").header("bad name", "v").start(),
-        Err(Error::InvalidConfig { setting: "header", .. })
+        Session::builder("ws://127.0.0.1/ws")
+            .header("bad name", "v")
+            .start(),
+        Err(Error::InvalidConfig {
+            setting: "header",
+            ..
+        })
     ));
     assert!(matches!(
         Session::builder("ws://127.0.0.1/ws").add_root_pem("nothing here"),
@@ -657,7 +730,10 @@ fn bad_input_is_a_typed_error() {
     ));
     assert!(matches!(
         Pool::builder(Session::builder("ws://127.0.0.1/ws"), 0).start(),
-        Err(Error::InvalidConfig { setting: "pool size", .. })
+        Err(Error::InvalidConfig {
+            setting: "pool size",
+            ..
+        })
     ));
     let m = Message::Text("{\"type\":1}".into());
     assert!(matches!(m.envelope::<i32>(), Err(Error::Decode { .. })));
@@ -707,7 +783,11 @@ fn python_websockets_peer() {
             }
             let big = "z".repeat(10_000);
             block_on(session.send(big.as_str())).unwrap();
-            assert_eq!(recv(&session), Message::Text(big), "inflated after the echo");
+            assert_eq!(
+                recv(&session),
+                Message::Text(big),
+                "inflated after the echo"
+            );
             // The peer pings us every 20 ms and counts our pongs.
             eventually("the peer saw our pongs", || {
                 block_on(session.send("stats")).unwrap();
@@ -718,7 +798,10 @@ fn python_websockets_peer() {
             eventually("its pongs", || session.stats().pongs >= 3);
             assert_eq!(session.stats().connections, 1);
             let report = block_on(session.close());
-            assert!(report.error.is_none() && report.unconfirmed.is_empty(), "{report:?}");
+            assert!(
+                report.error.is_none() && report.unconfirmed.is_empty(),
+                "{report:?}"
+            );
         });
         let _ = child.kill();
         let _ = child.wait();
@@ -746,7 +829,9 @@ fn clock_is_used_for_the_connect_timeout() {
         clock.advance(Duration::from_secs(3));
         match block_on(session.closed()).error {
             Some(Error::GaveUp { last, .. }) => {
-                assert!(matches!(*last, Error::ConnectTimeout { after, .. } if after == Duration::from_secs(3)))
+                assert!(
+                    matches!(*last, Error::ConnectTimeout { after, .. } if after == Duration::from_secs(3))
+                )
             }
             other => panic!("{other:?}"),
         }

@@ -24,10 +24,10 @@ use smol_hyper::rt::{FuturesIo, SmolTimer};
 
 use super::chaos_ws::{WsRecord, WsState, upgrade};
 use crate::http::hyper::MaybeTls;
-use crate::ws::Message;
 use crate::http::{Body, Error as HttpError};
 use crate::runtime::{Spawn, SpawnExt, default_spawner};
 use crate::sync::lock_std as lock;
+use crate::ws::Message;
 
 /// One request the server received, for tests to assert on.
 #[derive(Debug, Clone)]

@@ -332,7 +332,7 @@ async fn send_acks(
             continue;
         };
         if let Some(id) = value.get("id") {
-            let ack = serde_json::json!({"type": "ack", "id": id}).to_string();
+            let ack = format!(r#"{{"type":"ack","id":{id}}}"#);
             ws.send(WsMessage::Text(Utf8Bytes::from(ack))).await?;
         }
     }

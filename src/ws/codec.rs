@@ -11,8 +11,8 @@ use flate2::write::ZlibEncoder;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use super::message::{Frame, Message, now_millis};
 use super::Error;
+use super::message::{Frame, Message, now_millis};
 
 /// The prefix every batch frame starts with (the encoder writes exactly
 /// this, so the receiver recognises a batch without parsing other frames).
@@ -127,9 +127,7 @@ impl Codec {
             .iter()
             .map(|m| Bytes::copy_from_slice(m.as_bytes()))
             .collect();
-        Ok(self
-            .encode_frame(batch_frame(frames.iter()))
-            .into_message())
+        Ok(self.encode_frame(batch_frame(frames.iter())).into_message())
     }
 
     /// The messages a received frame holds: inflated if compressed, split

@@ -127,7 +127,9 @@ impl Error {
 impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Error::InvalidUrl { url, reason } => write!(f, "invalid WebSocket URL {url:?}: {reason}"),
+            Error::InvalidUrl { url, reason } => {
+                write!(f, "invalid WebSocket URL {url:?}: {reason}")
+            }
             Error::UnsupportedScheme { url, scheme } => write!(
                 f,
                 "unsupported scheme {scheme:?} in {url:?} (expected ws or wss)"
@@ -214,7 +216,9 @@ impl SendError {
 impl fmt::Display for SendError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            SendError::Full(m) => write!(f, "the outbox is full ({} byte message refused)", m.len()),
+            SendError::Full(m) => {
+                write!(f, "the outbox is full ({} byte message refused)", m.len())
+            }
             SendError::Closed(_) => f.write_str("the session is closed"),
             SendError::TooLarge { size, limit } => write!(
                 f,

@@ -222,7 +222,10 @@ mod tests {
         assert!(matches!(o.push(entry("ccc"), false), Err(Refused::Full(_))));
         assert_eq!(o.confirm_through(1), 2);
         assert!(o.push(entry("ccc"), false).is_ok());
-        assert!(matches!(o.push(entry(&"x".repeat(11)), false), Err(Refused::TooLarge(11, 10))));
+        assert!(matches!(
+            o.push(entry(&"x".repeat(11)), false),
+            Err(Refused::TooLarge(11, 10))
+        ));
     }
 
     #[test]

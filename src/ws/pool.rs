@@ -7,8 +7,8 @@ use serde::Serialize;
 
 use super::session::Channels;
 use super::{
-    CloseReport, Envelope, Error, Event, Message, SendError, Session, SessionBuilder,
-    SessionStats, State,
+    CloseReport, Envelope, Error, Event, Message, SendError, Session, SessionBuilder, SessionStats,
+    State,
 };
 
 /// How a [`Pool`] picks the session for a send.

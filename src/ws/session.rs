@@ -13,15 +13,15 @@ use async_channel::{Receiver, Sender};
 use async_net::TcpStream;
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::{
-    self, Message as WsMessage, Utf8Bytes, client::IntoClientRequest,
-    protocol::CloseFrame, protocol::WebSocketConfig, protocol::frame::coding::CloseCode,
+    self, Message as WsMessage, Utf8Bytes, client::IntoClientRequest, protocol::CloseFrame,
+    protocol::WebSocketConfig, protocol::frame::coding::CloseCode,
 };
 use atomic_waker::AtomicWaker;
 use bytes::Bytes;
 use event_listener::Event as Notify;
 use futures_lite::FutureExt;
-use futures_sink::Sink;
 use futures_lite::Stream;
+use futures_sink::Sink;
 use rustls::pki_types::{CertificateDer, ServerName};
 use serde::{Deserialize, Serialize};
 
@@ -525,7 +525,10 @@ impl SessionBuilder {
             return bad("batching", "the window and the count must be above zero");
         }
         if self.incoming_capacity == 0 || self.events_capacity == 0 {
-            return bad("capacity", "incoming and event capacities must be above zero");
+            return bad(
+                "capacity",
+                "incoming and event capacities must be above zero",
+            );
         }
         if self.backoff.build().is_err() {
             return bad("reconnect", "the backoff does not build");
@@ -534,7 +537,10 @@ impl SessionBuilder {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err()
                 || http::HeaderValue::from_str(value).is_err()
             {
-                return bad("header", &format!("{name:?}: {value:?} is not a valid header"));
+                return bad(
+                    "header",
+                    &format!("{name:?}: {value:?} is not a valid header"),
+                );
             }
         }
         Ok(target)
@@ -655,7 +661,9 @@ impl Target {
                 });
             }
         };
-        let port = url.port_or_known_default().unwrap_or(if tls { 443 } else { 80 });
+        let port = url
+            .port_or_known_default()
+            .unwrap_or(if tls { 443 } else { 80 });
         Ok(Target {
             url: url.to_string(),
             host,
@@ -914,7 +922,11 @@ impl Session {
                 if !dropped.is_empty() {
                     let n = dropped.len();
                     bump(&shared.counters.dropped, n as u64);
-                    tracing::debug!(session = shared.index, dropped = n, "ws outbox full: dropped the oldest");
+                    tracing::debug!(
+                        session = shared.index,
+                        dropped = n,
+                        "ws outbox full: dropped the oldest"
+                    );
                     shared.emit(EventKind::Dropped { count: n });
                 }
                 Ok(())
@@ -1054,7 +1066,10 @@ impl Driver {
         shared.space.notify(usize::MAX);
         let report = CloseReport {
             error: error.clone(),
-            unsent: pending.into_iter().map(|e| e.frame.into_message()).collect(),
+            unsent: pending
+                .into_iter()
+                .map(|e| e.frame.into_message())
+                .collect(),
             unconfirmed: inflight
                 .into_iter()
                 .map(|e| e.frame.into_message())
@@ -1098,15 +1113,18 @@ impl Driver {
             let failure = match opened {
                 None => return None,
                 Some(Ok(ws)) => {
-                    let connection = shared.counters.connections.fetch_add(1, Ordering::Relaxed) + 1;
+                    let connection =
+                        shared.counters.connections.fetch_add(1, Ordering::Relaxed) + 1;
                     attempt = 0;
                     backoff.reset();
                     match self.serve(ws, connection).await {
                         End::Closed => return None,
                         End::Dead(error) => {
                             tracing::info!(session = shared.index, error = %error, "ws disconnected");
+                            shared.emit(EventKind::Disconnected {
+                                error: error.clone(),
+                            });
                             self.after_disconnect();
-                            shared.emit(EventKind::Disconnected { error: error.clone() });
                             down_since = clock.now();
                             error
                         }
@@ -1221,14 +1239,14 @@ impl Driver {
             } else {
                 MaybeTls::Plain(tcp)
             };
-            let mut request = t
-                .url
-                .as_str()
-                .into_client_request()
-                .map_err(|e| Error::InvalidUrl {
-                    url: t.url.clone(),
-                    reason: e.to_string(),
-                })?;
+            let mut request =
+                t.url
+                    .as_str()
+                    .into_client_request()
+                    .map_err(|e| Error::InvalidUrl {
+                        url: t.url.clone(),
+                        reason: e.to_string(),
+                    })?;
             for (name, value) in &self.config.headers {
                 if let (Ok(n), Ok(v)) = (
                     http::HeaderName::from_bytes(name.as_bytes()),
@@ -1337,7 +1355,9 @@ fn handshake_error(url: &str, e: tungstenite::Error) -> Error {
                 url: url.to_owned(),
                 status: Some(status),
                 retry_after,
-                reason: format!("the server answered {status} {body}").trim_end().to_owned(),
+                reason: format!("the server answered {status} {body}")
+                    .trim_end()
+                    .to_owned(),
             }
         }
         tungstenite::Error::Io(io) => Error::Connection {
@@ -1372,10 +1392,15 @@ async fn send_now(ws: &mut WsStream, msg: WsMessage) -> Result<(), tungstenite::
 
 #[derive(Deserialize)]
 struct AckIn {
+    #[serde(rename = "type")]
+    kind: String,
     id: serde_json::Value,
 }
 
-const ACK_PREFIX: &[u8] = br#"{"type":"ack""#;
+/// A frame that may be an ack: short, with `"ack"` in it (then parsed).
+fn maybe_ack(data: &[u8]) -> bool {
+    data.len() <= 512 && data.windows(5).any(|w| w == b"\"ack\"")
+}
 
 type Stall = Pin<Box<dyn Future<Output = ()> + Send>>;
 
@@ -1537,11 +1562,9 @@ impl Conn<'_> {
                     continue;
                 }
                 WsMessage::Close(frame) => {
-                    self.server_close = Some(
-                        frame.map_or((1005, String::new()), |f| {
-                            (u16::from(f.code), f.reason.as_str().to_owned())
-                        }),
-                    );
+                    self.server_close = Some(frame.map_or((1005, String::new()), |f| {
+                        (u16::from(f.code), f.reason.as_str().to_owned())
+                    }));
                     self.needs_flush = true;
                     continue;
                 }
@@ -1568,7 +1591,9 @@ impl Conn<'_> {
         }
         match &self.server_close {
             Some((code, reason)) => End::Dead(Error::Connection {
-                reason: format!("closed by the server: {code} {reason}").trim_end().to_owned(),
+                reason: format!("closed by the server: {code} {reason}")
+                    .trim_end()
+                    .to_owned(),
             }),
             None => End::Dead(Error::Connection {
                 reason: "the connection closed without a close frame".into(),
@@ -1578,8 +1603,10 @@ impl Conn<'_> {
 
     fn deliver(&mut self, frame: Frame) {
         let shared = &*self.driver.shared;
-        if shared.at_least_once && frame.text && frame.data.starts_with(ACK_PREFIX) {
-            if let Ok(ack) = serde_json::from_slice::<AckIn>(&frame.data) {
+        if shared.at_least_once && frame.text && maybe_ack(&frame.data) {
+            if let Ok(ack) = serde_json::from_slice::<AckIn>(&frame.data)
+                && ack.kind == "ack"
+            {
                 let id = match ack.id {
                     serde_json::Value::String(s) => s,
                     other => other.to_string(),
@@ -1592,7 +1619,12 @@ impl Conn<'_> {
             }
         }
         self.decoded.clear();
-        if let Err(error) = self.driver.config.codec.decode_frame(frame, &mut self.decoded) {
+        if let Err(error) = self
+            .driver
+            .config
+            .codec
+            .decode_frame(frame, &mut self.decoded)
+        {
             bump(&shared.counters.decode_errors, 1);
             tracing::warn!(session = shared.index, error = %error, "ws frame discarded");
             shared.emit(EventKind::DecodeFailed { error });
