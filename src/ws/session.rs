@@ -1603,20 +1603,21 @@ impl Conn<'_> {
 
     fn deliver(&mut self, frame: Frame) {
         let shared = &*self.driver.shared;
-        if shared.at_least_once && frame.text && maybe_ack(&frame.data) {
-            if let Ok(ack) = serde_json::from_slice::<AckIn>(&frame.data)
-                && ack.kind == "ack"
-            {
-                let id = match ack.id {
-                    serde_json::Value::String(s) => s,
-                    other => other.to_string(),
-                };
-                if lock(&shared.outbox).ack(&id) {
-                    bump(&shared.counters.acked, 1);
-                    shared.space.notify(1);
-                }
-                return;
+        if shared.at_least_once
+            && frame.text
+            && maybe_ack(&frame.data)
+            && let Ok(ack) = serde_json::from_slice::<AckIn>(&frame.data)
+            && ack.kind == "ack"
+        {
+            let id = match ack.id {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            };
+            if lock(&shared.outbox).ack(&id) {
+                bump(&shared.counters.acked, 1);
+                shared.space.notify(1);
             }
+            return;
         }
         self.decoded.clear();
         if let Err(error) = self
