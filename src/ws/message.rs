@@ -153,7 +153,7 @@ impl fmt::Debug for Frame {
 /// ```
 /// use smolkit::ws::Envelope;
 ///
-/// let env = Envelope::new("chat", "hello").with_id("7");
+/// let env = Envelope::new("chat", "hello".to_owned()).with_id("7");
 /// let json = serde_json::to_string(&env).unwrap();
 /// assert!(json.starts_with(r#"{"type":"chat","payload":"hello","timestamp":"#));
 /// let back: Envelope<String> = serde_json::from_str(&json).unwrap();
