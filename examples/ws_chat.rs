@@ -59,7 +59,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     EventKind::Reconnecting { delay, .. } => {
                         println!("  ~ reconnecting in {} ms", delay.as_millis())
                     }
-                    EventKind::Connected { connection } => println!("  + connected (#{connection})"),
+                    EventKind::Connected { connection } => {
+                        println!("  + connected (#{connection})")
+                    }
                     EventKind::Resending { count } => println!("  ~ resending {count} unacked"),
                     EventKind::Closed { .. } => break,
                     _ => {}
@@ -127,7 +129,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             report.unsent.len() + report.unconfirmed.len(),
         );
         let in_order: Vec<String> = (1..=n).map(|i| i.to_string()).collect();
-        assert_eq!(first_seen, in_order, "every message arrived, first arrivals in order");
+        assert_eq!(
+            first_seen, in_order,
+            "every message arrived, first arrivals in order"
+        );
         assert_eq!(stats.connections, 3, "dropped twice, reconnected twice");
         assert_eq!(joins, 3, "the hook joined on every connection");
         assert!(report.unsent.is_empty() && report.unconfirmed.is_empty());
