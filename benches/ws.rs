@@ -45,7 +45,13 @@ struct Setup {
 fn setup() -> Setup {
     let rt = Runtime::builder().threads(1).build().unwrap();
     let spawner: Arc<dyn Spawn> = Arc::new(rt.handle());
-    let server = smol::block_on(ChaosServer::builder().spawner(spawner.clone()).start()).unwrap();
+    let server = smol::block_on(
+        ChaosServer::builder()
+            .spawner(spawner.clone())
+            .ws_log_limit(0)
+            .start(),
+    )
+    .unwrap();
     Setup {
         _rt: rt,
         spawner,
@@ -189,7 +195,10 @@ fn restart_once(
     // The old listener closes when its accept task sees the shutdown.
     let mut started = None;
     for _ in 0..1000 {
-        let builder = ChaosServer::builder().bind(addr).spawner(s.spawner.clone());
+        let builder = ChaosServer::builder()
+            .bind(addr)
+            .ws_log_limit(0)
+            .spawner(s.spawner.clone());
         match smol::block_on(builder.start()) {
             Ok(server) => {
                 started = Some(server);

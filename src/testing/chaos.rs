@@ -127,6 +127,7 @@ pub struct ChaosBuilder {
     tls: bool,
     addr: SocketAddr,
     spawner: Arc<dyn Spawn>,
+    ws_log_limit: usize,
 }
 
 impl fmt::Debug for ChaosBuilder {
@@ -168,6 +169,13 @@ impl ChaosBuilder {
         self
     }
 
+    /// How many WebSocket messages [`ChaosServer::ws_messages`] keeps
+    /// (default 100 000; later ones are not logged). 0 for load tests.
+    pub fn ws_log_limit(mut self, n: usize) -> Self {
+        self.ws_log_limit = n;
+        self
+    }
+
     /// Where the server's tasks run (default: smol's global executor).
     pub fn spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
         self.spawner = spawner;
@@ -204,7 +212,7 @@ impl ChaosBuilder {
             stopped: std::sync::atomic::AtomicBool::new(false),
             started: SystemTime::now(),
             spawner: self.spawner.clone(),
-            ws: WsState::default(),
+            ws: WsState::new(self.ws_log_limit),
         });
         let spawner = self.spawner.clone();
         let accept_state = state.clone();
@@ -233,6 +241,7 @@ impl ChaosServer {
             tls: false,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             spawner: default_spawner(),
+            ws_log_limit: 100_000,
         }
     }
 

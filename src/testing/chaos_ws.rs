@@ -33,9 +33,9 @@ pub struct WsRecord {
     pub message: Message,
 }
 
-#[derive(Default)]
 pub(crate) struct WsState {
     log: std::sync::Mutex<Vec<WsRecord>>,
+    log_limit: usize,
     refusals: std::sync::Mutex<HashMap<String, u64>>,
     keys: std::sync::Mutex<HashMap<String, u64>>,
     peers: std::sync::Mutex<HashMap<u64, Peer>>,
@@ -60,6 +60,20 @@ struct Options {
 }
 
 impl WsState {
+    pub(crate) fn new(log_limit: usize) -> Self {
+        WsState {
+            log: Default::default(),
+            log_limit,
+            refusals: Default::default(),
+            keys: Default::default(),
+            peers: Default::default(),
+            accepted: AtomicU64::new(0),
+            open: AtomicUsize::new(0),
+            generation: AtomicU64::new(0),
+            dropped: event_listener::Event::new(),
+        }
+    }
+
     pub(crate) fn messages(&self) -> Vec<WsRecord> {
         lock(&self.log).clone()
     }
@@ -271,10 +285,15 @@ async fn serve(mut ws: WebSocketStream<ServerIo>, state: Arc<State>, opt: Option
             _ => continue,
         };
         received += 1;
-        lock(&ws_state.log).push(WsRecord {
-            connection: id,
-            message: message.clone(),
-        });
+        {
+            let mut log = lock(&ws_state.log);
+            if log.len() < ws_state.log_limit {
+                log.push(WsRecord {
+                    connection: id,
+                    message: message.clone(),
+                });
+            }
+        }
         if opt.drop_after.is_some_and(|n| received >= n) {
             tracing::debug!(connection = id, received, "chaos ws drops the connection");
             break;
