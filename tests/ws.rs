@@ -567,6 +567,48 @@ fn handshake_retry_after_sets_the_delay_and_give_up_ends_the_session() {
 }
 
 #[test]
+fn give_up_after_a_deadline_without_a_connection() {
+    within(|| {
+        let server = block_on(ChaosServer::start()).unwrap();
+        let clock = ManualClock::new();
+        let session = Session::builder(&server.ws_url("/ws?refuse=99&key=deadline"))
+            .clock(Arc::new(clock.clone()))
+            .connect_timeout(None)
+            .no_heartbeat()
+            .reconnect(Backoff::constant(Duration::from_secs(2)))
+            .give_up_after(Duration::from_secs(3))
+            .start()
+            .unwrap();
+        let events = session.events();
+        // Attempt 1 fails at 0 s: waiting 2 s stays within the 3 s.
+        match wait_event(&events, "reconnecting", |k| {
+            matches!(k, EventKind::Reconnecting { .. })
+        }) {
+            EventKind::Reconnecting { attempt, delay, .. } => {
+                assert_eq!((attempt, delay), (2, Duration::from_secs(2)))
+            }
+            other => panic!("{other:?}"),
+        }
+        eventually("the wait on the clock", || clock.sleepers() == 1);
+        clock.advance(Duration::from_secs(2));
+        // Attempt 2 fails at 2 s: another 2 s would pass 3 s, so it ends.
+        match block_on(session.closed()).error {
+            Some(Error::GaveUp { attempts, .. }) => assert_eq!(attempts, 2),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(server.ws_connections(), 0);
+        assert_eq!(
+            server
+                .requests()
+                .iter()
+                .filter(|r| r.path.starts_with("/ws"))
+                .count(),
+            2
+        );
+    });
+}
+
+#[test]
 fn twenty_forced_disconnects_lose_nothing() {
     within(|| {
         let server = block_on(ChaosServer::start()).unwrap();
