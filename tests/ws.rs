@@ -680,8 +680,13 @@ fn pool_spreads_sends_and_each_session_reconnects_alone() {
             3,
             "each session reported its own disconnect"
         );
+        // One session ending leaves the others and the shared stream alive.
+        block_on(pool.sessions()[0].close());
+        block_on(pool.send("still")).unwrap();
+        assert_eq!(block_on(pool.recv()), Some(Message::Text("still".into())));
         let reports = block_on(pool.close());
         assert!(reports.iter().all(|r| r.error.is_none()));
+        assert_eq!(block_on(pool.recv()), None, "ends when every session has");
 
         let lq = Pool::builder(fast("ws://127.0.0.1:9/never"), 2)
             .strategy(Strategy::LeastQueued)

@@ -1082,7 +1082,8 @@ impl Driver {
         shared.emit(EventKind::Closed { error });
         *lock(&shared.report) = Some(report);
         shared.set_state(State::Closed);
-        self.incoming.close();
+        // NOTE: no `close()` on the incoming channel: a pool's sessions
+        // share it. It ends when the last driver drops its sender.
     }
 
     /// Returns the give-up error, or `None` when closed by the application.
