@@ -625,8 +625,13 @@ fn twenty_forced_disconnects_lose_nothing() {
         };
         for k in 1..=20u64 {
             eventually("reconnected", || session.stats().connections == k);
+            // Let this connection carry traffic before dropping it.
+            let acked = session.stats().acked;
+            eventually("progress on this connection", || {
+                let now = session.stats().acked;
+                now > acked || now == n as u64
+            });
             server.drop_ws_connections();
-            std::thread::sleep(Duration::from_millis(2));
         }
         sender.join().unwrap();
         eventually("everything acked", || session.stats().acked == n as u64);
@@ -637,7 +642,8 @@ fn twenty_forced_disconnects_lose_nothing() {
         seen.sort_unstable();
         seen.dedup();
         assert_eq!(seen, (0..n).collect::<Vec<_>>());
-        assert!(session.stats().connections >= 21);
+        // The last drop may come after the last ack: it reconnects anyway.
+        eventually("the 21st connection", || session.stats().connections >= 21);
     });
 }
 

@@ -109,11 +109,13 @@ impl Outbox {
         Ok(dropped)
     }
 
-    /// Moves `n` pending entries from the front to in-flight under `seq`.
-    pub(crate) fn mark_written(&mut self, taken: Vec<Entry>, seq: u64) {
+    /// Moves taken entries to in-flight under `seq`; returns whether the
+    /// outbox is now at least half full (time to ask for a confirmation).
+    pub(crate) fn mark_written(&mut self, taken: Vec<Entry>, seq: u64) -> bool {
         for e in taken {
             self.inflight.push_back((seq, e));
         }
+        self.inflight.len() * 2 >= self.max_messages || self.bytes * 2 >= self.max_bytes
     }
 
     /// Takes up to `max` pending entries (and `max_bytes`) from the front:
@@ -218,7 +220,7 @@ mod tests {
         assert!(matches!(o.push(entry("ccc"), false), Err(Refused::Full(_))));
         let taken = o.take(10, 100);
         assert_eq!(taken.len(), 2);
-        o.mark_written(taken, 1);
+        assert!(o.mark_written(taken, 1), "2 of 3 in flight: ask for a pong");
         assert!(matches!(o.push(entry("ccc"), false), Err(Refused::Full(_))));
         assert_eq!(o.confirm_through(1), 2);
         assert!(o.push(entry("ccc"), false).is_ok());

@@ -1745,21 +1745,15 @@ impl Conn<'_> {
             };
             let frame = config.codec.encode_frame(frame);
             self.write_seq += 1;
-            lock(&shared.outbox).mark_written(taken, self.write_seq);
+            let half_full = lock(&shared.outbox).mark_written(taken, self.write_seq);
             if let Err(e) = Pin::new(&mut self.ws).start_send(to_ws(frame)) {
                 return Some(End::Dead(Error::connection(e)));
             }
             bump(&shared.counters.sent, n as u64);
             bump(&shared.counters.frames_sent, 1);
             self.needs_flush = true;
-            if !shared.at_least_once && self.confirm_ping.is_none() {
-                let o = lock(&shared.outbox);
-                let half = o.inflight.len() * 2 >= o.max_messages;
-                let half_bytes = o.bytes() * 2 >= o.max_bytes;
-                drop(o);
-                if half || half_bytes {
-                    self.confirm_ping = Some(self.queue_ping());
-                }
+            if half_full && !shared.at_least_once && self.confirm_ping.is_none() {
+                self.confirm_ping = Some(self.queue_ping());
             }
         }
         if self.needs_flush {
