@@ -106,9 +106,10 @@ fn legacy() -> Legacy {
 
 fn hyper_client(max_per_host: usize) -> HyperClient {
     HyperClient::builder()
-        .max_connections_per_host(max_per_host)
-        .spawner(executor() as Arc<dyn Spawn>)
+        .with_max_connections_per_host(max_per_host)
+        .with_spawner(executor() as Arc<dyn Spawn>)
         .build()
+        .unwrap()
 }
 
 async fn smolkit_get(client: &dyn Client, url: &str) -> usize {

@@ -34,10 +34,10 @@ fn uncontended(c: &mut Criterion) {
 
     let ours = Semaphore::new(16);
     group.bench_function("smolkit_acquire", |b| {
-        b.iter(|| drop(ready(ours.acquire(1)).unwrap()))
+        b.iter(|| drop(ready(ours.acquire()).unwrap()))
     });
     group.bench_function("smolkit_try_acquire", |b| {
-        b.iter(|| drop(ours.try_acquire(1).unwrap()))
+        b.iter(|| drop(ours.try_acquire().unwrap()))
     });
 
     let al = async_lock::Semaphore::new(16);
@@ -97,7 +97,7 @@ fn contended(c: &mut Criterion) {
                             let sem = sem.clone();
                             ex.spawn(async move {
                                 for _ in 0..per_task {
-                                    let g = sem.acquire(1).await.unwrap();
+                                    let g = sem.acquire().await.unwrap();
                                     yield_now().await;
                                     drop(g);
                                 }

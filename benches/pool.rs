@@ -24,8 +24,8 @@ const PIPELINE_ITEMS: u64 = 100_000;
 
 fn runtime() -> Runtime {
     Runtime::builder()
-        .threads(2)
-        .monitor(false)
+        .with_threads(2)
+        .with_monitor(false)
         .build()
         .unwrap()
 }

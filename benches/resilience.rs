@@ -56,7 +56,7 @@ fn layers(c: &mut Criterion) {
 
     let sem = Semaphore::new(64);
     group.bench_function("bulkhead", |b| {
-        b.iter(|| ready(sem.run(1, noop)).unwrap().unwrap())
+        b.iter(|| ready(sem.run(noop)).unwrap().unwrap())
     });
 
     let breaker = CircuitBreaker::builder().build().unwrap();

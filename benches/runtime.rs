@@ -81,8 +81,8 @@ fn spawn_join(c: &mut Criterion) {
 
     for monitor in [true, false] {
         let rt = Runtime::builder()
-            .threads(THREADS)
-            .monitor(monitor)
+            .with_threads(THREADS)
+            .with_monitor(monitor)
             .build()
             .unwrap();
         let id = if monitor {
@@ -105,7 +105,7 @@ fn spawn_join(c: &mut Criterion) {
     }
 
     {
-        let rt = Runtime::builder().threads(THREADS).build().unwrap();
+        let rt = Runtime::builder().with_threads(THREADS).build().unwrap();
         let spawner: Arc<dyn Spawn> = Arc::new(rt.handle());
         group.bench_function(
             BenchmarkId::from_parameter("smolkit_runtime_dyn_spawn"),
@@ -174,8 +174,8 @@ fn ping_pong(c: &mut Criterion) {
 
     for monitor in [true, false] {
         let rt = Runtime::builder()
-            .threads(THREADS)
-            .monitor(monitor)
+            .with_threads(THREADS)
+            .with_monitor(monitor)
             .build()
             .unwrap();
         let id = if monitor {

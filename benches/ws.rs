@@ -31,7 +31,7 @@ use futures_lite::StreamExt;
 use futures_util::SinkExt;
 use smolkit::runtime::{Runtime, Spawn};
 use smolkit::testing::ChaosServer;
-use smolkit::ws::{EventKind, Message, Session};
+use smolkit::ws::{Message, Session, SessionEventKind};
 
 const BATCH: usize = 1000;
 
@@ -43,12 +43,12 @@ struct Setup {
 }
 
 fn setup() -> Setup {
-    let rt = Runtime::builder().threads(1).build().unwrap();
+    let rt = Runtime::builder().with_threads(1).build().unwrap();
     let spawner: Arc<dyn Spawn> = Arc::new(rt.handle());
     let server = smol::block_on(
         ChaosServer::builder()
-            .spawner(spawner.clone())
-            .ws_log_limit(0)
+            .with_spawner(spawner.clone())
+            .with_ws_log_limit(0)
             .start(),
     )
     .unwrap();
@@ -174,7 +174,7 @@ fn throughput(c: &mut Criterion) {
 fn restart_once(
     s: &mut Setup,
     sess: &Session,
-    events: &async_channel::Receiver<smolkit::ws::Event>,
+    events: &async_channel::Receiver<smolkit::ws::SessionEvent>,
 ) -> (Duration, Duration, usize) {
     let addr = s.server.addr();
     s.server.shutdown();
@@ -182,7 +182,7 @@ fn restart_once(
     let (delay, at) = smol::block_on(s.ex.run(async {
         loop {
             let ev = events.recv().await.unwrap();
-            if let EventKind::Reconnecting { delay, .. } = ev.kind {
+            if let SessionEventKind::Reconnecting { delay, .. } = ev.kind {
                 return (delay, Instant::now());
             }
         }
@@ -196,9 +196,9 @@ fn restart_once(
     let mut started = None;
     for _ in 0..1000 {
         let builder = ChaosServer::builder()
-            .bind(addr)
-            .ws_log_limit(0)
-            .spawner(s.spawner.clone());
+            .with_addr(addr)
+            .with_ws_log_limit(0)
+            .with_spawner(s.spawner.clone());
         match smol::block_on(builder.start()) {
             Ok(server) => {
                 started = Some(server);

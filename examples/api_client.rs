@@ -32,16 +32,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("ChaosServer on {}", server.url("/"));
 
         let api = ApiClient::builder(&server.url("/"))
-            .header("x-api-key", "demo")?
-            .retry(
+            .with_header("x-api-key", "demo")
+            .with_retry(
                 Retry::new().with_max_attempts(4).with_backoff(
                     Backoff::exponential(Duration::from_millis(100))
-                        .with_max_delay(Duration::from_secs(2))
-                        .build()?,
+                        .with_max_delay(Duration::from_secs(2)),
                 ),
             )
-            .timeout(Some(Duration::from_secs(5)))
-            .concurrency_limit(8)
+            .with_timeout(Some(Duration::from_secs(5)))
+            .with_concurrency_limit(8)
             .build()?;
 
         // 1. Retries with backoff.
@@ -98,14 +97,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
         // 4. The breaker.
         let guarded = ApiClient::builder(&server.url("/"))
-            .no_retry()
-            .breaker(
+            .with_retry(None)
+            .with_breaker(
                 CircuitBreaker::builder()
                     .with_window(Window::Count(4))
                     .with_min_calls(4)
                     .with_failure_rate(0.5)
                     .with_half_open(1, 2)
-                    .with_open_backoff(Backoff::constant(Duration::from_millis(500)).build()?),
+                    .with_open_backoff(Backoff::constant(Duration::from_millis(500))),
             )
             .build()?;
         let host = server.addr().to_string();

@@ -55,11 +55,9 @@ fn run(
     let lookups = Arc::new(AtomicU64::new(0));
     let retry = Policy::builder()
         .with_retry(
-            Retry::new().with_max_attempts(4).with_backoff(
-                Backoff::exponential(Duration::from_millis(1))
-                    .build()
-                    .unwrap(),
-            ),
+            Retry::new()
+                .with_max_attempts(4)
+                .with_backoff(Backoff::exponential(Duration::from_millis(1))),
         )
         .build();
     let pipeline = Pipeline::from_stream(source(records))

@@ -38,32 +38,31 @@ struct Order {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
-    let rt = Runtime::builder().threads(2).build()?;
+    let rt = Runtime::builder().with_threads(2).build()?;
     let spawner: Arc<dyn Spawn> = Arc::new(rt.handle());
     rt.block_on(async {
         // The API: a flaky endpoint per order; every 10th order is missing.
-        let server = ChaosServer::builder().spawner(spawner.clone()).start().await?;
+        let server = ChaosServer::builder().with_spawner(spawner.clone()).start().await?;
         println!("ChaosServer (the API) on {}", server.url("/"));
 
         let http = HyperClient::builder()
-            .max_connections_per_host(8)
-            .spawner(spawner.clone())
-            .build();
+            .with_max_connections_per_host(8)
+            .with_spawner(spawner.clone())
+            .build()?;
         let api = ApiClient::builder(&server.url("/"))
-            .client(Arc::new(http.clone()))
-            .header("x-api-key", "tour")?
-            .retry(
+            .with_client(Arc::new(http.clone()))
+            .with_header("x-api-key", "tour")
+            .with_retry(
                 Retry::new().with_max_attempts(4).with_backoff(
                     Backoff::exponential(Duration::from_millis(20))
-                        .with_max_delay(Duration::from_millis(500))
-                        .build()?,
+                        .with_max_delay(Duration::from_millis(500)),
                 ),
             )
-            .rate_limit(Arc::new(RateLimiter::new(
+            .with_rate_limit(Arc::new(RateLimiter::new(
                 Quota::per_second(400)?.with_burst(20)?,
             )))
-            .concurrency_limit(8)
-            .breaker(CircuitBreaker::builder().with_min_calls(20).with_failure_rate(0.8))
+            .with_concurrency_limit(8)
+            .with_breaker(CircuitBreaker::builder().with_min_calls(20).with_failure_rate(0.8))
             .build()?;
 
         // Events: a handler adds up what was delivered, a subscriber logs.
@@ -92,7 +91,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let emit_bus = bus.clone();
         let report = Pipeline::from_stream(futures_lite::stream::iter(1..=ORDERS))
             .with_spawner(spawner.clone())
-            .map(Stage::new("fetch").with_concurrency(8).ordered(), move |id: u64| {
+            .map(Stage::new("fetch").with_concurrency(8).with_ordered(true), move |id: u64| {
                 let api = fetch_api.clone();
                 async move {
                     // Orders 1, 4, 7, ... fail once with 503 (and some ask

@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use smolkit::resilience::{Backoff, Jitter};
 use smolkit::testing::ChaosServer;
-use smolkit::ws::{Codec, Envelope, EventKind, Message, Session};
+use smolkit::ws::{Codec, Envelope, Message, Session, SessionEventKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Chat {
@@ -36,14 +36,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // first two connections on its 10th message.
         let url = server.ws_url("/ws?mode=broadcast&ack=1&drop_after=10&drops=2&key=chat");
         let session = Session::builder(&url)
-            .heartbeat(Duration::from_secs(5), Duration::from_secs(2))
-            .reconnect(
+            .with_heartbeat((Duration::from_secs(5), Duration::from_secs(2)))
+            .with_reconnect(
                 Backoff::exponential(Duration::from_millis(50))
                     .with_max_delay(Duration::from_secs(2))
                     .with_jitter(Jitter::Full),
             )
-            .at_least_once(true)
-            .codec(Codec::new().compress_above(Some(4096)))
+            .with_at_least_once(true)
+            .with_codec(Codec::new().with_compress_above(Some(4096)))
             .on_connect(|info| async move {
                 let join = Envelope::new("join", format!("ann (connection {})", info.connection));
                 Ok(vec![Message::Text(serde_json::to_string(&join)?)])
@@ -55,15 +55,19 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let watcher = smol::spawn(async move {
             while let Ok(ev) = events.recv().await {
                 match ev.kind {
-                    EventKind::Disconnected { error } => println!("  ! disconnected: {error}"),
-                    EventKind::Reconnecting { delay, .. } => {
+                    SessionEventKind::Disconnected { error } => {
+                        println!("  ! disconnected: {error}")
+                    }
+                    SessionEventKind::Reconnecting { delay, .. } => {
                         println!("  ~ reconnecting in {} ms", delay.as_millis())
                     }
-                    EventKind::Connected { connection } => {
+                    SessionEventKind::Connected { connection } => {
                         println!("  + connected (#{connection})")
                     }
-                    EventKind::Resending { count } => println!("  ~ resending {count} unacked"),
-                    EventKind::Closed { .. } => break,
+                    SessionEventKind::Resending { count } => {
+                        println!("  ~ resending {count} unacked")
+                    }
+                    SessionEventKind::Closed { .. } => break,
                     _ => {}
                 }
             }

@@ -8,6 +8,7 @@
 )]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+mod error;
 pub mod events;
 #[cfg(feature = "http")]
 pub mod http;
@@ -22,3 +23,5 @@ pub mod ws;
 
 #[cfg(feature = "testing")]
 pub mod testing;
+
+pub use error::ConfigError;

@@ -54,7 +54,7 @@ fn api_call_span_carries_its_fields() {
             smol::block_on(async {
                 let server = ChaosServer::start().await.unwrap();
                 let api = ApiClient::builder(&server.url("/"))
-                    .retry(fast_retry(3))
+                    .with_retry(fast_retry(3))
                     .build()
                     .unwrap();
                 api.get("flaky/t?fail=1").send().await.unwrap();

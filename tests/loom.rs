@@ -25,7 +25,7 @@ fn never_admits_more_than_the_capacity() {
                 let (sem, inside) = (sem.clone(), inside.clone());
                 thread::spawn(move || {
                     block_on(async {
-                        let _g = sem.acquire(1).await.unwrap();
+                        let _g = sem.acquire().await.unwrap();
                         assert_eq!(inside.fetch_add(1, Ordering::SeqCst), 0);
                         inside.fetch_sub(1, Ordering::SeqCst);
                     })
@@ -45,12 +45,12 @@ fn a_release_always_wakes_the_waiter() {
     // reports as a deadlock.
     loom::model(|| {
         let sem = Arc::new(Semaphore::new(1));
-        let held = sem.try_acquire(1).unwrap();
+        let held = sem.try_acquire().unwrap();
         let t = {
             let sem = sem.clone();
             thread::spawn(move || {
                 block_on(async {
-                    let g = sem.acquire(1).await.unwrap();
+                    let g = sem.acquire().await.unwrap();
                     assert_eq!(g.permits(), 1);
                 })
             })
@@ -65,11 +65,11 @@ fn a_release_always_wakes_the_waiter() {
 fn a_cancelled_acquire_leaks_no_permit() {
     loom::model(|| {
         let sem = Arc::new(Semaphore::new(2));
-        let held = sem.try_acquire(1).unwrap();
+        let held = sem.try_acquire().unwrap();
         let t = {
             let sem = sem.clone();
             thread::spawn(move || {
-                let mut fut = pin!(sem.acquire(2));
+                let mut fut = pin!(sem.acquire_many(2));
                 // Polled once (maybe queued with a partial permit), then
                 // dropped, racing the release below.
                 let _ = fut.as_mut().poll(&mut Context::from_waker(Waker::noop()));
@@ -79,7 +79,7 @@ fn a_cancelled_acquire_leaks_no_permit() {
         t.join().unwrap();
         assert_eq!(sem.available(), 2);
         assert_eq!(sem.waiting(), 0);
-        assert!(sem.try_acquire(2).is_ok());
+        assert!(sem.try_acquire_many(2).is_ok());
     });
 }
 
@@ -91,12 +91,12 @@ fn resizing_during_contention_keeps_the_books() {
             let sem = sem.clone();
             thread::spawn(move || {
                 block_on(async {
-                    let g = sem.acquire(1).await.unwrap();
+                    let g = sem.acquire().await.unwrap();
                     drop(g);
                 })
             })
         };
-        let g = sem.try_acquire(1);
+        let g = sem.try_acquire();
         sem.set_permits(1);
         drop(g);
         t.join().unwrap();
@@ -110,10 +110,10 @@ fn resizing_during_contention_keeps_the_books() {
 fn close_races_a_waiter_without_losing_it() {
     loom::model(|| {
         let sem = Arc::new(Semaphore::new(1));
-        let held = sem.try_acquire(1).unwrap();
+        let held = sem.try_acquire().unwrap();
         let t = {
             let sem = sem.clone();
-            thread::spawn(move || block_on(sem.acquire(1)).map(|g| g.permits()))
+            thread::spawn(move || block_on(sem.acquire()).map(|g| g.permits()))
         };
         sem.close();
         let result = t.join().unwrap();

@@ -351,7 +351,7 @@ proptest! {
         let fates = Arc::new(fates);
         let n = fates.len() as u64;
         let (f1, f2, f3) = (fates.clone(), fates.clone(), fates.clone());
-        let first = if ordered { Stage::new("first").with_concurrency(c1).ordered() } else { Stage::new("first").with_concurrency(c1) };
+        let first = if ordered { Stage::new("first").with_concurrency(c1).with_ordered(true) } else { Stage::new("first").with_concurrency(c1) };
         let (out, report) = within(move || smol::block_on(async move {
             let mut out = Vec::new();
             let report = Pipeline::from_stream(futures_lite::stream::iter(0..n))
@@ -418,7 +418,7 @@ fn ordered_stages_keep_the_input_order() {
             let mut out = Vec::new();
             Pipeline::from_stream(futures_lite::stream::iter(0..300u32))
                 .map(
-                    Stage::new("jitter").with_concurrency(8).ordered(),
+                    Stage::new("jitter").with_concurrency(8).with_ordered(true),
                     |x| async move {
                         for _ in 0..(x * 7919 % 13) {
                             futures_lite::future::yield_now().await;
@@ -527,7 +527,7 @@ fn a_stage_policy_retries_before_dead_lettering() {
             .with_retry(
                 Retry::new()
                     .with_max_attempts(3)
-                    .with_backoff(Backoff::constant(Duration::from_millis(1)).build().unwrap()),
+                    .with_backoff(Backoff::constant(Duration::from_millis(1))),
             )
             .build();
         let mut out = Vec::new();

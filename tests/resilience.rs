@@ -13,8 +13,8 @@ use futures_lite::future;
 use proptest::prelude::*;
 use smolkit::limit::{Quota, RateLimitError, RateLimiter, Semaphore};
 use smolkit::resilience::{
-    AttemptError, Backoff, BackoffError, BreakerError, CallOutcome, CircuitBreaker, Decision,
-    Jitter, Policy, PolicyError, Retry, RetryBudget, RetryError, State, Window, timeout_on,
+    AttemptError, Backoff, BreakerError, CallOutcome, CircuitBreaker, Decision, Jitter, Policy,
+    PolicyError, Retry, RetryBudget, RetryError, State, Window, timeout_on,
 };
 use smolkit::runtime::Clock;
 use smolkit::testing::ManualClock;
@@ -73,10 +73,7 @@ fn flaky(
 
 #[test]
 fn the_seeds_schedule_is_1_2_4_8_10_10() {
-    let b = Backoff::exponential(S(1))
-        .with_max_delay(S(10))
-        .build()
-        .unwrap();
+    let b = Backoff::exponential(S(1)).with_max_delay(S(10)).build();
     assert_eq!(
         b.take(6).collect::<Vec<_>>(),
         [S(1), S(2), S(4), S(8), S(10), S(10)]
@@ -85,43 +82,40 @@ fn the_seeds_schedule_is_1_2_4_8_10_10() {
 
 #[test]
 fn constant_linear_and_bounded_schedules() {
-    let c = Backoff::constant(S(2)).with_max_times(3).build().unwrap();
+    let c = Backoff::constant(S(2)).with_max_times(3).build();
     assert_eq!(c.collect::<Vec<_>>(), [S(2), S(2), S(2)]);
-    let l = Backoff::linear(S(1), S(3))
-        .with_max_delay(S(8))
-        .build()
-        .unwrap();
+    let l = Backoff::linear(S(1), S(3)).with_max_delay(S(8)).build();
     assert_eq!(l.take(4).collect::<Vec<_>>(), [S(1), S(4), S(7), S(8)]);
 }
 
 #[test]
 fn invalid_backoffs_are_typed_errors_naming_the_value() {
+    let err = Backoff::exponential(S(1)).with_factor(0.5).unwrap_err();
+    assert_eq!((err.setting, err.value.as_str()), ("factor", "0.5"));
     assert_eq!(
-        Backoff::exponential(S(1))
-            .with_factor(0.5)
-            .build()
-            .unwrap_err(),
-        BackoffError::Factor(0.5)
+        err.to_string(),
+        "invalid factor = 0.5: must be a finite number >= 1"
     );
-    assert!(matches!(
-        Backoff::exponential(S(1)).with_factor(f64::NAN).build(),
-        Err(BackoffError::Factor(_))
-    ));
-    let err = Backoff::constant(S(5))
-        .with_max_delay(S(1))
-        .build()
-        .unwrap_err();
-    assert_eq!(
-        err,
-        BackoffError::CapBelowBase {
-            base: S(5),
-            cap: S(1)
-        }
-    );
-    assert!(
-        err.to_string().contains("1s") && err.to_string().contains("5s"),
-        "{err}"
-    );
+    for bad in [f64::NAN, f64::INFINITY, -1.0] {
+        assert!(
+            Backoff::exponential(S(1)).with_factor(bad).is_err(),
+            "{bad}"
+        );
+    }
+    // A cap below the first delay is not an error: every delay is the cap.
+    let capped = Backoff::constant(S(5)).with_max_delay(S(1)).build();
+    assert_eq!(capped.take(3).collect::<Vec<_>>(), [S(1); 3]);
+    let capped = Backoff::exponential(S(5)).with_max_delay(S(1)).build();
+    assert_eq!(capped.take(3).collect::<Vec<_>>(), [S(1); 3]);
+}
+
+#[test]
+fn a_zero_base_stays_zero() {
+    // 0 × 2^n overflows to 0 × inf = NaN after 1024 attempts; it must stay 0.
+    let b = Backoff::exponential(Duration::ZERO)
+        .with_max_delay(S(10))
+        .build();
+    assert!(b.take(1100).all(|d| d.is_zero()));
 }
 
 #[test]
@@ -131,7 +125,6 @@ fn seeded_jitter_is_reproducible() {
             .with_jitter(Jitter::Full)
             .with_seed(7)
             .build()
-            .unwrap()
     };
     let a: Vec<_> = make().take(10).collect();
     let b: Vec<_> = make().take(10).collect();
@@ -140,7 +133,6 @@ fn seeded_jitter_is_reproducible() {
         .with_jitter(Jitter::Full)
         .with_seed(8)
         .build()
-        .unwrap()
         .take(10)
         .collect();
     assert_ne!(a, c);
@@ -163,10 +155,10 @@ proptest! {
         let base = Duration::from_millis(base_ms);
         let cap = base + Duration::from_millis(cap_extra_ms);
         let jitter = [Jitter::None, Jitter::Full, Jitter::Equal, Jitter::Decorrelated][kind];
-        let plain: Vec<_> = Backoff::exponential(base).with_factor(factor).with_max_delay(cap)
-            .build().unwrap().take(n).collect();
-        let jittered: Vec<_> = Backoff::exponential(base).with_factor(factor).with_max_delay(cap)
-            .with_jitter(jitter).with_seed(seed).build().unwrap().take(n).collect();
+        let plain: Vec<_> = Backoff::exponential(base).with_factor(factor).unwrap()
+            .with_max_delay(cap).build().take(n).collect();
+        let jittered: Vec<_> = Backoff::exponential(base).with_factor(factor).unwrap()
+            .with_max_delay(cap).with_jitter(jitter).with_seed(seed).build().take(n).collect();
         prop_assert_eq!(jittered.len(), n);
         for (d, p) in jittered.iter().zip(&plain) {
             prop_assert!(*p <= cap);
@@ -182,15 +174,21 @@ proptest! {
     #[test]
     fn uncapped_exponential_saturates_instead_of_overflowing(
         base_ms in 1u64..1_000_000,
-        factor in 1.0f64..1e12,
+        factor in 1.5f64..1e12,
+        seed in any::<u64>(),
     ) {
-        let b = Backoff::exponential(Duration::from_millis(base_ms)).with_factor(factor)
-            .with_jitter(Jitter::Full).build().unwrap();
-        let mut last = Duration::ZERO;
-        for d in b.take(2_000) {
-            last = d;
+        let make = || Backoff::exponential(Duration::from_millis(base_ms))
+            .with_factor(factor).unwrap().with_seed(seed);
+        let plain: Vec<_> = make().build().take(2_000).collect();
+        let jittered: Vec<_> = make().with_jitter(Jitter::Full).build().take(2_000).collect();
+        // Growth never wraps back down: the plain schedule is non-decreasing
+        // and ends saturated at "as long as possible".
+        prop_assert!(plain.windows(2).all(|w| w[0] <= w[1]), "{:?}", &plain[..8]);
+        prop_assert_eq!(*plain.last().unwrap(), Duration::MAX);
+        prop_assert_eq!(plain[0], Duration::from_millis(base_ms));
+        for (d, p) in jittered.iter().zip(&plain) {
+            prop_assert!(d <= p);
         }
-        prop_assert!(last <= Duration::MAX);
     }
 }
 
@@ -200,12 +198,7 @@ proptest! {
 fn seeds_retry(clock: Arc<dyn Clock>) -> Retry {
     Retry::new()
         .with_max_attempts(7)
-        .with_backoff(
-            Backoff::exponential(S(1))
-                .with_max_delay(S(10))
-                .build()
-                .unwrap(),
-        )
+        .with_backoff(Backoff::exponential(S(1)).with_max_delay(S(10)))
         .with_clock(clock)
 }
 
@@ -292,7 +285,7 @@ fn the_elapsed_limit_stops_before_the_attempt_count() {
     let (log, op) = flaky(&clock, 100);
     let retry = Retry::new()
         .with_max_attempts(10)
-        .with_backoff(Backoff::constant(S(1)).build().unwrap())
+        .with_backoff(Backoff::constant(S(1)))
         .with_max_elapsed(Duration::from_millis(2_500))
         .with_clock(c);
     let err = drive(&clock, retry.run(op)).unwrap_err();
@@ -352,7 +345,7 @@ fn a_budget_stops_a_retry_storm() {
     let budget = Arc::new(RetryBudget::with_clock(S(10), 0, 0.1, c.clone()).unwrap());
     let retry = Retry::new()
         .with_max_attempts(3)
-        .with_backoff(Backoff::constant(Duration::from_millis(1)).build().unwrap())
+        .with_backoff(Backoff::constant(Duration::from_millis(1)))
         .with_budget(budget)
         .with_clock(c);
     let attempts = Arc::new(AtomicU32::new(0));
@@ -467,12 +460,7 @@ fn breaker(c: Arc<dyn Clock>, window: Window) -> CircuitBreaker {
         .with_min_calls(4)
         .with_failure_rate(0.5)
         .with_half_open(2, 3)
-        .with_open_backoff(
-            Backoff::exponential(S(10))
-                .with_max_delay(S(60))
-                .build()
-                .unwrap(),
-        )
+        .with_open_backoff(Backoff::exponential(S(10)).with_max_delay(S(60)))
         .with_clock(c)
         .build()
         .unwrap()
@@ -707,7 +695,7 @@ fn policy_retries_inside_the_breaker_and_reports_the_layer() {
         .with_retry(
             Retry::new()
                 .with_max_attempts(3)
-                .with_backoff(Backoff::constant(S(1)).build().unwrap())
+                .with_backoff(Backoff::constant(S(1)))
                 .with_clock(c.clone()),
         )
         .with_clock(c)
@@ -755,7 +743,7 @@ fn policy_retries_inside_the_breaker_and_reports_the_layer() {
 fn policy_total_timeout_bounds_waiting_for_the_bulkhead() {
     let (clock, c) = manual();
     let bulkhead = Arc::new(Semaphore::new(1));
-    let _busy = bulkhead.try_acquire(1).unwrap();
+    let _busy = bulkhead.try_acquire().unwrap();
     let policy = Policy::builder()
         .with_total_timeout(S(2))
         .with_bulkhead(bulkhead.clone())

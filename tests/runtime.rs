@@ -35,7 +35,7 @@ impl Drop for DropSignal {
 }
 
 fn runtime(threads: usize) -> Runtime {
-    Runtime::builder().threads(threads).build().unwrap()
+    Runtime::builder().with_threads(threads).build().unwrap()
 }
 
 // ---------------------------------------------------------------------------
@@ -324,8 +324,8 @@ fn tasks_lists_live_tasks_by_name_and_empties_after_completion() {
 #[test]
 fn monitor_off_keeps_counters_but_lists_nothing() {
     let rt = Runtime::builder()
-        .threads(1)
-        .monitor(false)
+        .with_threads(1)
+        .with_monitor(false)
         .build()
         .unwrap();
     let (go_tx, go_rx) = async_channel::bounded::<()>(1);
@@ -338,9 +338,15 @@ fn monitor_off_keeps_counters_but_lists_nothing() {
 
 #[test]
 fn zero_threads_is_a_typed_error() {
-    let err = Runtime::builder().threads(0).build().unwrap_err();
-    assert!(matches!(err, smolkit::runtime::BuildError::ZeroThreads));
-    assert!(err.to_string().contains('0'));
+    let err = Runtime::builder().with_threads(0).build().unwrap_err();
+    let smolkit::runtime::BuildError::Config(config) = &err else {
+        panic!("expected a config error, got {err:?}");
+    };
+    assert_eq!((config.setting, config.value.as_str()), ("threads", "0"));
+    assert_eq!(
+        err.to_string(),
+        "invalid threads = 0: must be greater than zero"
+    );
 }
 
 // --- slow-poll warning, captured with a test subscriber --------------------
@@ -369,8 +375,8 @@ fn slow_poll_warnings(threshold: Duration) -> Vec<String> {
     let _guard = tracing::subscriber::set_default(subscriber);
     // Built under the subscriber: the workers inherit it.
     let rt = Runtime::builder()
-        .threads(1)
-        .slow_poll_threshold(threshold)
+        .with_threads(1)
+        .with_slow_poll_threshold(threshold)
         .build()
         .unwrap();
     within(rt.spawn_named("slowpoke", async { (0..1000u64).sum::<u64>() })).unwrap();

@@ -15,8 +15,8 @@ use smolkit::resilience::Backoff;
 use smolkit::runtime::Clock;
 use smolkit::testing::{ChaosServer, ManualClock};
 use smolkit::ws::{
-    Codec, Envelope, Error, Event, EventKind, Message, Overflow, Pool, SendError, Session,
-    SessionBuilder, State, Strategy,
+    Codec, Envelope, Error, Message, OutboxOverflow, SendError, Session, SessionBuilder,
+    SessionEvent, SessionEventKind, SessionPool, SessionState, Strategy,
 };
 
 fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
@@ -25,10 +25,10 @@ fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
 
 /// The next event matching `pred` (bounded: 20 s, 10 000 events).
 fn wait_event(
-    events: &Receiver<Event>,
+    events: &Receiver<SessionEvent>,
     what: &str,
-    pred: impl Fn(&EventKind) -> bool,
-) -> EventKind {
+    pred: impl Fn(&SessionEventKind) -> bool,
+) -> SessionEventKind {
     block_on(async {
         for _ in 0..10_000 {
             let ev = events
@@ -58,7 +58,7 @@ fn recv(session: &Session) -> Message {
 }
 
 fn fast(url: &str) -> SessionBuilder {
-    Session::builder(url).reconnect(Backoff::constant(Duration::from_millis(5)))
+    Session::builder(url).with_reconnect(Backoff::constant(Duration::from_millis(5)))
 }
 
 fn texts(server: &ChaosServer) -> Vec<String> {
@@ -72,9 +72,9 @@ fn texts(server: &ChaosServer) -> Vec<String> {
 
 fn manual(url: &str, clock: &ManualClock) -> SessionBuilder {
     Session::builder(url)
-        .clock(Arc::new(clock.clone()))
-        .connect_timeout(None)
-        .reconnect(Backoff::constant(Duration::from_secs(1)))
+        .with_clock(Arc::new(clock.clone()))
+        .with_connect_timeout(None)
+        .with_reconnect(Backoff::constant(Duration::from_secs(1)))
 }
 
 #[test]
@@ -82,7 +82,7 @@ fn echo_text_binary_and_envelopes() {
     within(|| {
         let server = block_on(ChaosServer::start()).unwrap();
         let session = block_on(Session::connect(&server.ws_url("/ws"))).unwrap();
-        assert_eq!(session.state(), State::Connected);
+        assert_eq!(session.state(), SessionState::Connected);
         block_on(session.send("hello")).unwrap();
         assert_eq!(recv(&session), Message::Text("hello".into()));
         block_on(session.send(vec![0u8, 1, 2, 255])).unwrap();
@@ -94,7 +94,7 @@ fn echo_text_binary_and_envelopes() {
         let report = block_on(session.close());
         assert!(report.error.is_none(), "{report:?}");
         assert!(report.unsent.is_empty() && report.unconfirmed.is_empty());
-        assert_eq!(session.state(), State::Closed);
+        assert_eq!(session.state(), SessionState::Closed);
         assert!(matches!(
             block_on(session.send("late")),
             Err(SendError::Closed(Message::Text(t))) if t == "late"
@@ -110,11 +110,11 @@ fn compression_round_trip_and_bomb_rejected() {
     within(|| {
         let server = block_on(ChaosServer::start()).unwrap();
         let codec = Codec::new()
-            .compress_above(Some(1024))
-            .max_inflated(1 << 20);
+            .with_compress_above(Some(1024))
+            .with_max_inflated(1 << 20);
         let session = block_on(
             Session::builder(&server.ws_url("/ws"))
-                .codec(codec)
+                .with_codec(codec)
                 .connect(),
         )
         .unwrap();
@@ -132,13 +132,13 @@ fn compression_round_trip_and_bomb_rejected() {
         // A raw frame that inflates to 64 MiB: the echo comes back and is
         // refused at the 1 MiB cap; the connection stays up.
         let bomb = Codec::new()
-            .compress_above(Some(0))
+            .with_compress_above(Some(0))
             .encode(Message::Text("a".repeat(64 << 20)));
         block_on(session.send(bomb)).unwrap();
         match wait_event(&events, "decode failure", |k| {
-            matches!(k, EventKind::DecodeFailed { .. })
+            matches!(k, SessionEventKind::DecodeFailed { .. })
         }) {
-            EventKind::DecodeFailed {
+            SessionEventKind::DecodeFailed {
                 error: Error::Inflated { limit, .. },
             } => assert_eq!(limit, 1 << 20),
             other => panic!("{other:?}"),
@@ -156,22 +156,22 @@ fn an_incoming_message_over_the_limit_drops_the_connection() {
         let server = block_on(ChaosServer::start()).unwrap();
         let session = block_on(
             fast(&server.ws_url("/ws"))
-                .codec(Codec::new().max_message(1024))
+                .with_codec(Codec::new().with_max_message(1024))
                 .connect(),
         )
         .unwrap();
         let events = session.events();
         assert_eq!(server.ws_send_all("x".repeat(2048)), 1);
         match wait_event(&events, "disconnect", |k| {
-            matches!(k, EventKind::Disconnected { .. })
+            matches!(k, SessionEventKind::Disconnected { .. })
         }) {
-            EventKind::Disconnected { error } => {
+            SessionEventKind::Disconnected { error } => {
                 assert!(error.to_string().contains("too long"), "{error}")
             }
             other => panic!("{other:?}"),
         }
         wait_event(&events, "reconnect", |k| {
-            matches!(k, EventKind::Connected { .. })
+            matches!(k, SessionEventKind::Connected { .. })
         });
         block_on(session.send("small")).unwrap();
         assert_eq!(recv(&session), Message::Text("small".into()));
@@ -185,8 +185,8 @@ fn batches_go_as_one_frame_after_the_window_and_split_on_receipt() {
         let clock = ManualClock::new();
         let session = block_on(
             manual(&server.ws_url("/ws"), &clock)
-                .no_heartbeat()
-                .batching(Duration::from_millis(100), 4)
+                .with_heartbeat(None)
+                .with_batching((Duration::from_millis(100), 4))
                 .connect(),
         )
         .unwrap();
@@ -227,7 +227,7 @@ fn heartbeat_finds_a_dead_peer_on_the_manual_clock() {
         // A live peer answers: no disconnect after the timeout.
         let live = block_on(
             manual(&server.ws_url("/ws"), &clock)
-                .heartbeat(s20, s10)
+                .with_heartbeat((s20, s10))
                 .connect(),
         )
         .unwrap();
@@ -235,14 +235,14 @@ fn heartbeat_finds_a_dead_peer_on_the_manual_clock() {
         clock.advance(s20);
         eventually("a pong", || live.stats().pongs == 1);
         clock.advance(s10);
-        assert_eq!(live.state(), State::Connected);
+        assert_eq!(live.state(), SessionState::Connected);
         block_on(live.close());
 
         // A peer that stops reading never pongs: dead after 20 s + 10 s.
         let clock = ManualClock::new();
         let muted = block_on(
             manual(&server.ws_url("/ws?mute=1"), &clock)
-                .heartbeat(s20, s10)
+                .with_heartbeat((s20, s10))
                 .connect(),
         )
         .unwrap();
@@ -253,20 +253,20 @@ fn heartbeat_finds_a_dead_peer_on_the_manual_clock() {
             muted.stats().pings == 1 && clock.sleepers() == 2
         });
         clock.advance(Duration::from_secs(9));
-        assert_eq!(muted.state(), State::Connected);
+        assert_eq!(muted.state(), SessionState::Connected);
         clock.advance(Duration::from_secs(1));
         match wait_event(&events, "disconnect", |k| {
-            matches!(k, EventKind::Disconnected { .. })
+            matches!(k, SessionEventKind::Disconnected { .. })
         }) {
-            EventKind::Disconnected {
+            SessionEventKind::Disconnected {
                 error: Error::PongTimeout { after },
             } => assert_eq!(after, s10),
             other => panic!("{other:?}"),
         }
         match wait_event(&events, "reconnecting", |k| {
-            matches!(k, EventKind::Reconnecting { .. })
+            matches!(k, SessionEventKind::Reconnecting { .. })
         }) {
-            EventKind::Reconnecting {
+            SessionEventKind::Reconnecting {
                 attempt,
                 delay,
                 retry_after,
@@ -305,9 +305,9 @@ fn server_restart_flushes_the_outbox_in_order() {
         eventually("the subscription", || texts(&server) == ["subscribe #1"]);
         server.shutdown();
         match wait_event(&events, "disconnect", |k| {
-            matches!(k, EventKind::Disconnected { .. })
+            matches!(k, SessionEventKind::Disconnected { .. })
         }) {
-            EventKind::Disconnected { error } => {
+            SessionEventKind::Disconnected { error } => {
                 assert!(error.to_string().contains("1001"), "going away: {error}")
             }
             other => panic!("{other:?}"),
@@ -317,7 +317,7 @@ fn server_restart_flushes_the_outbox_in_order() {
             block_on(session.send(format!("m{i}"))).unwrap();
         }
         assert_eq!(session.stats().queued, 50);
-        let server = block_on(ChaosServer::builder().bind(addr).start()).unwrap();
+        let server = block_on(ChaosServer::builder().with_addr(addr).start()).unwrap();
         eventually("all 50 after the restart", || texts(&server).len() == 51);
         let mut expected = vec!["subscribe #2".to_owned()];
         expected.extend((0..50).map(|i| format!("m{i}")));
@@ -343,8 +343,8 @@ fn overflow_error_and_drop_oldest_while_disconnected() {
         let url = format!("ws://127.0.0.1:{port}/ws");
         let clock = ManualClock::new();
         let err = manual(&url, &clock)
-            .outbox(3, 1 << 20)
-            .overflow(Overflow::Error)
+            .with_outbox(3, 1 << 20)
+            .with_overflow(OutboxOverflow::Error)
             .start()
             .unwrap();
         for i in 0..3 {
@@ -365,8 +365,8 @@ fn overflow_error_and_drop_oldest_while_disconnected() {
         );
 
         let drop = manual(&url, &clock)
-            .outbox(3, 1 << 20)
-            .overflow(Overflow::DropOldest)
+            .with_outbox(3, 1 << 20)
+            .with_overflow(OutboxOverflow::DropOldest)
             .start()
             .unwrap();
         let events = drop.events();
@@ -377,9 +377,9 @@ fn overflow_error_and_drop_oldest_while_disconnected() {
         assert!(matches!(
             wait_event(&events, "dropped", |k| matches!(
                 k,
-                EventKind::Dropped { .. }
+                SessionEventKind::Dropped { .. }
             )),
-            EventKind::Dropped { count: 1 }
+            SessionEventKind::Dropped { count: 1 }
         ));
         let report = block_on(drop.close());
         assert_eq!(
@@ -397,8 +397,8 @@ fn overflow_wait_blocks_until_the_connection_drains_the_outbox() {
         drop(listener);
         let clock = ManualClock::new();
         let session = manual(&format!("ws://{addr}/ws"), &clock)
-            .no_heartbeat()
-            .outbox(2, 1 << 20)
+            .with_heartbeat(None)
+            .with_outbox(2, 1 << 20)
             .start()
             .unwrap();
         let events = session.events();
@@ -408,9 +408,9 @@ fn overflow_wait_blocks_until_the_connection_drains_the_outbox() {
         let s = session.clone();
         let waiting = std::thread::spawn(move || block_on(s.send("w2")));
         wait_event(&events, "reconnecting", |k| {
-            matches!(k, EventKind::Reconnecting { .. })
+            matches!(k, SessionEventKind::Reconnecting { .. })
         });
-        let server = block_on(ChaosServer::builder().bind(addr).start()).unwrap();
+        let server = block_on(ChaosServer::builder().with_addr(addr).start()).unwrap();
         clock.advance(Duration::from_secs(1));
         waiting.join().unwrap().unwrap();
         eventually("all three", || texts(&server) == ["w0", "w1", "w2"]);
@@ -423,7 +423,7 @@ fn at_least_once_resends_what_was_not_acked() {
         let server = block_on(ChaosServer::start()).unwrap();
         // The first connection drops on its 3rd message, before acking it.
         let url = server.ws_url("/ws?ack=1&echo=0&drop_after=3&drops=1&key=alo");
-        let session = block_on(fast(&url).at_least_once(true).connect()).unwrap();
+        let session = block_on(fast(&url).with_at_least_once(true).connect()).unwrap();
         let events = session.events();
         let mut ids = Vec::new();
         for i in 0..10 {
@@ -431,7 +431,7 @@ fn at_least_once_resends_what_was_not_acked() {
             ids.push(id.expect("an id in at-least-once mode"));
         }
         wait_event(&events, "resend", |k| {
-            matches!(k, EventKind::Resending { .. })
+            matches!(k, SessionEventKind::Resending { .. })
         });
         eventually("every message acked", || session.stats().acked == 10);
         assert_eq!(session.stats().queued, 0);
@@ -467,7 +467,7 @@ fn unconfirmed_messages_of_a_dead_socket_are_reported() {
         let clock = ManualClock::new();
         let session = block_on(
             manual(&server.ws_url("/ws?mute=1"), &clock)
-                .heartbeat(Duration::from_secs(20), Duration::from_secs(10))
+                .with_heartbeat((Duration::from_secs(20), Duration::from_secs(10)))
                 .connect(),
         )
         .unwrap();
@@ -481,9 +481,9 @@ fn unconfirmed_messages_of_a_dead_socket_are_reported() {
         eventually("pong deadline", || clock.sleepers() == 2);
         clock.advance(Duration::from_secs(10));
         match wait_event(&events, "unconfirmed", |k| {
-            matches!(k, EventKind::Unconfirmed { .. })
+            matches!(k, SessionEventKind::Unconfirmed { .. })
         }) {
-            EventKind::Unconfirmed { messages } => assert_eq!(
+            SessionEventKind::Unconfirmed { messages } => assert_eq!(
                 messages,
                 ["u0", "u1", "u2"].map(|s| Message::Text(s.into()))
             ),
@@ -500,13 +500,13 @@ fn handshake_retry_after_sets_the_delay_and_give_up_ends_the_session() {
         let server = block_on(ChaosServer::start()).unwrap();
         let clock = ManualClock::new();
         let url = server.ws_url("/ws?refuse=2&key=ra&retry_after=7");
-        let session = manual(&url, &clock).no_heartbeat().start().unwrap();
+        let session = manual(&url, &clock).with_heartbeat(None).start().unwrap();
         let events = session.events();
         for attempt in 1..=2 {
             match wait_event(&events, "connect failure", |k| {
-                matches!(k, EventKind::ConnectFailed { .. })
+                matches!(k, SessionEventKind::ConnectFailed { .. })
             }) {
-                EventKind::ConnectFailed {
+                SessionEventKind::ConnectFailed {
                     attempt: a,
                     error:
                         Error::Handshake {
@@ -522,16 +522,16 @@ fn handshake_retry_after_sets_the_delay_and_give_up_ends_the_session() {
                 other => panic!("{other:?}"),
             }
             match wait_event(&events, "reconnecting", |k| {
-                matches!(k, EventKind::Reconnecting { .. })
+                matches!(k, SessionEventKind::Reconnecting { .. })
             }) {
-                EventKind::Reconnecting {
+                SessionEventKind::Reconnecting {
                     delay, retry_after, ..
                 } => assert_eq!((delay, retry_after), (Duration::from_secs(7), true)),
                 other => panic!("{other:?}"),
             }
             eventually("the wait on the clock", || clock.sleepers() == 1);
             clock.advance(Duration::from_secs(6));
-            assert_ne!(session.state(), State::Connected);
+            assert_ne!(session.state(), SessionState::Connected);
             clock.advance(Duration::from_secs(1));
         }
         block_on(session.wait_connected()).unwrap();
@@ -539,8 +539,8 @@ fn handshake_retry_after_sets_the_delay_and_give_up_ends_the_session() {
         // Refused every time and allowed two attempts: the session ends.
         let url = server.ws_url("/ws?refuse=99&key=never&retry_after=1");
         let session = manual(&url, &clock)
-            .no_heartbeat()
-            .give_up_after_attempts(2)
+            .with_heartbeat(None)
+            .with_give_up_after_attempts(2)
             .start()
             .unwrap();
         eventually("the wait on the clock", || clock.sleepers() == 1);
@@ -572,19 +572,19 @@ fn give_up_after_a_deadline_without_a_connection() {
         let server = block_on(ChaosServer::start()).unwrap();
         let clock = ManualClock::new();
         let session = Session::builder(&server.ws_url("/ws?refuse=99&key=deadline"))
-            .clock(Arc::new(clock.clone()))
-            .connect_timeout(None)
-            .no_heartbeat()
-            .reconnect(Backoff::constant(Duration::from_secs(2)))
-            .give_up_after(Duration::from_secs(3))
+            .with_clock(Arc::new(clock.clone()))
+            .with_connect_timeout(None)
+            .with_heartbeat(None)
+            .with_reconnect(Backoff::constant(Duration::from_secs(2)))
+            .with_give_up_after(Duration::from_secs(3))
             .start()
             .unwrap();
         let events = session.events();
         // Attempt 1 fails at 0 s: waiting 2 s stays within the 3 s.
         match wait_event(&events, "reconnecting", |k| {
-            matches!(k, EventKind::Reconnecting { .. })
+            matches!(k, SessionEventKind::Reconnecting { .. })
         }) {
-            EventKind::Reconnecting { attempt, delay, .. } => {
+            SessionEventKind::Reconnecting { attempt, delay, .. } => {
                 assert_eq!((attempt, delay), (2, Duration::from_secs(2)))
             }
             other => panic!("{other:?}"),
@@ -613,7 +613,7 @@ fn twenty_forced_disconnects_lose_nothing() {
     within(|| {
         let server = block_on(ChaosServer::start()).unwrap();
         let url = server.ws_url("/ws?ack=1&echo=0");
-        let session = block_on(fast(&url).at_least_once(true).connect()).unwrap();
+        let session = block_on(fast(&url).with_at_least_once(true).connect()).unwrap();
         let n = 2_000;
         let sender = {
             let s = session.clone();
@@ -651,7 +651,8 @@ fn twenty_forced_disconnects_lose_nothing() {
 fn pool_spreads_sends_and_each_session_reconnects_alone() {
     within(|| {
         let server = block_on(ChaosServer::start()).unwrap();
-        let pool = block_on(Pool::builder(fast(&server.ws_url("/ws")), 3).connect()).unwrap();
+        let pool =
+            block_on(SessionPool::builder(fast(&server.ws_url("/ws")), 3).connect()).unwrap();
         for i in 0..9 {
             block_on(pool.send(format!("p{i}"))).unwrap();
         }
@@ -678,7 +679,7 @@ fn pool_spreads_sends_and_each_session_reconnects_alone() {
         });
         let sessions: std::collections::HashSet<usize> =
             std::iter::from_fn(|| pool.events().try_recv().ok())
-                .filter(|e| matches!(e.kind, EventKind::Disconnected { .. }))
+                .filter(|e| matches!(e.kind, SessionEventKind::Disconnected { .. }))
                 .map(|e| e.session)
                 .collect();
         assert_eq!(
@@ -694,8 +695,8 @@ fn pool_spreads_sends_and_each_session_reconnects_alone() {
         assert!(reports.iter().all(|r| r.error.is_none()));
         assert_eq!(block_on(pool.recv()), None, "ends when every session has");
 
-        let lq = Pool::builder(fast("ws://127.0.0.1:9/never"), 2)
-            .strategy(Strategy::LeastQueued)
+        let lq = SessionPool::builder(fast("ws://127.0.0.1:9/never"), 2)
+            .with_strategy(Strategy::LeastQueued)
             .start()
             .unwrap();
         // Least-queued avoids a session whose outbox holds messages.
@@ -716,7 +717,7 @@ fn pool_spreads_sends_and_each_session_reconnects_alone() {
 #[test]
 fn wss_with_the_servers_root_and_without() {
     within(|| {
-        let server = block_on(ChaosServer::builder().tls(true).start()).unwrap();
+        let server = block_on(ChaosServer::builder().with_tls(true).start()).unwrap();
         let url = server.ws_url("/ws");
         assert!(url.starts_with("wss://"));
         let session = block_on(
@@ -730,7 +731,7 @@ fn wss_with_the_servers_root_and_without() {
         assert_eq!(recv(&session), Message::Text("secret".into()));
 
         let untrusted = Session::builder(&url)
-            .give_up_after_attempts(1)
+            .with_give_up_after_attempts(1)
             .start()
             .unwrap();
         match block_on(untrusted.closed()).error {
@@ -754,7 +755,7 @@ fn bad_input_is_a_typed_error() {
     ));
     assert!(matches!(
         Session::builder("ws://127.0.0.1/ws")
-            .heartbeat(Duration::ZERO, Duration::from_secs(1))
+            .with_heartbeat((Duration::ZERO, Duration::from_secs(1)))
             .start(),
         Err(Error::InvalidConfig {
             setting: "heartbeat",
@@ -762,7 +763,9 @@ fn bad_input_is_a_typed_error() {
         })
     ));
     assert!(matches!(
-        Session::builder("ws://127.0.0.1/ws").outbox(0, 10).start(),
+        Session::builder("ws://127.0.0.1/ws")
+            .with_outbox(0, 10)
+            .start(),
         Err(Error::InvalidConfig {
             setting: "outbox",
             ..
@@ -770,7 +773,7 @@ fn bad_input_is_a_typed_error() {
     ));
     assert!(matches!(
         Session::builder("ws://127.0.0.1/ws")
-            .header("bad name", "v")
+            .with_header("bad name", "v")
             .start(),
         Err(Error::InvalidConfig {
             setting: "header",
@@ -782,7 +785,7 @@ fn bad_input_is_a_typed_error() {
         Err(Error::InvalidConfig { .. })
     ));
     assert!(matches!(
-        Pool::builder(Session::builder("ws://127.0.0.1/ws"), 0).start(),
+        SessionPool::builder(Session::builder("ws://127.0.0.1/ws"), 0).start(),
         Err(Error::InvalidConfig {
             setting: "pool size",
             ..
@@ -823,8 +826,8 @@ fn python_websockets_peer() {
         let result = std::panic::catch_unwind(|| {
             let session = block_on(
                 Session::builder(&url)
-                    .heartbeat(Duration::from_millis(50), Duration::from_secs(5))
-                    .codec(Codec::new().compress_above(Some(512)))
+                    .with_heartbeat((Duration::from_millis(50), Duration::from_secs(5)))
+                    .with_codec(Codec::new().with_compress_above(Some(512)))
                     .connect(),
             )
             .unwrap();
@@ -872,9 +875,9 @@ fn clock_is_used_for_the_connect_timeout() {
         let url = format!("ws://{}/ws", listener.local_addr().unwrap());
         let clock = ManualClock::new();
         let session = Session::builder(&url)
-            .clock(Arc::new(clock.clone()))
-            .connect_timeout(Some(Duration::from_secs(3)))
-            .give_up_after_attempts(1)
+            .with_clock(Arc::new(clock.clone()))
+            .with_connect_timeout(Some(Duration::from_secs(3)))
+            .with_give_up_after_attempts(1)
             .start()
             .unwrap();
         eventually("the connect timer", || clock.sleepers() == 1);

@@ -678,7 +678,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
                 let call = run_handler(inner.clone(), name.clone(), handler.clone(), ev);
                 if limit == 1 {
                     call.await;
-                } else if let Ok(slot) = slots.acquire_arc(1).await {
+                } else if let Ok(slot) = slots.acquire_arc().await {
                     spawner
                         .spawn(async move {
                             call.await;
@@ -688,7 +688,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
                 }
             }
             // Drained: wait for the calls still running.
-            let _ = slots.acquire(limit).await;
+            let _ = slots.acquire_many(limit).await;
         });
         lock(&self.inner.dispatchers).push((id, task));
         Ok(HandlerId(id))

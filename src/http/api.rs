@@ -21,7 +21,8 @@ use tracing::Instrument;
 use super::body::Body;
 use super::client::Client;
 use super::error::{Error, excerpt};
-use super::hyper::HyperClient;
+use super::hyper::{DEFAULT_PER_HOST, HyperClient};
+use crate::ConfigError;
 use crate::limit::{RateLimiter, Semaphore};
 use crate::resilience::{
     AttemptErrorRef, Backoff, BreakerBuilder, CallOutcome, CircuitBreaker, Decision, Retry,
@@ -77,8 +78,8 @@ use crate::sync::lock_std as lock;
 ///
 /// # smol::block_on(async {
 /// let api = ApiClient::builder("https://api.example.com/v1/")
-///     .header("authorization", "Bearer token")?
-///     .concurrency_limit(8)
+///     .with_header("authorization", "Bearer token")
+///     .with_concurrency_limit(8)
 ///     .build()?;
 /// let user: User = api.get("users/1").json().await?;
 /// # Ok::<(), smolkit::http::Error>(())
@@ -96,6 +97,7 @@ struct Inner {
     timeout: Option<Duration>,
     body_limit: u64,
     retry: Retry,
+    classifier: ApiClassifier,
     breaker: Option<BreakerBuilder>,
     breakers: Mutex<HashMap<String, CircuitBreaker>>,
     concurrency: Option<Arc<Semaphore>>,
@@ -143,6 +145,7 @@ impl ApiClient {
             total_timeout: None,
             body_limit: 16 << 20,
             retry: None,
+            classifier: Arc::new(default_classifier),
             breaker: None,
             concurrency: None,
             rate: None,
@@ -318,7 +321,7 @@ impl ApiClient {
         let body = request.body.unwrap_or_default();
 
         let _slot = match &inner.concurrency {
-            Some(sem) => Some(sem.acquire(1).await.map_err(|_| Error::Closed)?),
+            Some(sem) => Some(sem.acquire().await.map_err(|_| Error::Closed)?),
             None => None,
         };
         let permit = match self.breaker_for(&host) {
@@ -377,6 +380,7 @@ impl ApiClient {
                 })
             }
         };
+        let classifier = inner.classifier.clone();
         let retry =
             inner
                 .retry
@@ -385,15 +389,7 @@ impl ApiClient {
                     if !retry_allowed {
                         return Decision::Done;
                     }
-                    match outcome {
-                        Ok(r) if is_retryable_status(r.status) => match retry_after(&r.headers) {
-                            Some(d) => Decision::RetryAfter(d),
-                            None => Decision::Retry,
-                        },
-                        Ok(_) => Decision::Done,
-                        Err(e) if e.is_transport() => Decision::Retry,
-                        Err(_) => Decision::Done,
-                    }
+                    classifier(outcome)
                 });
         let outcome = retry.run(attempt).await;
         let made = attempts.load(Ordering::Relaxed);
@@ -672,15 +668,36 @@ impl ApiResponse {
     }
 }
 
+/// Decides, from one attempt's outcome, whether an [`ApiClient`] call is
+/// retried (see [`ApiClientBuilder::with_classifier`]).
+pub type ApiClassifier = Arc<dyn Fn(Result<&ApiResponse, &Error>) -> Decision + Send + Sync>;
+
+/// The classifier [`ApiClient`] uses unless given another: 429, 500, 502,
+/// 503 and 504 are retried (after `Retry-After` when the response has
+/// one), and so are transport errors ([`Error::is_transport`]); anything
+/// else is final.
+pub fn default_classifier(outcome: Result<&ApiResponse, &Error>) -> Decision {
+    match outcome {
+        Ok(r) if is_retryable_status(r.status) => match retry_after(&r.headers) {
+            Some(d) => Decision::RetryAfter(d),
+            None => Decision::Retry,
+        },
+        Ok(_) => Decision::Done,
+        Err(e) if e.is_transport() => Decision::Retry,
+        Err(_) => Decision::Done,
+    }
+}
+
 /// Configures an [`ApiClient`]. See its `# Default` section.
 pub struct ApiClientBuilder {
     base: String,
     client: Option<Arc<dyn Client>>,
-    headers: Vec<(HeaderName, HeaderValue)>,
+    headers: Vec<(String, String)>,
     timeout: Option<Duration>,
     total_timeout: Option<Duration>,
     body_limit: u64,
     retry: Option<Retry>,
+    classifier: ApiClassifier,
     breaker: Option<BreakerBuilder>,
     concurrency: Option<usize>,
     rate: Option<Arc<RateLimiter>>,
@@ -688,82 +705,105 @@ pub struct ApiClientBuilder {
 }
 
 impl ApiClientBuilder {
-    /// The backend (default: a new [`HyperClient`]).
-    pub fn client(mut self, client: Arc<dyn Client>) -> Self {
+    /// The backend (default: a new [`HyperClient`] whose per-host
+    /// connection cap is the larger of its default, 16, and
+    /// [`with_concurrency_limit`](Self::with_concurrency_limit), so a
+    /// concurrency limit is never quietly capped by the pool).
+    pub fn with_client(mut self, client: Arc<dyn Client>) -> Self {
         self.client = Some(client);
         self
     }
 
-    /// A header sent on every call.
-    ///
-    /// # Errors
-    ///
-    /// [`Error::InvalidRequest`] naming an invalid header name or value.
-    pub fn header(mut self, name: &str, value: &str) -> Result<Self, Error> {
-        let bad = || Error::InvalidRequest {
-            reason: format!("invalid header {name:?}: {value:?}"),
-        };
-        let name = HeaderName::try_from(name).map_err(|_| bad())?;
-        let value = HeaderValue::try_from(value).map_err(|_| bad())?;
-        self.headers.push((name, value));
-        Ok(self)
+    /// A header sent on every call (checked by [`build`](Self::build)).
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
     }
 
     /// The limit on each attempt: sending, the response head and reading
     /// the body. `None` for none.
-    pub fn timeout(mut self, after: Option<Duration>) -> Self {
-        self.timeout = after;
+    pub fn with_timeout(mut self, after: impl Into<Option<Duration>>) -> Self {
+        self.timeout = after.into();
         self
     }
 
     /// The limit on a whole call, retries and their delays included: no
-    /// retry starts that would end past it.
-    pub fn total_timeout(mut self, after: Duration) -> Self {
-        self.total_timeout = Some(after);
+    /// retry starts that would end past it. `None` (the default) for none.
+    pub fn with_total_timeout(mut self, after: impl Into<Option<Duration>>) -> Self {
+        self.total_timeout = after.into();
         self
     }
 
     /// The largest response body read, in bytes.
-    pub fn body_limit(mut self, bytes: u64) -> Self {
+    pub fn with_body_limit(mut self, bytes: u64) -> Self {
         self.body_limit = bytes;
         self
     }
 
-    /// The retry schedule (attempts, backoff, Retry-After cap, budget).
-    /// Its classifier is replaced by the HTTP one described on
-    /// [`ApiClient`].
-    pub fn retry(mut self, retry: Retry) -> Self {
-        self.retry = Some(retry);
+    /// The retry schedule (attempts, backoff, Retry-After cap, budget);
+    /// `None`: no retries, one attempt per call. What is retried is the
+    /// classifier's choice ([`with_classifier`](Self::with_classifier)),
+    /// which replaces the `Retry`'s own.
+    pub fn with_retry(mut self, retry: impl Into<Option<Retry>>) -> Self {
+        self.retry = Some(
+            retry
+                .into()
+                .unwrap_or_else(|| Retry::new().with_max_attempts(1)),
+        );
         self
     }
 
-    /// No retries.
-    pub fn no_retry(mut self) -> Self {
-        self.retry = Some(Retry::new().with_max_attempts(1));
+    /// Chooses which outcomes are retried (default:
+    /// [`default_classifier`]). Non-idempotent methods are still never
+    /// retried unless the call opts in with
+    /// [`ApiRequest::retry_non_idempotent`].
+    ///
+    /// ```
+    /// use smolkit::http::{ApiClient, default_classifier};
+    /// use smolkit::resilience::Decision;
+    ///
+    /// // Retry transport errors and 503 only, never a 500.
+    /// let api = ApiClient::builder("http://127.0.0.1:1/")
+    ///     .with_classifier(|outcome| match outcome {
+    ///         Ok(r) if r.status.as_u16() == 500 => Decision::Done,
+    ///         other => default_classifier(other),
+    ///     })
+    ///     .build()
+    ///     .unwrap();
+    /// # drop(api);
+    /// ```
+    pub fn with_classifier<F>(mut self, classifier: F) -> Self
+    where
+        F: Fn(Result<&ApiResponse, &Error>) -> Decision + Send + Sync + 'static,
+    {
+        self.classifier = Arc::new(classifier);
         self
     }
 
-    /// A circuit breaker per host, each built from this builder.
-    pub fn breaker(mut self, breaker: BreakerBuilder) -> Self {
-        self.breaker = Some(breaker);
+    /// A circuit breaker per host, each built from this builder; `None`
+    /// (the default) for none.
+    pub fn with_breaker(mut self, breaker: impl Into<Option<BreakerBuilder>>) -> Self {
+        self.breaker = breaker.into();
         self
     }
 
-    /// At most `n` calls in flight (0 is taken as 1).
-    pub fn concurrency_limit(mut self, n: usize) -> Self {
-        self.concurrency = Some(n.max(1));
+    /// At most `n` calls in flight; `None` (the default) for no limit.
+    /// Zero is refused by [`build`](Self::build).
+    pub fn with_concurrency_limit(mut self, n: impl Into<Option<usize>>) -> Self {
+        self.concurrency = n.into();
         self
     }
 
-    /// Each attempt takes a cell from this limiter first.
-    pub fn rate_limit(mut self, limiter: Arc<RateLimiter>) -> Self {
-        self.rate = Some(limiter);
+    /// Each attempt takes a cell from this limiter first; `None` (the
+    /// default) for none.
+    pub fn with_rate_limit(mut self, limiter: impl Into<Option<Arc<RateLimiter>>>) -> Self {
+        self.rate = limiter.into();
         self
     }
 
     /// The clock for timeouts, retry delays and durations (breakers and
     /// rate limiters carry their own).
-    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
     }
@@ -772,52 +812,60 @@ impl ApiClientBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidUrl`] for a base URL that does not parse, is not
-    /// `http(s)` or has no host; [`Error::InvalidRequest`] for a breaker
-    /// configuration that does not build.
-    pub fn build(self) -> Result<ApiClient, Error> {
-        let mut base =
-            url::Url::parse(&self.base).map_err(|e| Error::invalid_url(&self.base, e))?;
-        if !matches!(base.scheme(), "http" | "https") {
-            return Err(Error::UnsupportedScheme { url: self.base });
-        }
-        if base.host_str().is_none_or(str::is_empty) {
-            return Err(Error::invalid_url(&self.base, "no host"));
-        }
-        if !base.path().ends_with('/') {
-            let path = format!("{}/", base.path());
-            base.set_path(&path);
-        }
+    /// [`ConfigError`] naming the setting: `base_url` when it does not
+    /// parse, is not `http(s)` or has no host; `header` for an invalid
+    /// name or value; `concurrency_limit` for zero; the breaker's own
+    /// setting when its template does not build.
+    pub fn build(self) -> Result<ApiClient, ConfigError> {
+        let base = parse_base(&self.base)?;
         if let Some(b) = &self.breaker {
-            b.clone().build().map_err(|e| Error::InvalidRequest {
-                reason: format!("circuit breaker: {e}"),
-            })?;
+            b.clone().build()?;
+        }
+        if let Some(n) = self.concurrency {
+            ConfigError::nonzero("concurrency_limit", n)?;
         }
         let mut headers = HeaderMap::new();
         headers.insert(ACCEPT, HeaderValue::from_static("application/json"));
-        for (n, v) in self.headers {
-            headers.insert(n, v);
+        for (n, v) in &self.headers {
+            let bad =
+                |reason: &'static str| ConfigError::new("header", format_args!("{n}: {v}"), reason);
+            let name =
+                HeaderName::try_from(n.as_str()).map_err(|_| bad("not a valid header name"))?;
+            let value =
+                HeaderValue::try_from(v.as_str()).map_err(|_| bad("not a valid header value"))?;
+            headers.insert(name, value);
         }
         let mut retry = self.retry.unwrap_or_else(|| {
             Retry::new().with_backoff(
                 Backoff::exponential(Duration::from_millis(200))
-                    .with_max_delay(Duration::from_secs(10))
-                    .build()
-                    .unwrap_or_else(|e| unreachable!("the default backoff is valid: {e}")),
+                    .with_max_delay(Duration::from_secs(10)),
             )
         });
         retry = retry.with_clock(self.clock.clone());
         if let Some(total) = self.total_timeout {
             retry = retry.with_max_elapsed(total);
         }
+        let client = match self.client {
+            Some(c) => c,
+            None => {
+                let cap = self.concurrency.unwrap_or(0).max(DEFAULT_PER_HOST);
+                Arc::new(
+                    HyperClient::builder()
+                        .with_max_connections_per_host(cap)
+                        .with_clock(self.clock.clone())
+                        .build()?,
+                )
+            }
+        };
         Ok(ApiClient {
             inner: Arc::new(Inner {
                 base,
-                client: self.client.unwrap_or_else(|| Arc::new(HyperClient::new())),
+                client,
                 headers,
                 timeout: self.timeout,
                 body_limit: self.body_limit,
                 retry,
+                classifier: self.classifier,
                 breaker: self.breaker,
                 breakers: Mutex::new(HashMap::new()),
                 concurrency: self.concurrency.map(|n| Arc::new(Semaphore::new(n))),
@@ -827,6 +875,26 @@ impl ApiClientBuilder {
             }),
         })
     }
+}
+
+/// The base URL, with a trailing `/` so paths append to it.
+fn parse_base(raw: &str) -> Result<url::Url, ConfigError> {
+    let bad = |reason: String| ConfigError::new("base_url", raw, reason);
+    let mut base = url::Url::parse(raw).map_err(|e| bad(e.to_string()))?;
+    if !matches!(base.scheme(), "http" | "https") {
+        return Err(bad(format!(
+            "scheme {:?} is not http or https",
+            base.scheme()
+        )));
+    }
+    if base.host_str().is_none_or(str::is_empty) {
+        return Err(bad("has no host".into()));
+    }
+    if !base.path().ends_with('/') {
+        let path = format!("{}/", base.path());
+        base.set_path(&path);
+    }
+    Ok(base)
 }
 
 impl fmt::Debug for ApiClientBuilder {

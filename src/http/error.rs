@@ -2,6 +2,8 @@
 
 use std::error::Error as StdError;
 use std::fmt;
+
+use crate::ConfigError;
 use std::io;
 use std::time::Duration;
 
@@ -147,6 +149,14 @@ pub enum Error {
     },
     /// The client was shut down, or a limit it depends on was closed.
     Closed,
+    /// A setting was refused when a client was built.
+    Config(ConfigError),
+}
+
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(e)
+    }
 }
 
 impl Error {
@@ -209,6 +219,7 @@ impl fmt::Display for Error {
                 write!(f, "unsupported scheme in {url:?} (only http and https)")
             }
             Error::InvalidRequest { reason } => write!(f, "invalid request: {reason}"),
+            Error::Config(e) => e.fmt(f),
             Error::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
             Error::ConnectTimeout { addr, after } => {
                 write!(f, "connecting to {addr} took longer than {after:?}")
@@ -268,6 +279,7 @@ impl StdError for Error {
             | Error::File { source, .. } => Some(source),
             Error::Transport { source, .. } | Error::Body { source } => Some(&**source),
             Error::Encode { source } | Error::Json { source, .. } => Some(source),
+            Error::Config(e) => Some(e),
             _ => None,
         }
     }

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -28,9 +28,13 @@ use smol_hyper::rt::FuturesIo;
 use super::body::Body;
 use super::client::{self, Client, Redirects, ResponseFuture, SendOnce};
 use super::error::Error;
+use crate::ConfigError;
 use crate::resilience::timeout_on;
 use crate::runtime::{Clock, Spawn, SystemClock, default_spawner};
 use crate::sync::lock_std as lock;
+
+/// The per-host connection cap of a default [`HyperClient`].
+pub(crate) const DEFAULT_PER_HOST: usize = 16;
 
 /// The default backend: HTTP/1.1 over TCP or rustls (ring), with a
 /// connection pool.
@@ -61,14 +65,20 @@ use crate::sync::lock_std as lock;
 ///
 /// # Default
 ///
-/// - 16 connections per host
+/// - 16 connections per host, keep-alive on
 /// - idle timeout 90 s
 /// - connect timeout 10 s, no response timeout
 /// - 10 redirects
 /// - `User-Agent: smolkit/<version>` unless the request sets one
 ///
-/// [`max_connections_per_host`]: HyperClientBuilder::max_connections_per_host
-/// [`idle_timeout`]: HyperClientBuilder::idle_timeout
+/// [`max_connections_per_host`]: HyperClientBuilder::with_max_connections_per_host
+/// [`idle_timeout`]: HyperClientBuilder::with_idle_timeout
+///
+/// # Drop behavior
+///
+/// Dropping the last handle (or [`close`](HyperClient::close)) closes the
+/// idle connections at once and ends their tasks; a response still being
+/// read keeps its connection until its body is done or dropped.
 ///
 /// # Examples
 ///
@@ -90,6 +100,10 @@ pub struct HyperClient {
 
 struct Inner {
     max_per_host: usize,
+    keep_alive: bool,
+    /// Set by [`HyperClient::close`] and when the last handle is dropped:
+    /// no new requests, and connections are closed instead of pooled.
+    closed: Arc<AtomicBool>,
     idle_timeout: Duration,
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
@@ -161,15 +175,56 @@ impl Default for HyperClient {
     }
 }
 
+impl Inner {
+    /// Closes every idle connection (their tasks end once hyper sees the
+    /// sender gone) and wakes every waiter.
+    fn close_idle(&self) {
+        let hosts: Vec<Arc<Host>> = lock(&self.hosts).values().cloned().collect();
+        for host in hosts {
+            let idle = std::mem::take(&mut *lock(&host.idle));
+            // NOTE: dropped outside the lock: a slot's drop notifies.
+            drop(idle);
+            host.event.notify(usize::MAX);
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // NOTE: an idle connection holds its host (`Pooled` → `Slot` →
+        // `Arc<Host>`) and the host holds the idle list, a cycle that
+        // would keep every idle socket and its task alive forever.
+        self.closed.store(true, Ordering::Release);
+        self.close_idle();
+    }
+}
+
 impl HyperClient {
     /// A client with the defaults.
     pub fn new() -> Self {
-        HyperClient::builder().build()
+        HyperClient::builder()
+            .build()
+            .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}"))
     }
 
     /// A builder.
     pub fn builder() -> HyperClientBuilder {
         HyperClientBuilder::default()
+    }
+
+    /// Stops the client: requests sent from now on fail with
+    /// [`Error::Closed`], requests waiting for a connection fail too, idle
+    /// connections are closed at once, and a connection whose response is
+    /// still being read closes when its body is done instead of going back
+    /// to the pool. Dropping the last handle does the same.
+    pub fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        self.inner.close_idle();
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
     }
 
     /// A snapshot of the pool.
@@ -248,6 +303,9 @@ impl HyperClient {
     async fn checkout(&self, key: &(String, String, u16)) -> Result<(Pooled, bool), Error> {
         let host = self.host(key);
         loop {
+            if self.is_closed() {
+                return Err(Error::Closed);
+            }
             if let Some(p) = self.take_idle(&host) {
                 return Ok((p, true));
             }
@@ -424,8 +482,10 @@ impl HyperClient {
     ) -> Response<Body> {
         let (parts, incoming) = response.into_parts();
         let clock = self.inner.clock.clone();
+        let closed = self.inner.closed.clone();
+        let keep_alive = self.inner.keep_alive;
         let give_back = move || {
-            if pooled.sender.is_closed() {
+            if !keep_alive || pooled.sender.is_closed() || closed.load(Ordering::Acquire) {
                 return;
             }
             pooled.idle_since = clock.now();
@@ -471,6 +531,7 @@ impl fmt::Debug for HyperClient {
 /// Configures a [`HyperClient`]. See its `# Default` section.
 pub struct HyperClientBuilder {
     max_per_host: usize,
+    keep_alive: bool,
     idle_timeout: Duration,
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
@@ -485,7 +546,8 @@ pub struct HyperClientBuilder {
 impl Default for HyperClientBuilder {
     fn default() -> Self {
         HyperClientBuilder {
-            max_per_host: 16,
+            max_per_host: DEFAULT_PER_HOST,
+            keep_alive: true,
             idle_timeout: Duration::from_secs(90),
             connect_timeout: Some(Duration::from_secs(10)),
             response_timeout: None,
@@ -500,36 +562,46 @@ impl Default for HyperClientBuilder {
 }
 
 impl HyperClientBuilder {
-    /// The cap on open connections per `(scheme, host, port)`; 0 is taken
-    /// as 1.
-    pub fn max_connections_per_host(mut self, n: usize) -> Self {
-        self.max_per_host = n.max(1);
+    /// The cap on open connections per `(scheme, host, port)`. Zero is
+    /// refused by [`build`](Self::build).
+    pub fn with_max_connections_per_host(mut self, n: usize) -> Self {
+        self.max_per_host = n;
+        self
+    }
+
+    /// Whether a connection is reused after its response (default `true`).
+    /// Off: every request opens a connection and closes it once its body
+    /// is read.
+    pub fn with_keep_alive(mut self, on: bool) -> Self {
+        self.keep_alive = on;
         self
     }
 
     /// How long a connection may sit idle before it is closed instead of
     /// reused.
-    pub fn idle_timeout(mut self, after: Duration) -> Self {
+    pub fn with_idle_timeout(mut self, after: Duration) -> Self {
         self.idle_timeout = after;
         self
     }
 
     /// The limit on opening a connection (TCP and TLS); `None` for none.
-    pub fn connect_timeout(mut self, after: Option<Duration>) -> Self {
+    pub fn with_connect_timeout(mut self, after: impl Into<Option<Duration>>) -> Self {
+        let after = after.into();
         self.connect_timeout = after;
         self
     }
 
     /// The limit from sending a request to its response head (including
     /// the wait for a pooled connection); `None` for none.
-    pub fn response_timeout(mut self, after: Option<Duration>) -> Self {
+    pub fn with_response_timeout(mut self, after: impl Into<Option<Duration>>) -> Self {
+        let after = after.into();
         self.response_timeout = after;
         self
     }
 
     /// How many redirects to follow; 0 returns redirect responses as they
     /// are.
-    pub fn max_redirects(mut self, n: usize) -> Self {
+    pub fn with_max_redirects(mut self, n: usize) -> Self {
         self.redirects = n;
         self
     }
@@ -566,37 +638,44 @@ impl HyperClientBuilder {
     /// Uses this rustls configuration as it is (roots, client
     /// certificates, ALPN); extra roots given to the builder are ignored.
     /// Build it with the ring provider only.
-    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+    pub fn with_tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
         self.tls = Some(config);
         self
     }
 
     /// Where connection tasks run.
-    pub fn spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
-        self.spawner = spawner;
+    pub fn with_spawner(mut self, spawner: impl Spawn + 'static) -> Self {
+        self.spawner = Arc::new(spawner);
         self
     }
 
     /// The clock for timeouts and idle expiry.
-    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
     }
 
     /// The `User-Agent` sent when a request has none.
-    pub fn user_agent(mut self, value: HeaderValue) -> Self {
+    pub fn with_user_agent(mut self, value: HeaderValue) -> Self {
         self.user_agent = value;
         self
     }
 
     /// The client.
-    pub fn build(self) -> HyperClient {
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming `max_connections_per_host` when it is zero.
+    pub fn build(self) -> Result<HyperClient, ConfigError> {
+        let max_per_host = ConfigError::nonzero("max_connections_per_host", self.max_per_host)?;
         let tls = self
             .tls
             .unwrap_or_else(|| Arc::new(tls_config(&self.extra_roots)));
-        HyperClient {
+        Ok(HyperClient {
             inner: Arc::new(Inner {
-                max_per_host: self.max_per_host,
+                max_per_host,
+                keep_alive: self.keep_alive,
+                closed: Arc::new(AtomicBool::new(false)),
                 idle_timeout: self.idle_timeout,
                 connect_timeout: self.connect_timeout,
                 response_timeout: self.response_timeout,
@@ -610,7 +689,7 @@ impl HyperClientBuilder {
                 hosts: Mutex::new(HashMap::new()),
                 stats: Counters::default(),
             }),
-        }
+        })
     }
 }
 

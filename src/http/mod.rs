@@ -21,7 +21,10 @@ pub(crate) mod hyper;
 #[cfg(feature = "surf")]
 mod surf;
 
-pub use self::api::{ApiClient, ApiClientBuilder, ApiRequest, ApiResponse, ApiStats};
+pub use self::api::{
+    ApiClassifier, ApiClient, ApiClientBuilder, ApiRequest, ApiResponse, ApiStats,
+    default_classifier,
+};
 pub use self::body::{Body, BodyReader};
 pub use self::client::{Client, ResponseFuture};
 pub use self::error::{BoxError, Error};

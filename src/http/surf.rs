@@ -42,7 +42,7 @@ impl SurfClient {
     }
 
     /// How many redirects to follow; 0 returns them as they are.
-    pub fn max_redirects(mut self, n: usize) -> Self {
+    pub fn with_max_redirects(mut self, n: usize) -> Self {
         self.redirects = Redirects { limit: n };
         self
     }

@@ -26,8 +26,9 @@ use std::fmt;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::error::{AcquireError, ConfigError};
+use super::error::AcquireError;
 use super::semaphore::{Semaphore, SemaphoreGuardArc};
+use crate::ConfigError;
 use crate::runtime::{Clock, SystemClock};
 
 /// How a call ended, for the limit's purposes.
@@ -117,14 +118,10 @@ impl Aimd {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::OutOfRange`] unless `0.0 < ratio < 1.0`.
+    /// [`ConfigError`] unless `0.0 < ratio < 1.0`.
     pub fn with_backoff(mut self, ratio: f64) -> Result<Self, ConfigError> {
         if !(ratio > 0.0 && ratio < 1.0) {
-            return Err(ConfigError::OutOfRange {
-                name: "backoff",
-                value: ratio,
-                range: "(0, 1)",
-            });
+            return Err(ConfigError::new("backoff", ratio, "must be in (0, 1)"));
         }
         self.backoff = ratio;
         Ok(self)
@@ -219,14 +216,14 @@ impl Gradient {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::OutOfRange`] unless `1.0 <= tolerance <= 10.0`.
+    /// [`ConfigError`] unless `1.0 <= tolerance <= 10.0`.
     pub fn with_tolerance(mut self, tolerance: f64) -> Result<Self, ConfigError> {
         if !(1.0..=10.0).contains(&tolerance) {
-            return Err(ConfigError::OutOfRange {
-                name: "tolerance",
-                value: tolerance,
-                range: "[1, 10]",
-            });
+            return Err(ConfigError::new(
+                "tolerance",
+                tolerance,
+                "must be in [1, 10]",
+            ));
         }
         self.tolerance = tolerance;
         Ok(self)
@@ -242,14 +239,14 @@ impl Gradient {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::OutOfRange`] unless `0.0 < smoothing <= 1.0`.
+    /// [`ConfigError`] unless `0.0 < smoothing <= 1.0`.
     pub fn with_smoothing(mut self, smoothing: f64) -> Result<Self, ConfigError> {
         if !(smoothing > 0.0 && smoothing <= 1.0) {
-            return Err(ConfigError::OutOfRange {
-                name: "smoothing",
-                value: smoothing,
-                range: "(0, 1]",
-            });
+            return Err(ConfigError::new(
+                "smoothing",
+                smoothing,
+                "must be in (0, 1]",
+            ));
         }
         self.smoothing = smoothing;
         Ok(self)
@@ -352,7 +349,7 @@ impl AdaptiveLimit {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] if `min` is zero; [`ConfigError::MinAboveMax`]
+    /// [`ConfigError`] if `min` is zero; [`ConfigError`]
     /// if `min > max`. `initial` is clamped into `[min, max]`.
     pub fn new(
         initial: usize,
@@ -361,10 +358,10 @@ impl AdaptiveLimit {
         algorithm: impl Into<Algorithm>,
     ) -> Result<Self, ConfigError> {
         if min == 0 {
-            return Err(ConfigError::Zero("min"));
+            return Err(ConfigError::zero("min"));
         }
         if min > max {
-            return Err(ConfigError::MinAboveMax { min, max });
+            return Err(ConfigError::min_above_max("min/max", min, max));
         }
         let initial = initial.clamp(min, max);
         Ok(AdaptiveLimit {
@@ -428,7 +425,7 @@ impl AdaptiveLimit {
     ///
     /// As [`Semaphore::acquire`].
     pub async fn acquire(&self) -> Result<Token<'_>, AcquireError> {
-        let guard = self.sem.acquire_arc(1).await?;
+        let guard = self.sem.acquire_arc().await?;
         Ok(Token {
             limit: self,
             started: self.clock.now(),

@@ -26,6 +26,6 @@ mod semaphore;
 pub use adaptive::{
     AdaptiveLimit, AdaptiveStats, Aimd, Algorithm, Gradient, Outcome, Sample, Token,
 };
-pub use error::{AcquireError, ConfigError, RateLimitError, TryAcquireError};
+pub use error::{AcquireError, RateLimitError, TryAcquireError};
 pub use rate::{KeyedRateLimiter, Quota, RateLimiter};
 pub use semaphore::{Acquire, AcquireArc, Semaphore, SemaphoreGuard, SemaphoreGuardArc};

@@ -18,8 +18,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use super::error::{ConfigError, RateLimitError};
+use super::error::RateLimitError;
 use super::semaphore::Semaphore;
+use crate::ConfigError;
 use crate::runtime::{Clock, SystemClock};
 
 /// How many cells per period, and how many at once.
@@ -47,13 +48,13 @@ impl Quota {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] if `rate` or `period` is zero.
+    /// [`ConfigError`] if `rate` or `period` is zero.
     pub fn new(rate: u32, period: Duration) -> Result<Self, ConfigError> {
         if rate == 0 {
-            return Err(ConfigError::Zero("rate"));
+            return Err(ConfigError::zero("rate"));
         }
         if period.is_zero() {
-            return Err(ConfigError::Zero("period"));
+            return Err(ConfigError::zero("period"));
         }
         Ok(Quota {
             rate,
@@ -66,7 +67,7 @@ impl Quota {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] if `rate` is zero.
+    /// [`ConfigError`] if `rate` is zero.
     pub fn per_second(rate: u32) -> Result<Self, ConfigError> {
         Quota::new(rate, Duration::from_secs(1))
     }
@@ -75,10 +76,10 @@ impl Quota {
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] if `burst` is zero.
+    /// [`ConfigError`] if `burst` is zero.
     pub fn with_burst(mut self, burst: u32) -> Result<Self, ConfigError> {
         if burst == 0 {
-            return Err(ConfigError::Zero("burst"));
+            return Err(ConfigError::zero("burst"));
         }
         self.burst = burst;
         Ok(self)
@@ -296,7 +297,7 @@ impl RateLimiter {
         }
         let _turn = self
             .turnstile
-            .acquire(1)
+            .acquire()
             .await
             .expect("the turnstile is never closed and has capacity 1");
         loop {

@@ -103,11 +103,11 @@ type Wakers = Vec<Waker>;
 ///
 /// let sem = Semaphore::new(3);
 /// smol::block_on(async {
-///     let a = sem.acquire(2).await.unwrap();
+///     let a = sem.acquire_many(2).await.unwrap();
 ///     assert_eq!(sem.available(), 1);
-///     assert!(sem.try_acquire(2).is_err());
+///     assert!(sem.try_acquire_many(2).is_err());
 ///     drop(a);
-///     let _b = sem.try_acquire(3).unwrap();
+///     let _b = sem.try_acquire_many(3).unwrap();
 ///     assert_eq!(sem.in_use(), 3);
 /// });
 /// ```
@@ -166,7 +166,7 @@ impl Semaphore {
     /// waiters are queued, [`TryAcquireError::Closed`],
     /// [`TryAcquireError::TooLarge`] when `n` exceeds the capacity.
     #[inline]
-    pub fn try_acquire(&self, n: usize) -> Result<SemaphoreGuard<'_>, TryAcquireError> {
+    pub fn try_acquire_many(&self, n: usize) -> Result<SemaphoreGuard<'_>, TryAcquireError> {
         self.try_take(n)?;
         Ok(SemaphoreGuard {
             sem: self,
@@ -174,12 +174,33 @@ impl Semaphore {
         })
     }
 
+    /// Takes one permit now, or fails without waiting.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_acquire_many`](Semaphore::try_acquire_many).
+    #[inline]
+    pub fn try_acquire(&self) -> Result<SemaphoreGuard<'_>, TryAcquireError> {
+        self.try_acquire_many(1)
+    }
+
     /// [`try_acquire`](Semaphore::try_acquire) with an owned guard.
     ///
     /// # Errors
     ///
-    /// As [`try_acquire`](Semaphore::try_acquire).
+    /// As [`try_acquire_many`](Semaphore::try_acquire_many).
     pub fn try_acquire_arc(
+        self: &std::sync::Arc<Self>,
+    ) -> Result<SemaphoreGuardArc, TryAcquireError> {
+        self.try_acquire_many_arc(1)
+    }
+
+    /// [`try_acquire_many`](Semaphore::try_acquire_many) with an owned guard.
+    ///
+    /// # Errors
+    ///
+    /// As [`try_acquire_many`](Semaphore::try_acquire_many).
+    pub fn try_acquire_many_arc(
         self: &std::sync::Arc<Self>,
         n: usize,
     ) -> Result<SemaphoreGuardArc, TryAcquireError> {
@@ -232,11 +253,25 @@ impl Semaphore {
     /// Dropping the future before it completes gives back the permits it
     /// had collected and keeps the queue order of everyone else.
     #[inline]
-    pub fn acquire(&self, n: usize) -> Acquire<'_> {
+    pub fn acquire_many(&self, n: usize) -> Acquire<'_> {
         Acquire {
             sem: self,
             inner: AcquireState::new(n),
         }
+    }
+
+    /// Waits for one permit, in FIFO order.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire_many`](Semaphore::acquire_many).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`acquire_many`](Semaphore::acquire_many).
+    #[inline]
+    pub fn acquire(&self) -> Acquire<'_> {
+        self.acquire_many(1)
     }
 
     /// [`acquire`](Semaphore::acquire) with an owned guard that can move
@@ -244,23 +279,42 @@ impl Semaphore {
     ///
     /// # Errors
     ///
-    /// As [`acquire`](Semaphore::acquire).
+    /// As [`acquire_many`](Semaphore::acquire_many).
     ///
     /// # Cancel safety
     ///
-    /// As [`acquire`](Semaphore::acquire).
-    pub fn acquire_arc(self: &std::sync::Arc<Self>, n: usize) -> AcquireArc {
+    /// As [`acquire_many`](Semaphore::acquire_many).
+    pub fn acquire_arc(self: &std::sync::Arc<Self>) -> AcquireArc {
+        self.acquire_many_arc(1)
+    }
+
+    /// [`acquire_many`](Semaphore::acquire_many) with an owned guard that
+    /// can move into a spawned task.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire_many`](Semaphore::acquire_many).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`acquire_many`](Semaphore::acquire_many).
+    pub fn acquire_many_arc(self: &std::sync::Arc<Self>, n: usize) -> AcquireArc {
         AcquireArc {
             sem: self.clone(),
             inner: AcquireState::new(n),
         }
     }
 
-    /// Runs `f` while holding `n` permits: the seeds' `async with limiter`.
+    /// Runs `f` while holding one permit: the seeds' `async with limiter`.
     ///
     /// # Errors
     ///
-    /// As [`acquire`](Semaphore::acquire); `f` is not called then.
+    /// As [`acquire_many`](Semaphore::acquire_many); `f` is not called then.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future gives the permit back (or leaves the queue),
+    /// and drops `f`'s future if it had started.
     ///
     /// # Examples
     ///
@@ -268,15 +322,32 @@ impl Semaphore {
     /// use smolkit::limit::Semaphore;
     ///
     /// let sem = Semaphore::new(10);
-    /// let out = smol::block_on(sem.run(1, || async { 6 * 7 }));
+    /// let out = smol::block_on(sem.run(|| async { 6 * 7 }));
     /// assert_eq!(out, Ok(42));
     /// ```
-    pub async fn run<F, Fut>(&self, n: usize, f: F) -> Result<Fut::Output, AcquireError>
+    pub async fn run<F, Fut>(&self, f: F) -> Result<Fut::Output, AcquireError>
     where
         F: FnOnce() -> Fut,
         Fut: Future,
     {
-        let _guard = self.acquire(n).await?;
+        self.run_many(1, f).await
+    }
+
+    /// Runs `f` while holding `n` permits.
+    ///
+    /// # Errors
+    ///
+    /// As [`acquire_many`](Semaphore::acquire_many); `f` is not called then.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`run`](Semaphore::run).
+    pub async fn run_many<F, Fut>(&self, n: usize, f: F) -> Result<Fut::Output, AcquireError>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future,
+    {
+        let _guard = self.acquire_many(n).await?;
         Ok(f().await)
     }
 

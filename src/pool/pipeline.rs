@@ -91,7 +91,7 @@ struct Elem<T> {
 /// ```
 /// use smolkit::pool::Stage;
 ///
-/// let stage = Stage::new("fetch").with_concurrency(8).ordered();
+/// let stage = Stage::new("fetch").with_concurrency(8).with_ordered(true);
 /// assert_eq!(stage.name(), "fetch");
 /// ```
 #[derive(Debug, Clone)]
@@ -123,8 +123,8 @@ impl Stage {
 
     /// Keeps the input order at the output (`map` and `cpu_map` only; the
     /// other stages keep order at concurrency 1).
-    pub fn ordered(mut self) -> Self {
-        self.ordered = true;
+    pub fn with_ordered(mut self, ordered: bool) -> Self {
+        self.ordered = ordered;
         self
     }
 
@@ -260,11 +260,11 @@ impl Tracker {
     }
 
     async fn admit(&self) {
-        match self.window.try_acquire(1) {
+        match self.window.try_acquire() {
             Ok(g) => g.forget(),
             // NOTE: the window is never closed, so an error cannot happen.
             Err(_) => {
-                if let Ok(g) = self.window.acquire(1).await {
+                if let Ok(g) = self.window.acquire().await {
                     g.forget()
                 }
             }
@@ -643,7 +643,7 @@ enum Source<T> {
 /// smol::block_on(async {
 ///     let mut out = Vec::new();
 ///     let report = Pipeline::from_stream(futures_lite::stream::iter(1..=10u32))
-///         .map(Stage::new("halve").with_concurrency(4).ordered(), |x| async move {
+///         .map(Stage::new("halve").with_concurrency(4).with_ordered(true), |x| async move {
 ///             if x % 2 == 0 { Ok(x / 2) } else { Err(format!("{x} is odd")) }
 ///         })
 ///         .batch("pairs", 2, std::time::Duration::from_secs(1))

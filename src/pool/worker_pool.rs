@@ -16,7 +16,8 @@ use futures_lite::{FutureExt, Stream, StreamExt};
 
 use super::error::{JobError, SubmitError, TrySubmitError};
 use super::oneshot;
-use crate::limit::{ConfigError, Semaphore, SemaphoreGuardArc};
+use crate::ConfigError;
+use crate::limit::{Semaphore, SemaphoreGuardArc};
 use crate::runtime::{
     Clock, JoinHandle, Spawn, SpawnExt, SystemClock, default_spawner, panic_message,
 };
@@ -303,18 +304,20 @@ where
     ///
     /// # Errors
     ///
-    /// [`ConfigError::Zero`] for a zero capacity or an autoscale maximum of
-    /// zero; [`ConfigError::MinAboveMax`] for an autoscale minimum above
+    /// [`ConfigError`] for a zero capacity or an autoscale maximum of
+    /// zero; [`ConfigError`] for an autoscale minimum above
     /// its maximum.
     pub fn build(self) -> Result<WorkerPool<I, O, E>, ConfigError> {
         if self.capacity == 0 {
-            return Err(ConfigError::Zero("worker pool capacity"));
+            return Err(ConfigError::zero("capacity"));
         }
         let mut workers = self.workers;
         let autoscale = match self.autoscale {
             None => None,
-            Some((_, 0)) => return Err(ConfigError::Zero("autoscale maximum")),
-            Some((min, max)) if min > max => return Err(ConfigError::MinAboveMax { min, max }),
+            Some((_, 0)) => return Err(ConfigError::zero("autoscale max")),
+            Some((min, max)) if min > max => {
+                return Err(ConfigError::min_above_max("autoscale", min, max));
+            }
             Some((min, max)) => {
                 workers = workers.clamp(min, max);
                 Some(Autoscale {
@@ -449,7 +452,7 @@ where
             let mut seq = 0u64;
             while let Some(item) = items.next().await {
                 // NOTE: the semaphore is never closed, so this cannot fail.
-                let permit = permits.acquire_arc(1).await.ok();
+                let permit = permits.acquire_arc().await.ok();
                 let job = Job {
                     item: item.clone(),
                     reply: Reply::Stream {

@@ -4,7 +4,7 @@ use std::fmt;
 use std::hash::{BuildHasher, RandomState};
 use std::time::Duration;
 
-use super::error::BackoffError;
+use crate::ConfigError;
 
 /// How the delays grow before jitter.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -44,7 +44,8 @@ pub struct BackoffBuilder {
 }
 
 impl BackoffBuilder {
-    /// The largest delay; later delays stay at it.
+    /// The largest delay; later delays stay at it. A cap below the first
+    /// delay makes every delay the cap.
     pub fn with_max_delay(mut self, cap: Duration) -> Self {
         self.max_delay = Some(cap);
         self
@@ -68,44 +69,45 @@ impl BackoffBuilder {
         self
     }
 
-    /// For exponential growth: the multiplier per attempt.
-    pub fn with_factor(mut self, factor: f64) -> Self {
-        if let Growth::Exponential { .. } = self.growth {
-            self.growth = Growth::Exponential { factor };
-        }
-        self
-    }
-
-    /// Checks the configuration and builds the schedule.
+    /// For exponential growth: the multiplier per attempt (ignored by
+    /// constant and linear schedules).
     ///
     /// # Errors
     ///
-    /// [`BackoffError::Factor`] for an exponential factor that is not a
-    /// finite number ≥ 1; [`BackoffError::CapBelowBase`] when the maximum
-    /// delay is below the first delay.
-    pub fn build(self) -> Result<Backoff, BackoffError> {
-        if let Growth::Exponential { factor } = self.growth
-            && !(factor.is_finite() && factor >= 1.0)
-        {
-            return Err(BackoffError::Factor(factor));
+    /// [`ConfigError`] naming `factor` unless it is a finite number ≥ 1.
+    pub fn with_factor(mut self, factor: f64) -> Result<Self, ConfigError> {
+        if !(factor.is_finite() && factor >= 1.0) {
+            return Err(ConfigError::new(
+                "factor",
+                factor,
+                "must be a finite number >= 1",
+            ));
         }
-        if let Some(cap) = self.max_delay
-            && cap < self.base
-        {
-            return Err(BackoffError::CapBelowBase {
-                base: self.base,
-                cap,
-            });
+        if let Growth::Exponential { .. } = self.growth {
+            self.growth = Growth::Exponential { factor };
         }
+        Ok(self)
+    }
+
+    /// Builds the schedule. Every setting was checked when it was set, so
+    /// this cannot fail; anything that takes a backoff takes
+    /// `impl Into<Backoff>`, so a builder can be passed without it.
+    pub fn build(self) -> Backoff {
         let seed = self
             .seed
             .unwrap_or_else(|| RandomState::new().hash_one(std::time::Instant::now()));
-        Ok(Backoff {
+        Backoff {
             config: self,
             attempt: 0,
             prev: self.base,
             rng: SplitMix64(seed),
-        })
+        }
+    }
+}
+
+impl From<BackoffBuilder> for Backoff {
+    fn from(builder: BackoffBuilder) -> Self {
+        builder.build()
     }
 }
 
@@ -132,7 +134,6 @@ impl BackoffBuilder {
 /// let delays: Vec<_> = Backoff::exponential(s(1))
 ///     .with_max_delay(s(10))
 ///     .build()
-///     .unwrap()
 ///     .take(6)
 ///     .collect();
 /// assert_eq!(delays, [s(1), s(2), s(4), s(8), s(10), s(10)]);
@@ -193,6 +194,9 @@ impl Backoff {
     fn plain(&self, n: u32) -> Duration {
         let c = &self.config;
         let d = match c.growth {
+            // NOTE: a zero base stays zero (0 × factor^n would be 0 × inf =
+            // NaN once factor^n overflows).
+            _ if c.base.is_zero() && !matches!(c.growth, Growth::Linear { .. }) => Duration::ZERO,
             Growth::Constant => c.base,
             Growth::Linear { step } => c.base.saturating_add(step.saturating_mul(n)),
             Growth::Exponential { factor } => {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::backoff::Backoff;
 use super::error::{BreakerError, Rejected};
 use super::timeout::SharedClock;
-use crate::limit::ConfigError;
+use crate::ConfigError;
 use crate::runtime::{Clock, SystemClock};
 
 /// A breaker's state.
@@ -130,7 +130,8 @@ impl BreakerBuilder {
 
     /// The open duration of each trip in a row, from `backoff` (it starts
     /// over once the breaker closes).
-    pub fn with_open_backoff(mut self, backoff: Backoff) -> Self {
+    pub fn with_open_backoff(mut self, backoff: impl Into<Backoff>) -> Self {
+        let backoff = backoff.into();
         self.open = Some(backoff);
         self
     }
@@ -156,42 +157,41 @@ impl BreakerBuilder {
     pub fn build(self) -> Result<CircuitBreaker, ConfigError> {
         let rate_ok = |r: f64| r > 0.0 && r <= 1.0;
         if !rate_ok(self.failure_rate) {
-            return Err(ConfigError::OutOfRange {
-                name: "failure_rate",
-                value: self.failure_rate,
-                range: "(0, 1]",
-            });
+            return Err(ConfigError::new(
+                "failure_rate",
+                self.failure_rate,
+                "must be in (0, 1]",
+            ));
         }
         if !rate_ok(self.slow_rate) {
-            return Err(ConfigError::OutOfRange {
-                name: "slow_rate",
-                value: self.slow_rate,
-                range: "(0, 1]",
-            });
+            return Err(ConfigError::new(
+                "slow_rate",
+                self.slow_rate,
+                "must be in (0, 1]",
+            ));
         }
         match self.window {
-            Window::Count(0) => return Err(ConfigError::Zero("window count")),
+            Window::Count(0) => return Err(ConfigError::zero("window count")),
             Window::Time { size, .. } if size.is_zero() => {
-                return Err(ConfigError::Zero("window size"));
+                return Err(ConfigError::zero("window size"));
             }
-            Window::Time { buckets: 0, .. } => return Err(ConfigError::Zero("window buckets")),
+            Window::Time { buckets: 0, .. } => return Err(ConfigError::zero("window buckets")),
             _ => {}
         }
         if self.min_calls == 0 {
-            return Err(ConfigError::Zero("min_calls"));
+            return Err(ConfigError::zero("min_calls"));
         }
         if self.probes == 0 {
-            return Err(ConfigError::Zero("half-open probes"));
+            return Err(ConfigError::zero("half-open probes"));
         }
         if self.successes == 0 {
-            return Err(ConfigError::Zero("half-open successes"));
+            return Err(ConfigError::zero("half-open successes"));
         }
         let open = match self.open.clone() {
             Some(b) => b,
             None => Backoff::exponential(Duration::from_secs(5))
                 .with_max_delay(Duration::from_secs(120))
-                .build()
-                .expect("the default open backoff is valid"),
+                .build(),
         };
         let now = self.clock.now();
         let window = WindowState::new(self.window, now);

@@ -6,36 +6,6 @@ use std::time::Duration;
 
 use crate::limit::{AcquireError, RateLimitError};
 
-/// A backoff configuration that cannot work.
-#[derive(Debug, Clone, Copy, PartialEq)]
-#[non_exhaustive]
-pub enum BackoffError {
-    /// The exponential factor is not a finite number ≥ 1.
-    Factor(f64),
-    /// The maximum delay is below the first delay.
-    CapBelowBase {
-        /// The first delay.
-        base: Duration,
-        /// The maximum delay given.
-        cap: Duration,
-    },
-}
-
-impl fmt::Display for BackoffError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            BackoffError::Factor(x) => {
-                write!(f, "backoff factor {x} is not a finite number >= 1")
-            }
-            BackoffError::CapBelowBase { base, cap } => {
-                write!(f, "maximum delay {cap:?} is below the first delay {base:?}")
-            }
-        }
-    }
-}
-
-impl Error for BackoffError {}
-
 /// A timeout or deadline passed before the future finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed {

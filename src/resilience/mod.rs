@@ -31,8 +31,7 @@ pub use breaker::{
     BreakerBuilder, BreakerMetrics, CallOutcome, CircuitBreaker, Permit, State, StateChange, Window,
 };
 pub use error::{
-    AttemptError, AttemptErrorRef, BackoffError, BreakerError, Elapsed, PolicyError, Rejected,
-    RetryError,
+    AttemptError, AttemptErrorRef, BreakerError, Elapsed, PolicyError, Rejected, RetryError,
 };
 pub use policy::{Policy, PolicyBuilder};
 pub use retry::{Classify, Decision, NoHook, OnRetry, Retry, RetryBudget, RetryErrors, RetryEvent};

@@ -43,7 +43,7 @@ use crate::runtime::{Clock, SystemClock};
 ///     .with_total_timeout(Duration::from_secs(5))
 ///     .with_concurrency_limit(8)
 ///     .with_breaker(CircuitBreaker::builder().build().unwrap())
-///     .with_retry(Retry::new().with_backoff(Backoff::constant(Duration::from_millis(1)).build().unwrap()))
+///     .with_retry(Retry::new().with_backoff(Backoff::constant(Duration::from_millis(1))))
 ///     .with_attempt_timeout(Duration::from_secs(1))
 ///     .build();
 /// let out = smol::block_on(policy.run(|| async { Ok::<_, std::io::Error>(42) }));
@@ -231,7 +231,7 @@ impl<C, H> Policy<C, H> {
                 .map_err(PolicyError::RateLimited)?;
         }
         let _slot = match &self.bulkhead {
-            Some(sem) => Some(sem.acquire(1).await.map_err(PolicyError::Bulkhead)?),
+            Some(sem) => Some(sem.acquire().await.map_err(PolicyError::Bulkhead)?),
             None => None,
         };
         let permit = match &self.breaker {

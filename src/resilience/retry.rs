@@ -136,7 +136,7 @@ impl<T, E> OnRetry<T, E> for NoHook {
 /// let calls = AtomicU32::new(0);
 /// let retry = Retry::new()
 ///     .with_max_attempts(5)
-///     .with_backoff(Backoff::constant(Duration::from_millis(1)).build().unwrap());
+///     .with_backoff(Backoff::constant(Duration::from_millis(1)));
 /// let out = smol::block_on(retry.run(|| async {
 ///     if calls.fetch_add(1, Ordering::SeqCst) < 2 { Err("flaky") } else { Ok("done") }
 /// }));
@@ -163,8 +163,7 @@ impl Retry {
             backoff: Backoff::exponential(Duration::from_millis(100))
                 .with_max_delay(Duration::from_secs(10))
                 .with_jitter(Jitter::Full)
-                .build()
-                .expect("the default backoff is valid"),
+                .build(),
             max_attempts: 3,
             max_elapsed: None,
             attempt_timeout: None,
@@ -191,7 +190,8 @@ impl<C, H> Retry<C, H> {
     }
 
     /// The delays between attempts. A schedule that ends stops retrying.
-    pub fn with_backoff(mut self, backoff: Backoff) -> Self {
+    pub fn with_backoff(mut self, backoff: impl Into<Backoff>) -> Self {
+        let backoff = backoff.into();
         self.backoff = backoff;
         self
     }
@@ -475,13 +475,9 @@ impl RetryBudget {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`](crate::limit::ConfigError) if `ttl` is zero or
+    /// [`ConfigError`](crate::ConfigError) if `ttl` is zero or
     /// `ratio` is not in `[0, 1000]`.
-    pub fn new(
-        ttl: Duration,
-        min_per_sec: u32,
-        ratio: f64,
-    ) -> Result<Self, crate::limit::ConfigError> {
+    pub fn new(ttl: Duration, min_per_sec: u32, ratio: f64) -> Result<Self, crate::ConfigError> {
         Self::with_clock(ttl, min_per_sec, ratio, Arc::new(SystemClock))
     }
 
@@ -495,16 +491,16 @@ impl RetryBudget {
         min_per_sec: u32,
         ratio: f64,
         clock: Arc<dyn Clock>,
-    ) -> Result<Self, crate::limit::ConfigError> {
+    ) -> Result<Self, crate::ConfigError> {
         if ttl.is_zero() {
-            return Err(crate::limit::ConfigError::Zero("ttl"));
+            return Err(crate::ConfigError::zero("ttl"));
         }
         if !(0.0..=1000.0).contains(&ratio) {
-            return Err(crate::limit::ConfigError::OutOfRange {
-                name: "ratio",
-                value: ratio,
-                range: "[0, 1000]",
-            });
+            return Err(crate::ConfigError::new(
+                "ratio",
+                ratio,
+                "must be in [0, 1000]",
+            ));
         }
         let now = clock.now();
         Ok(RetryBudget {

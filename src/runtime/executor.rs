@@ -1,5 +1,6 @@
 //! `Runtime`: the crate's own small, instrumented multi-threaded executor.
 
+use std::cell::RefCell;
 use std::fmt;
 use std::future::Future;
 use std::io;
@@ -15,6 +16,7 @@ use event_listener::{Event, Listener};
 use super::join::{CatchPanic, JoinHandle};
 use super::monitor::{Monitor, RuntimeStats, TaskInfo};
 use super::{BoxFuture, Spawn};
+use crate::ConfigError;
 
 /// How long [`Runtime::shutdown`] waits for worker threads to return after
 /// the remaining tasks were cancelled; a thread stuck in a blocking poll
@@ -41,8 +43,8 @@ pub struct Builder {
 #[derive(Debug)]
 #[non_exhaustive]
 pub enum BuildError {
-    /// `threads(0)` was asked for.
-    ZeroThreads,
+    /// A setting was refused (`with_threads(0)`).
+    Config(ConfigError),
     /// The operating system refused to start a worker thread.
     Spawn(io::Error),
 }
@@ -50,9 +52,7 @@ pub enum BuildError {
 impl fmt::Display for BuildError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            BuildError::ZeroThreads => {
-                f.write_str("a runtime needs at least one worker thread, got 0")
-            }
+            BuildError::Config(e) => e.fmt(f),
             BuildError::Spawn(_) => f.write_str("failed to start a worker thread"),
         }
     }
@@ -62,8 +62,37 @@ impl std::error::Error for BuildError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             BuildError::Spawn(e) => Some(e),
-            BuildError::ZeroThreads => None,
+            BuildError::Config(e) => Some(e),
         }
+    }
+}
+
+impl From<ConfigError> for BuildError {
+    fn from(e: ConfigError) -> Self {
+        BuildError::Config(e)
+    }
+}
+
+thread_local! {
+    /// The runtime whose worker thread this is, or whose `block_on` is
+    /// running on it.
+    static CURRENT: RefCell<Option<Handle>> = const { RefCell::new(None) };
+}
+
+/// Makes `handle` the current runtime of this thread until dropped.
+struct EnterGuard(Option<Handle>);
+
+impl EnterGuard {
+    fn enter(handle: Handle) -> Self {
+        EnterGuard(CURRENT.with(|c| c.replace(Some(handle))))
+    }
+}
+
+impl Drop for EnterGuard {
+    fn drop(&mut self) {
+        let prev = self.0.take();
+        // NOTE: `try_with`: during thread teardown the slot may be gone.
+        let _ = CURRENT.try_with(|c| *c.borrow_mut() = prev);
     }
 }
 
@@ -79,28 +108,28 @@ impl Builder {
     }
 
     /// The number of worker threads. `0` makes [`build`](Builder::build)
-    /// fail with [`BuildError::ZeroThreads`].
-    pub fn threads(mut self, n: usize) -> Self {
+    /// fail with a [`ConfigError`] naming `threads`.
+    pub fn with_threads(mut self, n: usize) -> Self {
         self.threads = Some(n);
         self
     }
 
     /// The worker thread name prefix.
-    pub fn thread_name(mut self, prefix: impl Into<String>) -> Self {
+    pub fn with_thread_name(mut self, prefix: impl Into<String>) -> Self {
         self.name = prefix.into();
         self
     }
 
     /// Turns the task registry and per-poll timing on or off. The counters
     /// of [`Runtime::stats`] are always kept.
-    pub fn monitor(mut self, on: bool) -> Self {
+    pub fn with_monitor(mut self, on: bool) -> Self {
         self.monitor = on;
         self
     }
 
     /// A poll that blocks its thread longer than this logs a `tracing`
     /// warning naming the task (needs the monitor).
-    pub fn slow_poll_threshold(mut self, threshold: Duration) -> Self {
+    pub fn with_slow_poll_threshold(mut self, threshold: Duration) -> Self {
         self.slow_poll = threshold;
         self
     }
@@ -113,12 +142,12 @@ impl Builder {
     ///
     /// # Errors
     ///
-    /// [`BuildError::ZeroThreads`] for `threads(0)`, [`BuildError::Spawn`]
+    /// [`BuildError::Config`] for `with_threads(0)`, [`BuildError::Spawn`]
     /// if a thread cannot be started (the threads already started are shut
     /// down).
     pub fn build(self) -> Result<Runtime, BuildError> {
         let threads = match self.threads {
-            Some(0) => return Err(BuildError::ZeroThreads),
+            Some(0) => return Err(ConfigError::zero("threads").into()),
             Some(n) => n,
             None => thread::available_parallelism().map_or(1, NonZeroUsize::get),
         };
@@ -142,6 +171,7 @@ impl Builder {
         };
         for i in 0..threads {
             let inner = rt.inner.clone().expect("set above");
+            let handle = rt.handle();
             let exited = rt.exited.clone();
             let dispatch = dispatch.clone();
             let spawned = thread::Builder::new()
@@ -149,6 +179,7 @@ impl Builder {
                 .spawn(move || {
                     let _exit = ExitSignal(exited, i);
                     let _trace = dispatch.as_ref().map(tracing::dispatcher::set_default);
+                    let _current = EnterGuard::enter(handle);
                     async_io::block_on(inner.ex.run(inner.stopped()));
                     // Drop our share of the executor before signalling exit,
                     // so that once every thread has exited, the executor is
@@ -266,7 +297,7 @@ pub struct ShutdownReport {
 /// ```
 /// use smolkit::runtime::Runtime;
 ///
-/// let rt = Runtime::builder().threads(2).build().unwrap();
+/// let rt = Runtime::builder().with_threads(2).build().unwrap();
 /// let task = rt.spawn_named("adder", async { 40 + 2 });
 /// assert_eq!(rt.block_on(task), Ok(42));
 /// assert_eq!(rt.stats().completed, 1);
@@ -300,10 +331,15 @@ impl Runtime {
     /// Runs `fut` to completion on the calling thread (tasks it spawns run
     /// on the worker threads) and returns its output.
     ///
+    /// While it runs, this runtime is the thread's current one
+    /// ([`Handle::try_current`]): components built inside `fut` without a
+    /// spawner spawn onto it.
+    ///
     /// # Panics
     ///
     /// Do not call it from inside an async task: it blocks the thread.
     pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
+        let _current = EnterGuard::enter(self.handle());
         async_io::block_on(fut)
     }
 
@@ -333,6 +369,13 @@ impl Runtime {
         Handle {
             inner: Arc::downgrade(self.inner()),
         }
+    }
+
+    /// The runtime as the `Arc<dyn Spawn>` that components take
+    /// (`with_spawner`). Like [`handle`](Runtime::handle), it does not keep
+    /// the runtime alive.
+    pub fn spawner(&self) -> Arc<dyn Spawn> {
+        Arc::new(self.handle())
     }
 
     /// A snapshot of the live tasks, in spawn order (empty when the monitor
@@ -469,6 +512,17 @@ pub struct Handle {
 }
 
 impl Handle {
+    /// The runtime this thread runs in: the one whose worker thread this
+    /// is, or whose [`block_on`](Runtime::block_on) is running here. `None`
+    /// elsewhere (tokio's `Handle::try_current`).
+    pub fn try_current() -> Option<Handle> {
+        CURRENT
+            .try_with(|c| c.borrow().clone())
+            .ok()
+            .flatten()
+            .filter(|h| h.inner.strong_count() > 0)
+    }
+
     /// Spawns a task on the runtime; if it has shut down, the handle
     /// reports [`JoinError::Cancelled`](super::JoinError::Cancelled).
     pub fn spawn<F>(&self, fut: F) -> JoinHandle<F::Output>

@@ -247,7 +247,7 @@ enum Inner<T> {
 /// ```
 /// use smolkit::runtime::{Runtime, JoinError};
 ///
-/// let rt = Runtime::builder().threads(1).build().unwrap();
+/// let rt = Runtime::builder().with_threads(1).build().unwrap();
 /// let ok = rt.spawn(async { 1 + 1 });
 /// let bad = rt.spawn(async { panic!("boom") });
 /// rt.block_on(async {

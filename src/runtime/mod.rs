@@ -149,7 +149,16 @@ impl fmt::Debug for dyn Spawn {
     }
 }
 
-/// The spawner components use when none is given: smol's global executor.
+/// The spawner components use when none is given: the current [`Runtime`]
+/// when called on one of its worker threads or inside its
+/// [`block_on`](Runtime::block_on) ([`Handle::try_current`]), smol's global
+/// executor elsewhere.
+///
+/// Components pick it when they are built, so a pool or client built inside
+/// a `Runtime` keeps its tasks there without a `with_spawner` call.
 pub fn default_spawner() -> Arc<dyn Spawn> {
-    Arc::new(SmolGlobal)
+    match Handle::try_current() {
+        Some(handle) => Arc::new(handle),
+        None => Arc::new(SmolGlobal),
+    }
 }

@@ -143,42 +143,42 @@ impl fmt::Debug for ChaosBuilder {
 
 impl ChaosBuilder {
     /// Serves `bytes` at `/files/{name}`.
-    pub fn file(mut self, name: &str, bytes: impl Into<Bytes>) -> Self {
+    pub fn with_file(mut self, name: &str, bytes: impl Into<Bytes>) -> Self {
         self.files.insert(name.to_owned(), bytes.into());
         self
     }
 
     /// Serves the files of `dir` at `/files/{name}` (no subfolders; names
     /// with `/` or `..` are refused).
-    pub fn dir(mut self, dir: impl Into<PathBuf>) -> Self {
+    pub fn with_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.dir = Some(dir.into());
         self
     }
 
     /// Serves HTTPS with a self-signed certificate for `localhost` and
     /// `127.0.0.1`, generated at start.
-    pub fn tls(mut self, on: bool) -> Self {
+    pub fn with_tls(mut self, on: bool) -> Self {
         self.tls = on;
         self
     }
 
     /// Binds this address instead of `127.0.0.1:0` (to restart a server
     /// on the port a client knows).
-    pub fn bind(mut self, addr: SocketAddr) -> Self {
+    pub fn with_addr(mut self, addr: SocketAddr) -> Self {
         self.addr = addr;
         self
     }
 
     /// How many WebSocket messages [`ChaosServer::ws_messages`] keeps
     /// (default 100 000; later ones are not logged). 0 for load tests.
-    pub fn ws_log_limit(mut self, n: usize) -> Self {
+    pub fn with_ws_log_limit(mut self, n: usize) -> Self {
         self.ws_log_limit = n;
         self
     }
 
     /// Where the server's tasks run (default: smol's global executor).
-    pub fn spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
-        self.spawner = spawner;
+    pub fn with_spawner(mut self, spawner: impl Spawn + 'static) -> Self {
+        self.spawner = Arc::new(spawner);
         self
     }
 

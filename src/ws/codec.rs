@@ -37,7 +37,7 @@ const BATCH_PREFIX: &[u8] = br#"{"type":"batch","payload":["#;
 /// ```
 /// use smolkit::ws::{Codec, Message};
 ///
-/// let codec = Codec::new().compress_above(Some(64));
+/// let codec = Codec::new().with_compress_above(Some(64));
 /// let big = Message::Text("x".repeat(10_000));
 /// let wire = codec.encode(big.clone());
 /// assert!(matches!(&wire, Message::Binary(b) if b.len() < 100));
@@ -76,25 +76,25 @@ impl Codec {
     }
 
     /// Compresses text messages longer than `threshold` bytes (`None`: off).
-    pub fn compress_above(mut self, threshold: Option<usize>) -> Self {
+    pub fn with_compress_above(mut self, threshold: Option<usize>) -> Self {
         self.compress_above = threshold;
         self
     }
 
     /// The zlib level, 0 (store) to 9 (smallest); default 1 (fastest).
-    pub fn compression_level(mut self, level: u32) -> Self {
+    pub fn with_compression_level(mut self, level: u32) -> Self {
         self.level = level.min(9);
         self
     }
 
     /// The most bytes one compressed frame may inflate to.
-    pub fn max_inflated(mut self, bytes: usize) -> Self {
+    pub fn with_max_inflated(mut self, bytes: usize) -> Self {
         self.max_inflated = bytes;
         self
     }
 
     /// The largest incoming message (and frame) the socket accepts.
-    pub fn max_message(mut self, bytes: usize) -> Self {
+    pub fn with_max_message(mut self, bytes: usize) -> Self {
         self.max_message = bytes;
         self
     }
@@ -252,7 +252,9 @@ mod tests {
 
     #[test]
     fn bomb_is_refused_within_the_cap() {
-        let codec = Codec::new().compress_above(Some(0)).max_inflated(1 << 20);
+        let codec = Codec::new()
+            .with_compress_above(Some(0))
+            .with_max_inflated(1 << 20);
         let wire = codec.encode(Message::Text("a".repeat(64 << 20)));
         assert!(wire.len() < 1 << 20, "zeros compress well: {}", wire.len());
         match codec.decode(wire) {

@@ -185,7 +185,7 @@ impl std::error::Error for Error {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SendError {
-    /// The outbox is full and its policy is [`Overflow::Error`](super::Overflow::Error).
+    /// The outbox is full and its policy is [`OutboxOverflow::Error`](super::Overflow::Error).
     Full(Message),
     /// The session is closed.
     Closed(Message),

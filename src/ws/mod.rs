@@ -11,15 +11,15 @@
 //! hook has re-subscribed.
 //!
 //! Nothing is lost silently: messages sent while disconnected wait in the
-//! outbox (bounded by count and bytes, with a chosen [`Overflow`] policy);
+//! outbox (bounded by count and bytes, with a chosen [`OutboxOverflow`] policy);
 //! messages written to a socket that then died are reported in an
-//! [`EventKind::Unconfirmed`] event (a pong after them confirms them), or,
+//! [`SessionEventKind::Unconfirmed`] event (a pong after them confirms them), or,
 //! in at-least-once mode, kept until the server acknowledges them and
 //! resent after a reconnect.
 //!
 //! [`Envelope<T>`] is the message shape (`type`, `payload`, `timestamp`,
 //! `id`); [`Codec`] compresses large text frames with zlib (bounded on
-//! inflation) and splits batch frames. [`Pool`] spreads sends over several
+//! inflation) and splits batch frames. [`SessionPool`] spreads sends over several
 //! sessions to one endpoint.
 //!
 //! # Compared with
@@ -39,8 +39,9 @@ mod session;
 pub use codec::Codec;
 pub use error::{Error, SendError};
 pub use message::{Envelope, Message};
-pub use outbox::Overflow;
-pub use pool::{Pool, PoolBuilder, Strategy};
+pub use outbox::OutboxOverflow;
+pub use pool::{SessionPool, SessionPoolBuilder, Strategy};
 pub use session::{
-    CloseReport, ConnectInfo, Event, EventKind, Session, SessionBuilder, SessionStats, State,
+    CloseReport, ConnectInfo, Session, SessionBuilder, SessionEvent, SessionEventKind,
+    SessionState, SessionStats,
 };

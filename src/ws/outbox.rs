@@ -9,13 +9,13 @@ use super::message::Frame;
 /// What to do when a message does not fit in the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
-pub enum Overflow {
+pub enum OutboxOverflow {
     /// `send` waits for room (`try_send` returns [`SendError::Full`](super::SendError::Full)).
     #[default]
     Wait,
     /// The oldest message is dropped (counted in
     /// [`SessionStats::dropped`](super::SessionStats::dropped) and reported
-    /// in a [`EventKind::Dropped`](super::EventKind::Dropped) event).
+    /// in a [`SessionEventKind::Dropped`](super::EventKind::Dropped) event).
     DropOldest,
     /// `send` returns [`SendError::Full`](super::SendError::Full) with the
     /// message.

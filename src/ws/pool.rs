@@ -7,11 +7,11 @@ use serde::Serialize;
 
 use super::session::Channels;
 use super::{
-    CloseReport, Envelope, Error, Event, Message, SendError, Session, SessionBuilder, SessionStats,
-    State,
+    CloseReport, Envelope, Error, Message, SendError, Session, SessionBuilder, SessionEvent,
+    SessionState, SessionStats,
 };
 
-/// How a [`Pool`] picks the session for a send.
+/// How a [`SessionPool`] picks the session for a send.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
 pub enum Strategy {
@@ -24,17 +24,17 @@ pub enum Strategy {
     LeastQueued,
 }
 
-/// Configures a [`Pool`].
+/// Configures a [`SessionPool`].
 #[derive(Debug, Clone)]
-pub struct PoolBuilder {
+pub struct SessionPoolBuilder {
     session: SessionBuilder,
     size: usize,
     strategy: Strategy,
 }
 
-impl PoolBuilder {
+impl SessionPoolBuilder {
     /// How sends pick a session (default round-robin).
-    pub fn strategy(mut self, strategy: Strategy) -> Self {
+    pub fn with_strategy(mut self, strategy: Strategy) -> Self {
         self.strategy = strategy;
         self
     }
@@ -45,7 +45,7 @@ impl PoolBuilder {
     ///
     /// [`Error::InvalidConfig`] for a size of zero, or the session
     /// builder's configuration error.
-    pub fn start(self) -> Result<Pool, Error> {
+    pub fn start(self) -> Result<SessionPool, Error> {
         if self.size == 0 {
             return Err(Error::InvalidConfig {
                 setting: "pool size",
@@ -71,7 +71,7 @@ impl PoolBuilder {
                 }
             }
         }
-        Ok(Pool {
+        Ok(SessionPool {
             sessions,
             strategy: self.strategy,
             next: AtomicUsize::new(0),
@@ -80,14 +80,14 @@ impl PoolBuilder {
         })
     }
 
-    /// [`start`](PoolBuilder::start), then waits until every session has
+    /// [`start`](SessionPoolBuilder::start), then waits until every session has
     /// connected once.
     ///
     /// # Errors
     ///
     /// As for `start`, or the first session error that ends a session
     /// before it connects.
-    pub async fn connect(self) -> Result<Pool, Error> {
+    pub async fn connect(self) -> Result<SessionPool, Error> {
         let pool = self.start()?;
         for s in &pool.sessions {
             s.wait_connected().await?;
@@ -104,11 +104,11 @@ impl PoolBuilder {
 ///
 /// ```
 /// use smolkit::testing::ChaosServer;
-/// use smolkit::ws::{Pool, Session};
+/// use smolkit::ws::{SessionPool, Session};
 ///
 /// # smol::block_on(async {
 /// let server = ChaosServer::start().await.unwrap();
-/// let pool = Pool::builder(Session::builder(&server.ws_url("/ws")), 3)
+/// let pool = SessionPool::builder(Session::builder(&server.ws_url("/ws")), 3)
 ///     .connect()
 ///     .await
 ///     .unwrap();
@@ -123,18 +123,18 @@ impl PoolBuilder {
 /// # });
 /// ```
 #[derive(Debug)]
-pub struct Pool {
+pub struct SessionPool {
     sessions: Vec<Session>,
     strategy: Strategy,
     next: AtomicUsize,
     incoming: Receiver<Message>,
-    events: Receiver<Event>,
+    events: Receiver<SessionEvent>,
 }
 
-impl Pool {
+impl SessionPool {
     /// A pool of `size` sessions built from `session`.
-    pub fn builder(session: SessionBuilder, size: usize) -> PoolBuilder {
-        PoolBuilder {
+    pub fn builder(session: SessionBuilder, size: usize) -> SessionPoolBuilder {
+        SessionPoolBuilder {
             session,
             size,
             strategy: Strategy::RoundRobin,
@@ -154,7 +154,7 @@ impl Pool {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
                 (0..n)
                     .map(|k| &self.sessions[(start + k) % n])
-                    .find(|s| s.state() == State::Connected)
+                    .find(|s| s.state() == SessionState::Connected)
                     .unwrap_or(&self.sessions[start % n])
             }
             Strategy::LeastQueued => {
@@ -199,7 +199,7 @@ impl Pool {
     }
 
     /// Every session's events as one stream.
-    pub fn events(&self) -> Receiver<Event> {
+    pub fn events(&self) -> Receiver<SessionEvent> {
         self.events.clone()
     }
 

@@ -27,10 +27,10 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{Codec, batch_frame};
 use super::message::{Envelope, Frame, Message};
-use super::outbox::{Entry, Outbox, Overflow, Refused};
+use super::outbox::{Entry, Outbox, OutboxOverflow, Refused};
 use super::{Error, SendError};
 use crate::http::hyper::{MaybeTls, tls_config};
-use crate::resilience::{Backoff, BackoffBuilder, Jitter};
+use crate::resilience::{Backoff, Jitter};
 use crate::runtime::{Clock, Sleep, Spawn, SpawnExt, SystemClock, default_spawner};
 use crate::sync::lock_std as lock;
 
@@ -45,7 +45,7 @@ type Hook = Arc<
 /// Where a session is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum State {
+pub enum SessionState {
     /// Opening a connection (TCP, TLS, upgrade, the `on_connect` hook).
     Connecting,
     /// Connected; the outbox flows.
@@ -56,32 +56,32 @@ pub enum State {
     Closed,
 }
 
-impl State {
-    fn from_u8(v: u8) -> State {
+impl SessionState {
+    fn from_u8(v: u8) -> SessionState {
         match v {
-            0 => State::Connecting,
-            1 => State::Connected,
-            2 => State::Reconnecting,
-            _ => State::Closed,
+            0 => SessionState::Connecting,
+            1 => SessionState::Connected,
+            2 => SessionState::Reconnecting,
+            _ => SessionState::Closed,
         }
     }
 }
 
 /// A state change or a report from a session, with the session's id (its
-/// index in a [`Pool`](super::Pool), 0 for a lone session).
+/// index in a [`SessionPool`](super::Pool), 0 for a lone session).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub struct Event {
+pub struct SessionEvent {
     /// Which session.
     pub session: usize,
     /// What happened.
-    pub kind: EventKind,
+    pub kind: SessionEventKind,
 }
 
-/// What an [`Event`] reports.
+/// What an [`SessionEvent`] reports.
 #[derive(Debug, Clone)]
 #[non_exhaustive]
-pub enum EventKind {
+pub enum SessionEventKind {
     /// Attempt `attempt` (1 for the first since the last connection).
     Connecting {
         /// The attempt number.
@@ -174,9 +174,9 @@ pub struct SessionStats {
     pub connections: u64,
     /// Connections made after the first.
     pub reconnects: u64,
-    /// Messages dropped by [`Overflow::DropOldest`].
+    /// Messages dropped by [`OutboxOverflow::DropOldest`].
     pub dropped: u64,
-    /// Messages reported in [`EventKind::Unconfirmed`].
+    /// Messages reported in [`SessionEventKind::Unconfirmed`].
     pub unconfirmed: u64,
     /// At-least-once: messages acknowledged by the server.
     pub acked: u64,
@@ -242,14 +242,14 @@ pub struct SessionBuilder {
     clock: Arc<dyn Clock>,
     spawner: Arc<dyn Spawn>,
     heartbeat: Option<(Duration, Duration)>,
-    backoff: BackoffBuilder,
+    backoff: Backoff,
     max_attempts: Option<u32>,
     give_up_after: Option<Duration>,
     connect_timeout: Option<Duration>,
     close_timeout: Duration,
     outbox_messages: usize,
     outbox_bytes: usize,
-    overflow: Overflow,
+    overflow: OutboxOverflow,
     at_least_once: bool,
     codec: Codec,
     batching: Option<Batching>,
@@ -266,7 +266,7 @@ pub struct SessionBuilder {
 #[derive(Clone)]
 pub(crate) struct Channels {
     pub(crate) incoming: (Sender<Message>, Receiver<Message>),
-    pub(crate) events: (Sender<Event>, Receiver<Event>),
+    pub(crate) events: (Sender<SessionEvent>, Receiver<SessionEvent>),
 }
 
 impl fmt::Debug for SessionBuilder {
@@ -297,14 +297,15 @@ impl SessionBuilder {
             heartbeat: Some((Duration::from_secs(20), Duration::from_secs(10))),
             backoff: Backoff::exponential(Duration::from_secs(1))
                 .with_max_delay(Duration::from_secs(30))
-                .with_jitter(Jitter::Full),
+                .with_jitter(Jitter::Full)
+                .build(),
             max_attempts: None,
             give_up_after: None,
             connect_timeout: Some(Duration::from_secs(10)),
             close_timeout: Duration::from_secs(5),
             outbox_messages: 1024,
             outbox_bytes: 8 << 20,
-            overflow: Overflow::Wait,
+            overflow: OutboxOverflow::Wait,
             at_least_once: false,
             codec: Codec::new(),
             batching: None,
@@ -321,27 +322,23 @@ impl SessionBuilder {
 
     /// The clock for heartbeats, backoff, batching windows and timeouts
     /// (default [`SystemClock`]).
-    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
     }
 
     /// Where the driver task runs (default: smol's global executor).
-    pub fn spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
-        self.spawner = spawner;
+    pub fn with_spawner(mut self, spawner: impl Spawn + 'static) -> Self {
+        self.spawner = Arc::new(spawner);
         self
     }
 
-    /// Ping every `interval`; the peer is dead when no pong arrives within
-    /// `timeout` of a ping (default 20 s and 10 s).
-    pub fn heartbeat(mut self, interval: Duration, timeout: Duration) -> Self {
-        self.heartbeat = Some((interval, timeout));
-        self
-    }
-
-    /// No heartbeat: a silent dead peer is only noticed when a write fails.
-    pub fn no_heartbeat(mut self) -> Self {
-        self.heartbeat = None;
+    /// `(interval, timeout)`: ping every `interval`; the peer is dead when
+    /// no pong arrives within `timeout` of a ping (default 20 s and 10 s).
+    /// `None`: no heartbeat, a silent dead peer is only noticed when a write
+    /// fails.
+    pub fn with_heartbeat(mut self, heartbeat: impl Into<Option<(Duration, Duration)>>) -> Self {
+        self.heartbeat = heartbeat.into();
         self
     }
 
@@ -350,49 +347,50 @@ impl SessionBuilder {
     /// ([`with_max_times`](BackoffBuilder::with_max_times)) gives up when it
     /// does. A 429 or 503 handshake answer with `Retry-After` replaces the
     /// next delay.
-    pub fn reconnect(mut self, backoff: BackoffBuilder) -> Self {
-        self.backoff = backoff;
+    pub fn with_reconnect(mut self, backoff: impl Into<Backoff>) -> Self {
+        self.backoff = backoff.into();
         self
     }
 
     /// Give up after `n` failed attempts in a row (the session closes with
-    /// [`Error::GaveUp`]).
-    pub fn give_up_after_attempts(mut self, n: u32) -> Self {
-        self.max_attempts = Some(n);
+    /// [`Error::GaveUp`]); `None` (the default): never for that reason.
+    pub fn with_give_up_after_attempts(mut self, n: impl Into<Option<u32>>) -> Self {
+        self.max_attempts = n.into();
         self
     }
 
     /// Give up when the session has been without a connection for `d`
-    /// (a wait that would end past it gives up at once).
-    pub fn give_up_after(mut self, d: Duration) -> Self {
-        self.give_up_after = Some(d);
+    /// (a wait that would end past it gives up at once); `None` (the
+    /// default): never for that reason.
+    pub fn with_give_up_after(mut self, d: impl Into<Option<Duration>>) -> Self {
+        self.give_up_after = d.into();
         self
     }
 
     /// The limit on TCP + TLS + upgrade (default 10 s; `None`: no limit).
-    pub fn connect_timeout(mut self, timeout: Option<Duration>) -> Self {
-        self.connect_timeout = timeout;
+    pub fn with_connect_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
+        self.connect_timeout = timeout.into();
         self
     }
 
     /// How long [`Session::close`] waits for the server's close reply
     /// (default 5 s).
-    pub fn close_timeout(mut self, timeout: Duration) -> Self {
+    pub fn with_close_timeout(mut self, timeout: Duration) -> Self {
         self.close_timeout = timeout;
         self
     }
 
     /// The outbox's bounds (default 1024 messages and 8 MiB), counting
     /// messages waiting for a socket and messages in flight.
-    pub fn outbox(mut self, messages: usize, bytes: usize) -> Self {
+    pub fn with_outbox(mut self, messages: usize, bytes: usize) -> Self {
         self.outbox_messages = messages;
         self.outbox_bytes = bytes;
         self
     }
 
     /// What `send` does when the outbox is full (default
-    /// [`Overflow::Wait`]).
-    pub fn overflow(mut self, policy: Overflow) -> Self {
+    /// [`OutboxOverflow::Wait`]).
+    pub fn with_overflow(mut self, policy: OutboxOverflow) -> Self {
         self.overflow = policy;
         self
     }
@@ -400,22 +398,23 @@ impl SessionBuilder {
     /// At-least-once delivery: envelopes get ids and stay in the outbox
     /// until the server answers `{"type":"ack","id":..}`; unacknowledged
     /// ones are resent after a reconnect. Acks are consumed, not delivered.
-    pub fn at_least_once(mut self, on: bool) -> Self {
+    pub fn with_at_least_once(mut self, on: bool) -> Self {
         self.at_least_once = on;
         self
     }
 
     /// The codec (compression and size limits).
-    pub fn codec(mut self, codec: Codec) -> Self {
+    pub fn with_codec(mut self, codec: Codec) -> Self {
         self.codec = codec;
         self
     }
 
     /// Envelopes sent within `window` of the first waiting one go as one
     /// batch frame, at most `max_messages` (and 1 MiB) per frame; a full
-    /// batch goes at once.
-    pub fn batching(mut self, window: Duration, max_messages: usize) -> Self {
-        self.batching = Some(Batching {
+    /// batch goes at once. `(window, max_messages)`; `None` (the default):
+    /// every envelope is its own frame.
+    pub fn with_batching(mut self, batching: impl Into<Option<(Duration, usize)>>) -> Self {
+        self.batching = batching.into().map(|(window, max_messages)| Batching {
             window,
             max_messages,
             max_bytes: 1 << 20,
@@ -438,14 +437,14 @@ impl SessionBuilder {
     /// Incoming messages buffered for the application (default 1024); when
     /// full, the session stops reading (TCP applies backpressure to the
     /// server) and the pong timeout waits.
-    pub fn incoming_capacity(mut self, n: usize) -> Self {
+    pub fn with_incoming_capacity(mut self, n: usize) -> Self {
         self.incoming_capacity = n;
         self
     }
 
     /// Events buffered (default 1024); when nobody reads them the oldest
     /// are dropped and counted.
-    pub fn events_capacity(mut self, n: usize) -> Self {
+    pub fn with_events_capacity(mut self, n: usize) -> Self {
         self.events_capacity = n;
         self
     }
@@ -481,13 +480,13 @@ impl SessionBuilder {
     }
 
     /// A whole rustls configuration instead of webpki's roots (+ extra).
-    pub fn tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
+    pub fn with_tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
         self.tls = Some(config);
         self
     }
 
     /// A header for the upgrade request (an auth token, say).
-    pub fn header(mut self, name: &str, value: &str) -> Self {
+    pub fn with_header(mut self, name: &str, value: &str) -> Self {
         self.headers.push((name.to_owned(), value.to_owned()));
         self
     }
@@ -529,9 +528,6 @@ impl SessionBuilder {
                 "capacity",
                 "incoming and event capacities must be above zero",
             );
-        }
-        if self.backoff.build().is_err() {
-            return bad("reconnect", "the backoff does not build");
         }
         for (name, value) in &self.headers {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err()
@@ -678,7 +674,7 @@ struct Config {
     headers: Vec<(String, String)>,
     tls: Arc<rustls::ClientConfig>,
     heartbeat: Option<(Duration, Duration)>,
-    backoff: BackoffBuilder,
+    backoff: Backoff,
     max_attempts: Option<u32>,
     give_up_after: Option<Duration>,
     connect_timeout: Option<Duration>,
@@ -691,7 +687,7 @@ struct Config {
 pub(crate) struct Shared {
     index: usize,
     outbox: Mutex<Outbox>,
-    overflow: Overflow,
+    overflow: OutboxOverflow,
     at_least_once: bool,
     clock: Arc<dyn Clock>,
     next_id: AtomicU64,
@@ -707,12 +703,12 @@ pub(crate) struct Shared {
     report: Mutex<Option<CloseReport>>,
     handles: AtomicUsize,
     counters: Counters,
-    events: Sender<Event>,
+    events: Sender<SessionEvent>,
 }
 
 impl Shared {
-    fn emit(&self, kind: EventKind) {
-        let event = Event {
+    fn emit(&self, kind: SessionEventKind) {
+        let event = SessionEvent {
             session: self.index,
             kind,
         };
@@ -721,7 +717,7 @@ impl Shared {
         }
     }
 
-    fn set_state(&self, s: State) {
+    fn set_state(&self, s: SessionState) {
         self.state.store(s as u8, Ordering::Release);
         self.changed.notify(usize::MAX);
     }
@@ -755,7 +751,7 @@ impl Shared {
 /// flushes the outbox in order, pings on the heartbeat and declares the
 /// peer dead when no pong comes, and reconnects. Messages sent while
 /// disconnected wait in the bounded outbox; messages written to a socket
-/// that then died are reported ([`EventKind::Unconfirmed`]) or, in
+/// that then died are reported ([`SessionEventKind::Unconfirmed`]) or, in
 /// at-least-once mode, resent. Handles are cheap to clone; the session
 /// closes when [`close`](Session::close) is called or the last handle is
 /// dropped.
@@ -778,7 +774,7 @@ impl Shared {
 pub struct Session {
     shared: Arc<Shared>,
     incoming: Receiver<Message>,
-    events: Receiver<Event>,
+    events: Receiver<SessionEvent>,
 }
 
 impl Clone for Session {
@@ -831,7 +827,7 @@ impl Session {
     }
 
     /// Queues `message` (a raw frame: never batched); waits for room with
-    /// [`Overflow::Wait`].
+    /// [`OutboxOverflow::Wait`].
     ///
     /// # Errors
     ///
@@ -843,7 +839,7 @@ impl Session {
     }
 
     /// Like [`send`](Session::send) but never waits: a full outbox under
-    /// [`Overflow::Wait`] is [`SendError::Full`].
+    /// [`OutboxOverflow::Wait`] is [`SendError::Full`].
     ///
     /// # Errors
     ///
@@ -903,7 +899,9 @@ impl Session {
             let listener = self.shared.space.listen();
             match self.push_now(entry) {
                 Ok(()) => return Ok(()),
-                Err(Refused::Full(back)) if wait && self.shared.overflow == Overflow::Wait => {
+                Err(Refused::Full(back))
+                    if wait && self.shared.overflow == OutboxOverflow::Wait =>
+                {
                     entry = back;
                     listener.await;
                 }
@@ -914,7 +912,7 @@ impl Session {
 
     fn push_now(&self, entry: Entry) -> Result<(), Refused> {
         let shared = &self.shared;
-        let drop_oldest = shared.overflow == Overflow::DropOldest;
+        let drop_oldest = shared.overflow == OutboxOverflow::DropOldest;
         let result = lock(&shared.outbox).push(entry, drop_oldest);
         match result {
             Ok(dropped) => {
@@ -927,7 +925,7 @@ impl Session {
                         dropped = n,
                         "ws outbox full: dropped the oldest"
                     );
-                    shared.emit(EventKind::Dropped { count: n });
+                    shared.emit(SessionEventKind::Dropped { count: n });
                 }
                 Ok(())
             }
@@ -954,13 +952,13 @@ impl Session {
 
     /// The session's events (clones share one queue; see
     /// [`SessionBuilder::events_capacity`]).
-    pub fn events(&self) -> Receiver<Event> {
+    pub fn events(&self) -> Receiver<SessionEvent> {
         self.events.clone()
     }
 
     /// Where the session is.
-    pub fn state(&self) -> State {
-        State::from_u8(self.shared.state.load(Ordering::Acquire))
+    pub fn state(&self) -> SessionState {
+        SessionState::from_u8(self.shared.state.load(Ordering::Acquire))
     }
 
     /// Messages in the outbox (waiting or in flight).
@@ -1005,8 +1003,8 @@ impl Session {
         loop {
             let l = self.shared.changed.listen();
             match self.state() {
-                State::Connected => return Ok(()),
-                State::Closed => {
+                SessionState::Connected => return Ok(()),
+                SessionState::Closed => {
                     let report = lock(&self.shared.report).clone();
                     return Err(report.and_then(|r| r.error).unwrap_or(Error::Closed));
                 }
@@ -1079,9 +1077,9 @@ impl Driver {
             Some(e) => tracing::warn!(session = shared.index, error = %e, "ws session ended"),
             None => tracing::debug!(session = shared.index, "ws session closed"),
         }
-        shared.emit(EventKind::Closed { error });
+        shared.emit(SessionEventKind::Closed { error });
         *lock(&shared.report) = Some(report);
-        shared.set_state(State::Closed);
+        shared.set_state(SessionState::Closed);
         // NOTE: no `close()` on the incoming channel: a pool's sessions
         // share it. It ends when the last driver drops its sender.
     }
@@ -1090,12 +1088,8 @@ impl Driver {
     async fn connect_loop(&self) -> Option<Error> {
         let shared = &*self.shared;
         let clock = &shared.clock;
-        let Ok(mut backoff) = self.config.backoff.build() else {
-            return Some(Error::InvalidConfig {
-                setting: "reconnect",
-                reason: "the backoff does not build".into(),
-            });
-        };
+        let mut backoff = self.config.backoff.clone();
+        backoff.reset();
         let mut attempt: u32 = 0;
         let mut down_since = clock.now();
         loop {
@@ -1103,8 +1097,8 @@ impl Driver {
                 return None;
             }
             attempt += 1;
-            shared.set_state(State::Connecting);
-            shared.emit(EventKind::Connecting { attempt });
+            shared.set_state(SessionState::Connecting);
+            shared.emit(SessionEventKind::Connecting { attempt });
             let opened = async { Some(self.open().await) }
                 .or(async {
                     shared.close_requested().await;
@@ -1122,7 +1116,7 @@ impl Driver {
                         End::Closed => return None,
                         End::Dead(error) => {
                             tracing::info!(session = shared.index, error = %error, "ws disconnected");
-                            shared.emit(EventKind::Disconnected {
+                            shared.emit(SessionEventKind::Disconnected {
                                 error: error.clone(),
                             });
                             self.after_disconnect();
@@ -1133,7 +1127,7 @@ impl Driver {
                 }
                 Some(Err(error)) => {
                     tracing::debug!(session = shared.index, attempt, error = %error, "ws connect failed");
-                    shared.emit(EventKind::ConnectFailed {
+                    shared.emit(SessionEventKind::ConnectFailed {
                         attempt,
                         error: error.clone(),
                     });
@@ -1165,8 +1159,8 @@ impl Driver {
                     last: Box::new(failure),
                 });
             }
-            shared.set_state(State::Reconnecting);
-            shared.emit(EventKind::Reconnecting {
+            shared.set_state(SessionState::Reconnecting);
+            shared.emit(SessionEventKind::Reconnecting {
                 attempt: attempt + 1,
                 delay,
                 retry_after: server_delay.is_some(),
@@ -1194,7 +1188,7 @@ impl Driver {
             let n = lock(&shared.outbox).requeue_inflight();
             if n > 0 {
                 bump(&shared.counters.resent, n as u64);
-                shared.emit(EventKind::Resending { count: n });
+                shared.emit(SessionEventKind::Resending { count: n });
             }
         } else {
             let lost = lock(&shared.outbox).drain_inflight();
@@ -1206,7 +1200,7 @@ impl Driver {
                     messages = lost.len(),
                     "ws messages written to a socket that died, unconfirmed"
                 );
-                shared.emit(EventKind::Unconfirmed {
+                shared.emit(SessionEventKind::Unconfirmed {
                     messages: lost.into_iter().map(|e| e.frame.into_message()).collect(),
                 });
             }
@@ -1312,8 +1306,8 @@ impl Driver {
                 }
             }
         }
-        shared.set_state(State::Connected);
-        shared.emit(EventKind::Connected { connection });
+        shared.set_state(SessionState::Connected);
+        shared.emit(SessionEventKind::Connected { connection });
         tracing::debug!(session = shared.index, connection, url = %self.config.target.url, "ws connected");
         let clock = &shared.clock;
         let mut conn = Conn {
@@ -1629,7 +1623,7 @@ impl Conn<'_> {
         {
             bump(&shared.counters.decode_errors, 1);
             tracing::warn!(session = shared.index, error = %error, "ws frame discarded");
-            shared.emit(EventKind::DecodeFailed { error });
+            shared.emit(SessionEventKind::DecodeFailed { error });
             return;
         }
         let mut rest: VecDeque<Message> = VecDeque::new();

@@ -33,9 +33,7 @@ pub fn eventually(what: &str, cond: impl Fn() -> bool) {
 pub fn fast_retry(n: u32) -> smolkit::resilience::Retry {
     smolkit::resilience::Retry::new()
         .with_max_attempts(n)
-        .with_backoff(
-            smolkit::resilience::Backoff::constant(Duration::from_millis(1))
-                .build()
-                .unwrap(),
-        )
+        .with_backoff(smolkit::resilience::Backoff::constant(
+            Duration::from_millis(1),
+        ))
 }
