@@ -13,6 +13,8 @@ pub mod events;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod limit;
+#[cfg(any(feature = "http", feature = "ws"))]
+mod net;
 pub mod pool;
 pub mod resilience;
 pub mod runtime;

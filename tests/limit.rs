@@ -377,7 +377,7 @@ fn quota_rejects_zero_values_with_the_setting_named() {
     );
     assert_eq!(
         ConfigError::zero("burst").to_string(),
-        "burst must be greater than zero"
+        "invalid burst = 0: must be greater than zero"
     );
 }
 

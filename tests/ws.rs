@@ -11,6 +11,7 @@ use std::time::Duration;
 use async_channel::Receiver;
 use common::{eventually, within};
 use futures_lite::FutureExt;
+use smolkit::ConfigError;
 use smolkit::resilience::Backoff;
 use smolkit::runtime::Clock;
 use smolkit::testing::{ChaosServer, ManualClock};
@@ -747,49 +748,52 @@ fn wss_with_the_servers_root_and_without() {
 fn bad_input_is_a_typed_error() {
     assert!(matches!(
         Session::builder("not a url").start(),
-        Err(Error::InvalidUrl { .. })
+        Err(Error::Config(ConfigError { setting: "url", .. }))
     ));
     assert!(matches!(
         Session::builder("http://127.0.0.1/ws").start(),
-        Err(Error::UnsupportedScheme { scheme, .. }) if scheme == "http"
+        Err(Error::Config(ConfigError { setting: "url", reason, .. })) if reason.contains("http")
     ));
     assert!(matches!(
         Session::builder("ws://127.0.0.1/ws")
             .with_heartbeat((Duration::ZERO, Duration::from_secs(1)))
             .start(),
-        Err(Error::InvalidConfig {
+        Err(Error::Config(ConfigError {
             setting: "heartbeat",
             ..
-        })
+        }))
     ));
     assert!(matches!(
         Session::builder("ws://127.0.0.1/ws")
             .with_outbox(0, 10)
             .start(),
-        Err(Error::InvalidConfig {
+        Err(Error::Config(ConfigError {
             setting: "outbox",
             ..
-        })
+        }))
     ));
     assert!(matches!(
         Session::builder("ws://127.0.0.1/ws")
             .with_header("bad name", "v")
             .start(),
-        Err(Error::InvalidConfig {
+        Err(Error::Config(ConfigError {
             setting: "header",
             ..
-        })
+        }))
     ));
     assert!(matches!(
         Session::builder("ws://127.0.0.1/ws").add_root_pem("nothing here"),
-        Err(Error::InvalidConfig { .. })
+        Err(ConfigError {
+            setting: "root certificate",
+            ..
+        })
     ));
     assert!(matches!(
         SessionPool::builder(Session::builder("ws://127.0.0.1/ws"), 0).start(),
-        Err(Error::InvalidConfig {
+        Err(Error::Config(ConfigError {
             setting: "pool size",
             ..
-        })
+        }))
     ));
     let m = Message::Text("{\"type\":1}".into());
     assert!(matches!(m.envelope::<i32>(), Err(Error::Decode { .. })));

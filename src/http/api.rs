@@ -9,9 +9,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::Poll;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
-use ::http::header::{ACCEPT, CONTENT_TYPE, RETRY_AFTER};
+use ::http::header::{ACCEPT, CONTENT_TYPE};
 use ::http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode};
 use bytes::Bytes;
 use serde::Serialize;
@@ -20,10 +20,11 @@ use tracing::Instrument;
 
 use super::body::Body;
 use super::client::Client;
-use super::error::{Error, excerpt};
+use super::error::Error;
 use super::hyper::{DEFAULT_PER_HOST, HyperClient};
 use crate::ConfigError;
 use crate::limit::{RateLimiter, Semaphore};
+use crate::net::{excerpt, retry_after};
 use crate::resilience::{
     AttemptErrorRef, Backoff, BreakerBuilder, CallOutcome, CircuitBreaker, Decision, Retry,
     RetryError, timeout_on,
@@ -452,20 +453,6 @@ fn is_idempotent(method: &Method) -> bool {
 /// 429, 500, 502, 503, 504.
 fn is_retryable_status(status: StatusCode) -> bool {
     matches!(status.as_u16(), 429 | 500 | 502 | 503 | 504)
-}
-
-/// The delay a `Retry-After` header asks for: delta-seconds or an HTTP
-/// date (a date in the past is zero). `None` when absent or unreadable.
-pub(crate) fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    let value = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
-    if let Ok(secs) = value.parse::<u64>() {
-        return Some(Duration::from_secs(secs));
-    }
-    let at = httpdate::parse_http_date(value).ok()?;
-    Some(
-        at.duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO),
-    )
 }
 
 /// Runs the futures at most `n` at a time and returns their outputs in

@@ -4,6 +4,7 @@ use std::error::Error as StdError;
 use std::fmt;
 
 use crate::ConfigError;
+use crate::net::excerpt;
 use std::io;
 use std::time::Duration;
 
@@ -198,17 +199,6 @@ impl Error {
             source,
         }
     }
-}
-
-/// The first 256 bytes of a body as lossy UTF-8, for error messages.
-pub(crate) fn excerpt(body: &[u8]) -> String {
-    const MAX: usize = 256;
-    let cut = &body[..body.len().min(MAX)];
-    let mut s = String::from_utf8_lossy(cut).into_owned();
-    if body.len() > MAX {
-        s.push('…');
-    }
-    s
 }
 
 impl fmt::Display for Error {

@@ -8,27 +8,22 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ::http::header::{HOST, HeaderValue, USER_AGENT};
 use ::http::{Request, Response, Uri};
-use async_net::TcpStream;
 use event_listener::Event;
-use futures_lite::{AsyncRead, AsyncWrite};
 use hyper::client::conn::http1::SendRequest;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use smol_hyper::rt::FuturesIo;
 
 use super::body::Body;
 use super::client::{self, Client, Redirects, ResponseFuture, SendOnce};
 use super::error::Error;
 use crate::ConfigError;
+use crate::net::{self, DialError};
 use crate::resilience::timeout_on;
 use crate::runtime::{Clock, Spawn, SystemClock, default_spawner};
 use crate::sync::lock_std as lock;
@@ -344,30 +339,18 @@ impl HyperClient {
             .to_owned();
         let https = scheme == "https";
         let connect = async {
-            let tcp = TcpStream::connect((bare.as_str(), *port))
+            let io = net::dial(&bare, *port, https.then_some(&self.inner.tls))
                 .await
-                .map_err(|source| Error::Connect {
-                    addr: addr.clone(),
-                    source,
-                })?;
-            // NOTE: small requests must not wait for Nagle.
-            let _ = tcp.set_nodelay(true);
-            let io = if https {
-                let name = ServerName::try_from(bare.clone()).map_err(|e| Error::Tls {
-                    host: bare.clone(),
-                    source: io::Error::new(io::ErrorKind::InvalidInput, e),
-                })?;
-                let tls = futures_rustls::TlsConnector::from(self.inner.tls.clone())
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|source| Error::Tls {
+                .map_err(|e| match e {
+                    DialError::Connect(source) => Error::Connect {
+                        addr: addr.clone(),
+                        source,
+                    },
+                    DialError::Tls(source) => Error::Tls {
                         host: bare.clone(),
                         source,
-                    })?;
-                MaybeTls::Tls(Box::new(tls))
-            } else {
-                MaybeTls::Plain(tcp)
-            };
+                    },
+                })?;
             let (sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(io))
                 .await
                 .map_err(|e| Error::Transport {
@@ -616,22 +599,10 @@ impl HyperClientBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidRequest`] naming the PEM problem when no
-    /// certificate can be read from it.
-    pub fn add_root_pem(mut self, pem: &[u8]) -> Result<Self, Error> {
-        let mut n = 0;
-        for cert in CertificateDer::pem_slice_iter(pem) {
-            let cert = cert.map_err(|e| Error::InvalidRequest {
-                reason: format!("root certificate PEM: {e}"),
-            })?;
-            self.extra_roots.push(cert);
-            n += 1;
-        }
-        if n == 0 {
-            return Err(Error::InvalidRequest {
-                reason: "root certificate PEM: no CERTIFICATE section".into(),
-            });
-        }
+    /// [`ConfigError`] naming `root certificate` when the PEM does not
+    /// parse or holds no certificate.
+    pub fn add_root_pem(mut self, pem: impl AsRef<[u8]>) -> Result<Self, ConfigError> {
+        self.extra_roots.extend(net::parse_pem(pem.as_ref())?);
         Ok(self)
     }
 
@@ -670,7 +641,7 @@ impl HyperClientBuilder {
         let max_per_host = ConfigError::nonzero("max_connections_per_host", self.max_per_host)?;
         let tls = self
             .tls
-            .unwrap_or_else(|| Arc::new(tls_config(&self.extra_roots)));
+            .unwrap_or_else(|| Arc::new(net::tls_config(&self.extra_roots, &[b"http/1.1"])));
         Ok(HyperClient {
             inner: Arc::new(Inner {
                 max_per_host,
@@ -703,85 +674,5 @@ impl fmt::Debug for HyperClientBuilder {
             .field("redirects", &self.redirects)
             .field("extra_roots", &self.extra_roots.len())
             .finish()
-    }
-}
-
-/// A rustls client configuration on the ring provider with webpki's roots
-/// and `extra` roots, offering HTTP/1.1 by ALPN.
-pub(crate) fn tls_config(extra: &[CertificateDer<'static>]) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    for cert in extra {
-        if let Err(e) = roots.add(cert.clone()) {
-            tracing::warn!(error = %e, "extra root certificate refused");
-        }
-    }
-    // NOTE: ring only; with two providers compiled in, rustls cannot pick
-    // a default and some connectors panic (DESIGN "Dependencies").
-    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-    .unwrap_or_else(|e| unreachable!("ring supports the default protocol versions: {e}"));
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    config
-}
-
-/// A plain or TLS socket (client side here, server side in the
-/// `ChaosServer`).
-pub(crate) enum MaybeTls<T> {
-    Plain(TcpStream),
-    Tls(Box<T>),
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut [u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_read(cx, buf),
-        }
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for MaybeTls<T> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
-            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_write_vectored(cx, bufs),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_flush(cx),
-            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_flush(cx),
-        }
-    }
-
-    fn poll_close(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            MaybeTls::Plain(s) => Pin::new(s).poll_close(cx),
-            MaybeTls::Tls(s) => Pin::new(&mut **s).poll_close(cx),
-        }
     }
 }

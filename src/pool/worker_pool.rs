@@ -304,13 +304,10 @@ where
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] for a zero capacity or an autoscale maximum of
-    /// zero; [`ConfigError`] for an autoscale minimum above
-    /// its maximum.
+    /// [`ConfigError`] for a zero capacity, an autoscale maximum of zero
+    /// or an autoscale minimum above its maximum.
     pub fn build(self) -> Result<WorkerPool<I, O, E>, ConfigError> {
-        if self.capacity == 0 {
-            return Err(ConfigError::zero("capacity"));
-        }
+        ConfigError::nonzero("capacity", self.capacity)?;
         let mut workers = self.workers;
         let autoscale = match self.autoscale {
             None => None,

@@ -23,8 +23,8 @@ use futures_lite::FutureExt;
 use smol_hyper::rt::{FuturesIo, SmolTimer};
 
 use super::chaos_ws::{WsRecord, WsState, upgrade};
-use crate::http::hyper::MaybeTls;
 use crate::http::{Body, Error as HttpError};
+use crate::net::MaybeTls;
 use crate::runtime::{Spawn, SpawnExt, default_spawner};
 use crate::sync::lock_std as lock;
 use crate::ws::Message;

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::Message;
+use crate::ConfigError;
 
 /// What went wrong with a session, a connection or a frame.
 ///
@@ -21,20 +22,8 @@ pub enum Error {
         /// Why it was refused.
         reason: String,
     },
-    /// Not `ws://` or `wss://`.
-    UnsupportedScheme {
-        /// The URL as given.
-        url: String,
-        /// Its scheme.
-        scheme: String,
-    },
-    /// A builder setting that cannot work.
-    InvalidConfig {
-        /// The setting.
-        setting: &'static str,
-        /// Why.
-        reason: String,
-    },
+    /// A builder setting that cannot work (the URL included).
+    Config(ConfigError),
     /// The TCP connection failed.
     Connect {
         /// `host:port`.
@@ -130,11 +119,7 @@ impl fmt::Display for Error {
             Error::InvalidUrl { url, reason } => {
                 write!(f, "invalid WebSocket URL {url:?}: {reason}")
             }
-            Error::UnsupportedScheme { url, scheme } => write!(
-                f,
-                "unsupported scheme {scheme:?} in {url:?} (expected ws or wss)"
-            ),
-            Error::InvalidConfig { setting, reason } => write!(f, "invalid {setting}: {reason}"),
+            Error::Config(e) => e.fmt(f),
             Error::Connect { addr, source } => write!(f, "cannot connect to {addr}: {source}"),
             Error::ConnectTimeout { addr, after } => {
                 write!(f, "connecting to {addr} took longer than {after:?}")
@@ -171,11 +156,18 @@ impl fmt::Display for Error {
     }
 }
 
+impl From<ConfigError> for Error {
+    fn from(e: ConfigError) -> Self {
+        Error::Config(e)
+    }
+}
+
 impl std::error::Error for Error {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {
             Error::Connect { source, .. } | Error::Tls { source, .. } => Some(&**source),
             Error::GaveUp { last, .. } => Some(&**last),
+            Error::Config(e) => Some(e),
             _ => None,
         }
     }
@@ -185,7 +177,7 @@ impl std::error::Error for Error {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum SendError {
-    /// The outbox is full and its policy is [`OutboxOverflow::Error`](super::Overflow::Error).
+    /// The outbox is full and its policy is [`OutboxOverflow::Error`](super::OutboxOverflow::Error).
     Full(Message),
     /// The session is closed.
     Closed(Message),

@@ -43,15 +43,10 @@ impl SessionPoolBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] for a size of zero, or the session
-    /// builder's configuration error.
+    /// [`Error::Config`] for a size of zero, or the session builder's
+    /// configuration error.
     pub fn start(self) -> Result<SessionPool, Error> {
-        if self.size == 0 {
-            return Err(Error::InvalidConfig {
-                setting: "pool size",
-                reason: "a pool needs at least one session".into(),
-            });
-        }
+        crate::ConfigError::nonzero("pool size", self.size)?;
         let channels = Channels {
             incoming: async_channel::bounded(self.session.incoming_capacity_value()),
             events: async_channel::bounded(self.session.events_capacity_value()),

@@ -10,7 +10,6 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender};
-use async_net::TcpStream;
 use async_tungstenite::WebSocketStream;
 use async_tungstenite::tungstenite::{
     self, Message as WsMessage, Utf8Bytes, client::IntoClientRequest, protocol::CloseFrame,
@@ -22,19 +21,20 @@ use event_listener::Event as Notify;
 use futures_lite::FutureExt;
 use futures_lite::Stream;
 use futures_sink::Sink;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use super::codec::{Codec, batch_frame};
 use super::message::{Envelope, Frame, Message};
 use super::outbox::{Entry, Outbox, OutboxOverflow, Refused};
 use super::{Error, SendError};
-use crate::http::hyper::{MaybeTls, tls_config};
+use crate::ConfigError;
+use crate::net::{self, ClientIo, DialError};
 use crate::resilience::{Backoff, Jitter};
 use crate::runtime::{Clock, Sleep, Spawn, SpawnExt, SystemClock, default_spawner};
 use crate::sync::lock_std as lock;
 
-type WsStream = WebSocketStream<MaybeTls<futures_rustls::client::TlsStream<TcpStream>>>;
+type WsStream = WebSocketStream<ClientIo>;
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Hook = Arc<
     dyn Fn(ConnectInfo) -> Pin<Box<dyn Future<Output = Result<Vec<Message>, BoxError>> + Send>>
@@ -459,23 +459,10 @@ impl SessionBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidConfig`] if the PEM has no certificate or does not
-    /// parse.
-    pub fn add_root_pem(mut self, pem: &str) -> Result<Self, Error> {
-        use rustls::pki_types::pem::PemObject;
-        let certs: Vec<_> = CertificateDer::pem_slice_iter(pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| Error::InvalidConfig {
-                setting: "root certificate",
-                reason: e.to_string(),
-            })?;
-        if certs.is_empty() {
-            return Err(Error::InvalidConfig {
-                setting: "root certificate",
-                reason: "no certificate in the PEM".into(),
-            });
-        }
-        self.extra_roots.extend(certs);
+    /// [`ConfigError`] naming `root certificate` when the PEM does not
+    /// parse or holds no certificate.
+    pub fn add_root_pem(mut self, pem: impl AsRef<[u8]>) -> Result<Self, ConfigError> {
+        self.extra_roots.extend(net::parse_pem(pem.as_ref())?);
         Ok(self)
     }
 
@@ -501,41 +488,48 @@ impl SessionBuilder {
 
     fn validate(&self) -> Result<Target, Error> {
         let target = Target::parse(&self.url)?;
-        let bad = |setting: &'static str, reason: &str| {
-            Err(Error::InvalidConfig {
+        let bad = |setting: &'static str, value: String, reason: &'static str| {
+            Err(Error::Config(ConfigError::new(
                 setting,
-                reason: reason.to_owned(),
-            })
+                format_args!("{value}"),
+                reason,
+            )))
         };
         if let Some((interval, timeout)) = self.heartbeat
             && (interval.is_zero() || timeout.is_zero())
         {
             return bad(
                 "heartbeat",
-                &format!("interval {interval:?} and timeout {timeout:?} must be above zero"),
+                format!("({interval:?}, {timeout:?})"),
+                "the interval and the timeout must be above zero",
             );
         }
         if self.outbox_messages == 0 || self.outbox_bytes == 0 {
-            return bad("outbox", "both limits must be above zero");
+            return bad(
+                "outbox",
+                format!("({}, {})", self.outbox_messages, self.outbox_bytes),
+                "both limits must be above zero",
+            );
         }
         if let Some(b) = self.batching
             && (b.window.is_zero() || b.max_messages == 0)
         {
-            return bad("batching", "the window and the count must be above zero");
-        }
-        if self.incoming_capacity == 0 || self.events_capacity == 0 {
             return bad(
-                "capacity",
-                "incoming and event capacities must be above zero",
+                "batching",
+                format!("({:?}, {})", b.window, b.max_messages),
+                "the window and the count must be above zero",
             );
         }
+        ConfigError::nonzero("incoming_capacity", self.incoming_capacity)?;
+        ConfigError::nonzero("events_capacity", self.events_capacity)?;
         for (name, value) in &self.headers {
             if http::HeaderName::from_bytes(name.as_bytes()).is_err()
                 || http::HeaderValue::from_str(value).is_err()
             {
                 return bad(
                     "header",
-                    &format!("{name:?}: {value:?} is not a valid header"),
+                    format!("{name}: {value}"),
+                    "not a valid header name and value",
                 );
             }
         }
@@ -548,8 +542,8 @@ impl SessionBuilder {
     ///
     /// # Errors
     ///
-    /// [`Error::InvalidUrl`], [`Error::UnsupportedScheme`] or
-    /// [`Error::InvalidConfig`] naming the bad setting.
+    /// [`Error::Config`] naming the bad setting (`url` for a URL that does
+    /// not parse, is not `ws`/`wss` or has no host).
     pub fn start(self) -> Result<Session, Error> {
         let target = self.validate()?;
         let channels = self.channels.clone().unwrap_or_else(|| Channels {
@@ -559,7 +553,7 @@ impl SessionBuilder {
         let tls = self
             .tls
             .clone()
-            .unwrap_or_else(|| Arc::new(tls_config(&self.extra_roots)));
+            .unwrap_or_else(|| Arc::new(net::tls_config(&self.extra_roots, &[b"http/1.1"])));
         let shared = Arc::new(Shared {
             index: self.index,
             outbox: Mutex::new(Outbox::new(self.outbox_messages, self.outbox_bytes)),
@@ -631,31 +625,19 @@ struct Target {
 }
 
 impl Target {
-    fn parse(raw: &str) -> Result<Target, Error> {
-        let url = url::Url::parse(raw).map_err(|e| Error::InvalidUrl {
-            url: raw.to_owned(),
-            reason: e.to_string(),
-        })?;
+    fn parse(raw: &str) -> Result<Target, ConfigError> {
+        let bad = |reason: String| ConfigError::new("url", raw, reason);
+        let url = url::Url::parse(raw).map_err(|e| bad(e.to_string()))?;
         let tls = match url.scheme() {
             "ws" => false,
             "wss" => true,
-            other => {
-                return Err(Error::UnsupportedScheme {
-                    url: raw.to_owned(),
-                    scheme: other.to_owned(),
-                });
-            }
+            other => return Err(bad(format!("scheme {other:?} is not ws or wss"))),
         };
         let host = match url.host() {
             Some(url::Host::Domain(d)) => d.to_owned(),
             Some(url::Host::Ipv4(ip)) => ip.to_string(),
             Some(url::Host::Ipv6(ip)) => ip.to_string(),
-            None => {
-                return Err(Error::InvalidUrl {
-                    url: raw.to_owned(),
-                    reason: "no host".into(),
-                });
-            }
+            None => return Err(bad("has no host".into())),
         };
         let port = url
             .port_or_known_default()
@@ -1211,29 +1193,18 @@ impl Driver {
         let t = &self.config.target;
         let addr = format!("{}:{}", t.host, t.port);
         let connect = async {
-            let tcp = TcpStream::connect((t.host.as_str(), t.port))
+            let io = net::dial(&t.host, t.port, t.tls.then_some(&self.config.tls))
                 .await
-                .map_err(|e| Error::Connect {
-                    addr: addr.clone(),
-                    source: Arc::new(e),
-                })?;
-            let _ = tcp.set_nodelay(true);
-            let io = if t.tls {
-                let name = ServerName::try_from(t.host.clone()).map_err(|e| Error::Tls {
-                    host: t.host.clone(),
-                    source: Arc::new(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)),
-                })?;
-                let tls = futures_rustls::TlsConnector::from(self.config.tls.clone())
-                    .connect(name, tcp)
-                    .await
-                    .map_err(|e| Error::Tls {
+                .map_err(|e| match e {
+                    DialError::Connect(source) => Error::Connect {
+                        addr: addr.clone(),
+                        source: Arc::new(source),
+                    },
+                    DialError::Tls(source) => Error::Tls {
                         host: t.host.clone(),
-                        source: Arc::new(e),
-                    })?;
-                MaybeTls::Tls(Box::new(tls))
-            } else {
-                MaybeTls::Plain(tcp)
-            };
+                        source: Arc::new(source),
+                    },
+                })?;
             let mut request =
                 t.url
                     .as_str()
@@ -1337,15 +1308,11 @@ fn handshake_error(url: &str, e: tungstenite::Error) -> Error {
         tungstenite::Error::Http(resp) => {
             let status = resp.status().as_u16();
             let retry_after = if status == 429 || status == 503 {
-                crate::http::api::retry_after(resp.headers())
+                net::retry_after(resp.headers())
             } else {
                 None
             };
-            let body = resp
-                .body()
-                .as_deref()
-                .map(crate::http::error::excerpt)
-                .unwrap_or_default();
+            let body = resp.body().as_deref().map(net::excerpt).unwrap_or_default();
             Error::Handshake {
                 url: url.to_owned(),
                 status: Some(status),

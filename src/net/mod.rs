@@ -1,0 +1,14 @@
+//! Network plumbing shared by `http`, `ws` and `testing`: dialing TCP,
+//! rustls client configurations, the plain-or-TLS socket, and header
+//! helpers (Retry-After, body excerpts). Private: neither `http` nor `ws`
+//! imports the other, and a `ws`-only build does not compile hyper.
+
+mod dial;
+mod headers;
+mod io;
+mod tls;
+
+pub(crate) use dial::{ClientIo, DialError, dial};
+pub(crate) use headers::{excerpt, retry_after};
+pub(crate) use io::MaybeTls;
+pub(crate) use tls::{parse_pem, tls_config};
