@@ -1,0 +1,267 @@
+//! Stopping a running pipeline, its report and errors, and the state its
+//! tasks share.
+
+use std::fmt;
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use async_channel::Receiver;
+use event_listener::Event;
+use serde::Serialize;
+
+use crate::pool::checkpoint::CheckpointError;
+use crate::pool::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
+use crate::pool::queue::QueueError;
+use crate::runtime::{Clock, JoinHandle, Spawn, SpawnExt};
+use crate::sync::lock_std as lock;
+
+use super::*;
+
+/// Why a pipeline stopped with an error. Its checkpoint was saved up to
+/// the last completed position first, so a restart loses nothing.
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum PipelineError {
+    /// Loading the checkpoint failed, so the resume point is unknown.
+    Checkpoint(CheckpointError),
+    /// A dead letter could not be stored.
+    DeadLetters(DeadLetterError),
+    /// The source queue failed.
+    Queue(QueueError),
+    /// A stage task was dropped by its executor with items in it.
+    TaskLost(String),
+}
+
+impl fmt::Display for PipelineError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            PipelineError::Checkpoint(e) => write!(f, "pipeline cannot resume: {e}"),
+            PipelineError::DeadLetters(e) => write!(f, "pipeline stopped: {e}"),
+            PipelineError::Queue(e) => write!(f, "pipeline source failed: {e}"),
+            PipelineError::TaskLost(stage) => {
+                write!(f, "pipeline stage {stage:?} was dropped by its executor")
+            }
+        }
+    }
+}
+
+impl std::error::Error for PipelineError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            PipelineError::Checkpoint(e) => Some(e),
+            PipelineError::DeadLetters(e) => Some(e),
+            PipelineError::Queue(e) => Some(e),
+            PipelineError::TaskLost(_) => None,
+        }
+    }
+}
+
+/// What a finished (or stopped) pipeline did.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct PipelineReport {
+    /// The watermark the run started from (items of the source skipped).
+    pub resumed_from: u64,
+    /// Input items read in this run.
+    pub inputs: u64,
+    /// Elements the sink accepted.
+    pub outputs: u64,
+    /// Elements that became dead letters (all stages and the sink).
+    pub dead_letters: u64,
+    /// Elements filters rejected.
+    pub filtered: u64,
+    /// The final watermark (`resumed_from + inputs` after a full run).
+    pub watermark: u64,
+    /// The run was cancelled ([`PipelineControl::cancel`]) before it
+    /// drained.
+    pub cancelled: bool,
+    /// The last checkpoint save error, if any (saves are retried at the
+    /// next change; a failed save only means more repeated work after a
+    /// restart).
+    pub checkpoint_error: Option<String>,
+    /// Per-stage counters, the sink last.
+    pub stages: Vec<StageStats>,
+    /// The dead letters, when no dead-letter sink was set (they are kept
+    /// here rather than dropped).
+    pub dead: Vec<DeadLetter>,
+}
+
+pub(super) struct ControlState {
+    pub(super) shutdown: AtomicBool,
+    pub(super) cancel: AtomicBool,
+    pub(super) event: Event,
+    pub(super) ctx: Mutex<Weak<Ctx>>,
+}
+
+/// Stops a running [`Pipeline`] and reads its counters. Cheap to clone.
+#[derive(Clone)]
+pub struct PipelineControl {
+    pub(super) state: Arc<ControlState>,
+}
+
+impl PipelineControl {
+    pub(super) fn new() -> Self {
+        PipelineControl {
+            state: Arc::new(ControlState {
+                shutdown: AtomicBool::new(false),
+                cancel: AtomicBool::new(false),
+                event: Event::new(),
+                ctx: Mutex::new(Weak::new()),
+            }),
+        }
+    }
+
+    /// Stops reading the source; everything read so far drains through
+    /// and `run` returns its report.
+    pub fn shutdown(&self) {
+        self.state.shutdown.store(true, Ordering::Release);
+        self.state.event.notify(usize::MAX);
+    }
+
+    /// Stops promptly: in-flight elements are dropped (their positions are
+    /// not done, so the checkpoint stays before them and a queue source
+    /// gets them nacked for redelivery).
+    pub fn cancel(&self) {
+        self.state.cancel.store(true, Ordering::Release);
+        self.shutdown();
+    }
+
+    /// Per-stage counters of the running pipeline (empty when it is not
+    /// running).
+    pub fn stats(&self) -> Vec<StageStats> {
+        match lock(&self.state.ctx).upgrade() {
+            Some(ctx) => ctx.stage_stats(),
+            None => Vec::new(),
+        }
+    }
+
+    /// The running pipeline's watermark.
+    pub fn watermark(&self) -> Option<u64> {
+        lock(&self.state.ctx)
+            .upgrade()
+            .map(|ctx| ctx.tracker.watermark.load(Ordering::Acquire))
+    }
+
+    pub(super) fn stopping(&self) -> bool {
+        self.state.shutdown.load(Ordering::Acquire)
+    }
+
+    pub(super) fn cancelled(&self) -> bool {
+        self.state.cancel.load(Ordering::Acquire)
+    }
+}
+
+impl fmt::Debug for PipelineControl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PipelineControl")
+            .field("shutdown", &self.stopping())
+            .field("cancelled", &self.cancelled())
+            .finish()
+    }
+}
+
+/// State shared by a running pipeline's tasks.
+pub(super) struct Ctx {
+    pub(super) tracker: Tracker,
+    pub(super) dead: Arc<dyn DeadLetterSink>,
+    pub(super) clock: Arc<dyn Clock>,
+    pub(super) spawner: Arc<dyn Spawn>,
+    pub(super) capacity: usize,
+    pub(super) control: PipelineControl,
+    pub(super) stages: Mutex<Vec<Arc<Counters>>>,
+    pub(super) tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) fatal: Mutex<Option<PipelineError>>,
+    pub(super) inputs: AtomicU64,
+}
+
+impl Ctx {
+    pub(super) fn spawn(&self, name: &str, fut: impl Future<Output = ()> + Send + 'static) {
+        let handle = self.spawner.spawn_named(name, fut);
+        lock(&self.tasks).push(handle);
+    }
+
+    pub(super) fn counters<T: Send + 'static>(
+        &self,
+        name: &str,
+        kind: StageKind,
+        input: &Receiver<T>,
+    ) -> Arc<Counters> {
+        let weak = input.downgrade();
+        let c = Arc::new(Counters {
+            name: name.to_owned(),
+            kind,
+            received: AtomicU64::new(0),
+            emitted: AtomicU64::new(0),
+            dead: AtomicU64::new(0),
+            filtered: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            queued: Box::new(move || weak.upgrade().map_or(0, |r| r.len())),
+        });
+        lock(&self.stages).push(c.clone());
+        c
+    }
+
+    pub(super) fn stage_stats(&self) -> Vec<StageStats> {
+        lock(&self.stages).iter().map(|c| c.snapshot()).collect()
+    }
+
+    pub(super) fn fail(&self, error: PipelineError) {
+        tracing::error!(error = %error, "pipeline stopping");
+        lock(&self.fatal).get_or_insert(error);
+        self.control.cancel();
+    }
+
+    /// Sends `value` to the dead letters; false if that failed (the
+    /// pipeline is then stopping).
+    pub(super) async fn dead_letter<T: Serialize + Send + 'static>(
+        &self,
+        counters: &Counters,
+        value: T,
+        error: String,
+        attempts: u32,
+        origin: &Origin,
+    ) -> bool {
+        tracing::warn!(stage = %counters.name, error = %error, attempts, "dead letter");
+        let letter = DeadLetter::new(
+            &counters.name,
+            value,
+            error,
+            attempts,
+            origin.positions().to_vec(),
+        );
+        match self.dead.send(letter).await {
+            Ok(()) => {
+                bump(&counters.dead, 1);
+                self.tracker.complete(origin);
+                true
+            }
+            Err(e) => {
+                self.fail(PipelineError::DeadLetters(e));
+                false
+            }
+        }
+    }
+
+    /// Waits until the pipeline is cancelled.
+    pub(super) async fn cancelled(&self) {
+        loop {
+            let l = self.control.state.event.listen();
+            if self.control.cancelled() {
+                return;
+            }
+            l.await;
+        }
+    }
+
+    /// Waits until the pipeline is shutting down.
+    pub(super) async fn stopped(&self) {
+        loop {
+            let l = self.control.state.event.listen();
+            if self.control.stopping() {
+                return;
+            }
+            l.await;
+        }
+    }
+}

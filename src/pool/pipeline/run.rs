@@ -1,0 +1,465 @@
+//! Running a pipeline: the source, the sink loop, acks and checkpoints.
+
+use std::fmt;
+use std::future::Future;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_channel::{Sender, TryRecvError};
+use futures_lite::{FutureExt, StreamExt, future};
+use serde::Serialize;
+
+use crate::pool::checkpoint::Checkpoint;
+use crate::pool::dead_letter::{Collect, DeadLetterSink};
+use crate::pool::queue::{Nack, Queue};
+use crate::runtime::{SpawnExt, panic_message};
+use crate::sync::lock_std as lock;
+
+use super::*;
+
+impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
+    /// Runs the pipeline until the source is drained (or
+    /// [`PipelineControl::shutdown`]/[`cancel`](PipelineControl::cancel)),
+    /// calling `sink` with every output in turn.
+    ///
+    /// # Errors
+    ///
+    /// [`PipelineError`] if the checkpoint cannot be loaded, a dead letter
+    /// cannot be stored, the source queue fails, or a stage task is lost.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future cancels every stage task; the checkpoint keeps
+    /// its last saved value, so a restart repeats at most the work past it.
+    pub async fn run<F, Fut, E>(self, mut sink: F) -> Result<PipelineReport, PipelineError>
+    where
+        T: Clone + Serialize,
+        F: FnMut(T) -> Fut,
+        Fut: Future<Output = Result<(), E>>,
+        E: fmt::Display,
+    {
+        let resumed_from = match (&self.checkpoint, &self.source) {
+            (Some(store), Source::Stream(_)) => store
+                .load()
+                .await
+                .map_err(PipelineError::Checkpoint)?
+                .unwrap_or(0),
+            _ => 0,
+        };
+        let (ack_tx, ack_rx) = match self.source {
+            Source::Queue(_) => {
+                let (tx, rx) = async_channel::unbounded();
+                (Some(tx), Some(rx))
+            }
+            Source::Stream(_) => (None, None),
+        };
+        let collect = Arc::new(Collect::default());
+        let dead: Arc<dyn DeadLetterSink> = match self.dead {
+            Some(d) => d,
+            None => collect.clone(),
+        };
+        let ctx = Arc::new(Ctx {
+            tracker: Tracker::new(resumed_from, self.window, ack_tx.clone()),
+            dead,
+            clock: self.clock,
+            spawner: self.spawner,
+            capacity: self.capacity,
+            control: self.control.clone(),
+            stages: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+            fatal: Mutex::new(None),
+            inputs: AtomicU64::new(0),
+        });
+        *lock(&self.control.state.ctx) = Arc::downgrade(&ctx);
+
+        let (src_tx, src_rx) = async_channel::bounded(self.capacity);
+        let out = (self.wire)(&ctx, src_rx);
+        let sink_counters = ctx.counters("sink", StageKind::Sink, &out);
+
+        let queue = match &self.source {
+            Source::Queue(q) => Some(q.clone()),
+            Source::Stream(_) => None,
+        };
+        let c = ctx.clone();
+        ctx.spawn("source", async move {
+            match self.source {
+                Source::Stream(s) => read_stream(&c, s, resumed_from, src_tx).await,
+                Source::Queue(q) => read_queue(&c, &*q, src_tx).await,
+            }
+        });
+        let acker = match (&queue, ack_rx) {
+            (Some(q), Some(rx)) => {
+                let q = q.clone();
+                Some(ctx.spawner.spawn(async move {
+                    while let Ok(id) = rx.recv().await {
+                        if let Err(e) = q.ack(&id).await {
+                            tracing::warn!(id = %id, error = %e, "ack failed; the item will be delivered again");
+                        }
+                    }
+                }))
+            }
+            _ => None,
+        };
+        let saver_done = Arc::new(AtomicBool::new(false));
+        let checkpoint_error = Arc::new(Mutex::new(None));
+        let saver = match &self.checkpoint {
+            Some(store) if queue.is_none() => Some(ctx.spawner.spawn(save_checkpoints(
+                ctx.clone(),
+                store.clone(),
+                self.checkpoint_every,
+                resumed_from,
+                saver_done.clone(),
+                checkpoint_error.clone(),
+            ))),
+            _ => None,
+        };
+
+        // The sink runs right here, on the task that awaits `run`.
+        let outputs = drive_sink(
+            &ctx,
+            &out,
+            &sink_counters,
+            self.sink_policy.as_deref(),
+            &mut sink,
+        )
+        .await;
+
+        let cancelled = ctx.control.cancelled();
+        if cancelled {
+            // Stop every stage now; what they held is not done, so the
+            // watermark stays before it.
+            lock(&ctx.tasks).clear();
+        }
+        if let Some(q) = &queue {
+            if cancelled {
+                for id in ctx.tracker.outstanding_ids() {
+                    if let Err(e) = q.nack(&id, Nack::Retry).await {
+                        tracing::warn!(id = %id, error = %e, "nack on cancel failed; the lease will expire");
+                    }
+                }
+            }
+            if let Some(tx) = &ack_tx {
+                tx.close();
+            }
+            if let Some(acker) = acker {
+                let _ = acker.await;
+            }
+        }
+        if let Some(saver) = saver {
+            saver_done.store(true, Ordering::Release);
+            ctx.tracker.changed.notify(usize::MAX);
+            let _ = saver.await;
+        }
+        lock(&ctx.tasks).clear();
+
+        let report = report(
+            &ctx,
+            resumed_from,
+            outputs,
+            cancelled,
+            &checkpoint_error,
+            &collect,
+        );
+        if let Some(e) = lock(&ctx.fatal).take() {
+            return Err(e);
+        }
+        tracing::info!(
+            inputs = report.inputs,
+            outputs = report.outputs,
+            dead_letters = report.dead_letters,
+            filtered = report.filtered,
+            watermark = report.watermark,
+            cancelled = report.cancelled,
+            "pipeline finished"
+        );
+        Ok(report)
+    }
+}
+
+/// Calls the sink, turning a panic (in the call or the future) into an
+/// error. The returned future does not borrow the sink.
+pub(super) fn start_sink<T, F, Fut, E>(
+    sink: &mut F,
+    value: T,
+) -> impl Future<Output = Result<(), String>> + use<T, F, Fut, E>
+where
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: fmt::Display,
+{
+    let started = catch_unwind(AssertUnwindSafe(|| sink(value)));
+    async move {
+        let outcome = match started {
+            Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
+            Err(p) => Err(p),
+        };
+        match outcome {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(p) => Err(format!("panicked: {}", panic_message(p))),
+        }
+    }
+}
+
+pub(super) async fn read_stream<T: Send + 'static>(
+    ctx: &Ctx,
+    mut source: BoxStream<T>,
+    skip: u64,
+    tx: Sender<Elem<T>>,
+) {
+    for _ in 0..skip {
+        if source.next().await.is_none() {
+            tracing::warn!(skip, "source ended before the checkpoint's watermark");
+            return;
+        }
+    }
+    loop {
+        if ctx.control.stopping() {
+            return;
+        }
+        let item = match future::poll_once(source.next()).await {
+            Some(Some(item)) => item,
+            Some(None) => return,
+            None => match source
+                .next()
+                .or(async {
+                    ctx.stopped().await;
+                    None
+                })
+                .await
+            {
+                Some(item) => item,
+                None => return,
+            },
+        };
+        ctx.tracker.admit().await;
+        let pos = ctx.tracker.register(None);
+        ctx.inputs.fetch_add(1, Ordering::Relaxed);
+        if tx
+            .send(Elem {
+                value: item,
+                origin: Origin::One(pos),
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+pub(super) async fn read_queue<T: Send + 'static>(
+    ctx: &Ctx,
+    queue: &dyn Queue<Item = T>,
+    tx: Sender<Elem<T>>,
+) {
+    loop {
+        if ctx.control.stopping() {
+            return;
+        }
+        let pulled = queue
+            .pull()
+            .or(async {
+                ctx.stopped().await;
+                Ok(None)
+            })
+            .await;
+        let delivery = match pulled {
+            Ok(Some(d)) => d,
+            Ok(None) => return,
+            Err(e) => {
+                ctx.fail(PipelineError::Queue(e));
+                return;
+            }
+        };
+        // NOTE: registered before any await, so a cancel at any later point
+        // finds the delivery among the outstanding ones and nacks it. The
+        // window is then entered one position late, which is harmless.
+        let pos = ctx.tracker.register(Some(delivery.id));
+        ctx.tracker.admit().await;
+        ctx.inputs.fetch_add(1, Ordering::Relaxed);
+        if tx
+            .send(Elem {
+                value: delivery.item,
+                origin: Origin::One(pos),
+            })
+            .await
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+pub(super) async fn save_checkpoints(
+    ctx: Arc<Ctx>,
+    store: Arc<dyn Checkpoint>,
+    every: Duration,
+    mut saved: u64,
+    done: Arc<AtomicBool>,
+    error: Arc<Mutex<Option<String>>>,
+) {
+    loop {
+        let listener = ctx.tracker.changed.listen();
+        let finishing = done.load(Ordering::Acquire);
+        let wm = ctx.tracker.watermark.load(Ordering::Acquire);
+        if wm != saved {
+            match store.save(wm).await {
+                Ok(()) => {
+                    tracing::debug!(watermark = wm, "checkpoint saved");
+                    saved = wm;
+                }
+                Err(e) => {
+                    tracing::warn!(watermark = wm, error = %e, "checkpoint save failed");
+                    *lock(&error) = Some(e.to_string());
+                    if finishing {
+                        return;
+                    }
+                }
+            }
+            if !finishing {
+                let l = ctx.tracker.changed.listen();
+                if !done.load(Ordering::Acquire) {
+                    ctx.clock
+                        .sleep(every)
+                        .or(async {
+                            // Woken early only to finish.
+                            let mut l = l;
+                            while !done.load(Ordering::Acquire) {
+                                l.await;
+                                l = ctx.tracker.changed.listen();
+                            }
+                        })
+                        .await;
+                }
+            }
+            continue;
+        }
+        if finishing {
+            return;
+        }
+        listener.await;
+    }
+}
+
+/// Feeds every output to the sink (under its policy, if any) until the
+/// stages are drained or the pipeline is cancelled; returns the outputs
+/// the sink accepted.
+async fn drive_sink<T, F, Fut, E>(
+    ctx: &Ctx,
+    out: &Receiver<Elem<T>>,
+    sink_counters: &Counters,
+    sink_policy: Option<&Policy>,
+    sink: &mut F,
+) -> u64
+where
+    T: Clone + Serialize + Send + 'static,
+    F: FnMut(T) -> Fut,
+    Fut: Future<Output = Result<(), E>>,
+    E: fmt::Display,
+{
+    let mut outputs = 0u64;
+    loop {
+        if ctx.control.cancelled() {
+            break;
+        }
+        let elem = match out.try_recv() {
+            Ok(e) => e,
+            Err(TryRecvError::Closed) => break,
+            Err(TryRecvError::Empty) => {
+                let l = ctx.control.state.event.listen();
+                if ctx.control.cancelled() {
+                    break;
+                }
+                match out
+                    .recv()
+                    .or(async {
+                        l.await;
+                        Err(async_channel::RecvError)
+                    })
+                    .await
+                {
+                    Ok(e) => e,
+                    Err(_) => continue,
+                }
+            }
+        };
+        bump(&sink_counters.received, 1);
+        bump(&sink_counters.in_flight, 1);
+        let Elem { value, origin } = elem;
+        // NOTE: a cancel interrupts a sink call in progress; the item
+        // is then not done, so the watermark stays before it.
+        let call = async {
+            match sink_policy {
+                None => (start_sink(&mut *sink, value.clone()).await, 1, value),
+                Some(p) => {
+                    let mut attempts = 0u32;
+                    let cell = Mutex::new(value);
+                    let r = p
+                        .run(|| {
+                            attempts += 1;
+                            start_sink(&mut *sink, lock(&cell).clone())
+                        })
+                        .await
+                        .map_err(|e| e.to_string());
+                    let value = cell.into_inner().unwrap_or_else(|e| e.into_inner());
+                    (r, attempts.max(1), value)
+                }
+            }
+        };
+        let Some((r, attempts, value)) = async { Some(call.await) }
+            .or(async {
+                ctx.cancelled().await;
+                None
+            })
+            .await
+        else {
+            break;
+        };
+        let elem = Elem { value, origin };
+        sink_counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match r {
+            Ok(()) => {
+                outputs += 1;
+                bump(&sink_counters.emitted, 1);
+                ctx.tracker.complete(&elem.origin);
+            }
+            Err(error) => {
+                if !ctx
+                    .dead_letter(&sink_counters, elem.value, error, attempts, &elem.origin)
+                    .await
+                {
+                    break;
+                }
+            }
+        }
+    }
+
+    outputs
+}
+
+/// The run's report from the stage counters and the tracker.
+fn report(
+    ctx: &Ctx,
+    resumed_from: u64,
+    outputs: u64,
+    cancelled: bool,
+    checkpoint_error: &Mutex<Option<String>>,
+    collect: &Collect,
+) -> PipelineReport {
+    let stages = ctx.stage_stats();
+    let sum = |f: fn(&StageStats) -> u64| stages.iter().map(f).sum::<u64>();
+    PipelineReport {
+        resumed_from,
+        inputs: ctx.inputs.load(Ordering::Relaxed),
+        outputs,
+        dead_letters: sum(|s| s.dead_letters),
+        filtered: sum(|s| s.filtered),
+        watermark: ctx.tracker.watermark.load(Ordering::Acquire),
+        cancelled,
+        checkpoint_error: lock(&checkpoint_error).take(),
+        dead: std::mem::take(&mut *lock(&collect.letters)),
+        stages,
+    }
+}
