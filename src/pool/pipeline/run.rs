@@ -427,7 +427,7 @@ where
             }
             Err(error) => {
                 if !ctx
-                    .dead_letter(&sink_counters, elem.value, error, attempts, &elem.origin)
+                    .dead_letter(sink_counters, elem.value, error, attempts, &elem.origin)
                     .await
                 {
                     break;
@@ -458,7 +458,7 @@ fn report(
         filtered: sum(|s| s.filtered),
         watermark: ctx.tracker.watermark.load(Ordering::Acquire),
         cancelled,
-        checkpoint_error: lock(&checkpoint_error).take(),
+        checkpoint_error: lock(checkpoint_error).take(),
         dead: std::mem::take(&mut *lock(&collect.letters)),
         stages,
     }
