@@ -36,7 +36,7 @@ struct Order {
     body: String,
 }
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+pub fn main() -> Result<(), Box<dyn std::error::Error>> {
     let started = Instant::now();
     let rt = Runtime::builder().with_threads(2).build()?;
     let spawner: Arc<dyn Spawn> = Arc::new(rt.handle());

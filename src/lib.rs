@@ -11,6 +11,7 @@
 mod error;
 pub mod events;
 #[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod http;
 pub mod limit;
 #[cfg(any(feature = "http", feature = "ws"))]
@@ -21,9 +22,11 @@ pub mod runtime;
 pub mod stream;
 mod sync;
 #[cfg(feature = "ws")]
+#[cfg_attr(docsrs, doc(cfg(feature = "ws")))]
 pub mod ws;
 
 #[cfg(feature = "testing")]
+#[cfg_attr(docsrs, doc(cfg(feature = "testing")))]
 pub mod testing;
 
 pub use error::ConfigError;

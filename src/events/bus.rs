@@ -717,6 +717,11 @@ impl<E: Clone + Send + 'static> Bus<E> {
     /// Stops accepting events and waits until every handler has handled
     /// what was emitted before. Stream subscribers get the events queued
     /// for them and then the end of the stream.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops waiting only: the bus is already closed to
+    /// new emits, and what was emitted is still delivered.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
         for sub in self.snapshot().iter() {

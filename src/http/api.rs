@@ -198,6 +198,12 @@ impl ApiClient {
 
     /// Sends every request, at most `concurrency` at a time (0 is taken as
     /// 1), and returns their results in input order.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the calls in flight (their connections
+    /// close) and the ones not started; no result is returned for any of
+    /// them.
     pub async fn batch(
         &self,
         requests: impl IntoIterator<Item = ApiRequest>,
@@ -582,6 +588,13 @@ impl ApiRequest {
     ///
     /// [`Error::Status`] for a final status of 400 or above; the
     /// transport, breaker, timeout and URL errors otherwise.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future abandons the call: a request being written or read
+    /// is cut (its connection is closed, not reused), a retry delay ends, and
+    /// the concurrency slot is given back. The server may still have acted on
+    /// the request.
     pub async fn send(self) -> Result<ApiResponse, Error> {
         let span = tracing::info_span!(
             "http.call",
@@ -602,6 +615,10 @@ impl ApiRequest {
     ///
     /// As [`send`](ApiRequest::send); [`Error::Json`] with the status and
     /// an excerpt when the body is not a `T`.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`send`](ApiRequest::send).
     pub async fn json<T: DeserializeOwned>(self) -> Result<T, Error> {
         self.send().await?.json()
     }

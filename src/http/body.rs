@@ -132,6 +132,11 @@ impl Body {
     /// # Errors
     ///
     /// [`Error::File`] when the file cannot be opened.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes closes the file; nothing is
+    /// read.
     pub async fn from_file(path: impl AsRef<Path>) -> Result<Self, Error> {
         let path = path.as_ref();
         let file_err = |source| Error::File {
@@ -183,6 +188,11 @@ impl Body {
     /// # Errors
     ///
     /// [`Error::Body`] when the stream fails part way.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the body and what was read of it (a pooled
+    /// connection is then closed).
     pub async fn bytes(self) -> Result<Bytes, Error> {
         self.bytes_limited(u64::MAX).await
     }
@@ -194,6 +204,10 @@ impl Body {
     ///
     /// [`Error::BodyTooLarge`] over the limit; [`Error::Body`] when the
     /// stream fails part way.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`bytes`](Body::bytes).
     pub async fn bytes_limited(mut self, limit: u64) -> Result<Bytes, Error> {
         if let Some(len) = self.len()
             && len > limit
@@ -233,6 +247,10 @@ impl Body {
     /// # Errors
     ///
     /// As [`bytes`](Body::bytes).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`bytes`](Body::bytes).
     pub async fn text(self) -> Result<String, Error> {
         let bytes = self.bytes().await?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
@@ -244,6 +262,10 @@ impl Body {
     ///
     /// [`Error::Json`] with a short excerpt when the body is not a `T`;
     /// as [`bytes`](Body::bytes) otherwise.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`bytes`](Body::bytes).
     pub async fn json<T: DeserializeOwned>(self) -> Result<T, Error> {
         let bytes = self.bytes().await?;
         serde_json::from_slice(&bytes).map_err(|e| Error::json(None, &bytes, e))

@@ -30,5 +30,6 @@ pub use self::client::{Client, ResponseFuture};
 pub use self::error::{BoxError, Error};
 pub use self::hyper::{ClientStats, HyperClient, HyperClientBuilder};
 #[cfg(feature = "surf")]
+#[cfg_attr(docsrs, doc(cfg(feature = "surf")))]
 pub use self::surf::SurfClient;
 pub use ::http::{HeaderMap, HeaderValue, Method, Request, Response, StatusCode, Uri, header};

@@ -194,6 +194,11 @@ impl<C, H> Policy<C, H> {
     /// # Errors
     ///
     /// Whatever `fallback` returns.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`run`](Policy::run): dropping the future drops the attempt or
+    /// fallback in progress.
     pub async fn run_with_fallback<T, E, F, Fut, G, GFut>(
         &self,
         op: F,

@@ -45,6 +45,7 @@ pub mod offload;
 
 pub use clock::{Clock, Sleep, SystemClock};
 #[cfg(feature = "async-std")]
+#[cfg_attr(docsrs, doc(cfg(feature = "async-std")))]
 pub use compat::AsyncStd;
 pub use compat::SmolGlobal;
 pub use executor::{BuildError, Builder, Handle, Runtime, ShutdownReport};

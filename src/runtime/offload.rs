@@ -62,6 +62,11 @@ impl std::error::Error for OffloadError {}
 /// let len = smol::block_on(offload::blocking(|| std::fs::read_dir(".").map(|d| d.count())));
 /// assert!(len.unwrap().unwrap() > 0);
 /// ```
+///
+/// # Cancel safety
+///
+/// Dropping the future does not stop `f` once it runs on its thread; its
+/// result is discarded.
 pub async fn blocking<F, T>(f: F) -> Result<T, OffloadError>
 where
     F: FnOnce() -> T + Send + 'static,
@@ -87,6 +92,11 @@ where
 /// let sum = smol::block_on(offload::cpu(|| (0..1_000u64).map(|i| i * i).sum::<u64>()));
 /// assert_eq!(sum, Ok(332_833_500));
 /// ```
+///
+/// # Cancel safety
+///
+/// Dropping the future before `f` starts gives its slot back and `f` never
+/// runs; once started, `f` runs to the end and its result is discarded.
 pub async fn cpu<F, T>(f: F) -> Result<T, OffloadError>
 where
     F: FnOnce() -> T + Send + 'static,
@@ -144,6 +154,10 @@ impl CpuPool {
     /// # Errors
     ///
     /// [`OffloadError::Panicked`] if `f` panics.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`cpu`](super::cpu).
     pub async fn run<F, T>(&self, f: F) -> Result<T, OffloadError>
     where
         F: FnOnce() -> T + Send + 'static,

@@ -188,6 +188,11 @@ impl ChaosBuilder {
     ///
     /// The bind error, or an `InvalidData` error if the TLS certificate
     /// cannot be generated.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future before it completes drops the listener; no server
+    /// runs.
     pub async fn start(self) -> io::Result<ChaosServer> {
         let listener = TcpListener::bind(self.addr).await?;
         let addr = listener.local_addr()?;
@@ -250,6 +255,10 @@ impl ChaosServer {
     /// # Errors
     ///
     /// The bind error.
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`ChaosBuilder::start`].
     pub async fn start() -> io::Result<ChaosServer> {
         ChaosServer::builder().start().await
     }

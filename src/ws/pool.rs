@@ -82,6 +82,11 @@ impl SessionPoolBuilder {
     ///
     /// As for `start`, or the first session error that ends a session
     /// before it connects.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves the sessions started so far to close when
+    /// their handles drop (they are dropped with it).
     pub async fn connect(self) -> Result<SessionPool, Error> {
         let pool = self.start()?;
         for s in &pool.sessions {
@@ -98,6 +103,7 @@ impl SessionPoolBuilder {
 /// per session, not across the pool.
 ///
 /// ```
+/// # #[cfg(feature = "testing")] {
 /// use smolkit::testing::ChaosServer;
 /// use smolkit::ws::{SessionPool, Session};
 ///
@@ -116,6 +122,7 @@ impl SessionPoolBuilder {
 /// assert!(pool.stats().iter().all(|s| s.sent == 2));
 /// pool.close().await;
 /// # });
+/// # }
 /// ```
 #[derive(Debug)]
 pub struct SessionPool {
@@ -167,6 +174,11 @@ impl SessionPool {
     /// # Errors
     ///
     /// As for [`Session::send`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Session::send`]: a message still waiting for room in the outbox
+    /// is dropped with the future.
     pub async fn send(&self, message: impl Into<Message>) -> Result<(), SendError> {
         self.pick().send(message).await
     }
@@ -176,6 +188,10 @@ impl SessionPool {
     /// # Errors
     ///
     /// As for [`Session::send_envelope`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`Session::send`].
     pub async fn send_envelope<T: Serialize>(
         &self,
         envelope: Envelope<T>,
@@ -184,6 +200,11 @@ impl SessionPool {
     }
 
     /// The next message from any session.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a message is taken from the shared stream only when the
+    /// future completes.
     pub async fn recv(&self) -> Option<Message> {
         self.incoming.recv().await.ok()
     }
@@ -204,6 +225,11 @@ impl SessionPool {
     }
 
     /// Closes every session; their reports by index.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops waiting for the reports; every session was
+    /// already told to close and finishes closing in its driver task.
     pub async fn close(&self) -> Vec<CloseReport> {
         for s in &self.sessions {
             s.shutdown();

@@ -383,6 +383,11 @@ impl SessionBuilder {
     ///
     /// A configuration error, or the session's error if it ends before
     /// connecting (with a give-up policy; without one it keeps trying).
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future drops the session handle; the driver then closes
+    /// the session (nothing was sent yet).
     pub async fn connect(self) -> Result<Session, Error> {
         let session = self.start()?;
         session.wait_connected().await?;

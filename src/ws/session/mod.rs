@@ -40,8 +40,8 @@ use crate::ws::outbox::{Entry, Outbox, OutboxOverflow, Refused};
 use crate::ws::{Error, SendError};
 
 pub(crate) use builder::Channels;
-pub use builder::SessionBuilder;
 use builder::Config;
+pub use builder::SessionBuilder;
 use conn::*;
 use driver::*;
 pub use event::{
@@ -132,6 +132,7 @@ impl Shared {
 /// # Examples
 ///
 /// ```
+/// # #[cfg(feature = "testing")] {
 /// use smolkit::testing::ChaosServer;
 /// use smolkit::ws::{Message, Session};
 ///
@@ -143,6 +144,7 @@ impl Shared {
 /// let report = session.close().await;
 /// assert!(report.error.is_none() && report.unsent.is_empty());
 /// # });
+/// # }
 /// ```
 pub struct Session {
     shared: Arc<Shared>,
@@ -190,6 +192,10 @@ impl Session {
     /// # Errors
     ///
     /// See [`SessionBuilder::connect`].
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`SessionBuilder::connect`].
     pub async fn connect(url: &str) -> Result<Session, Error> {
         SessionBuilder::new(url).connect().await
     }
@@ -206,6 +212,14 @@ impl Session {
     ///
     /// [`SendError::Full`] (policy `Error`), [`SendError::TooLarge`],
     /// [`SendError::Closed`].
+    ///
+    /// # Cancel safety
+    ///
+    /// A message that is already in the outbox stays there (it is sent). With
+    /// [`OutboxOverflow::Wait`] and a full outbox, the future holds the
+    /// message while it waits: dropping it then drops that message, unsent
+    /// and uncounted. Use [`try_send`](Session::try_send) to keep the message
+    /// on a full outbox.
     pub async fn send(&self, message: impl Into<Message>) -> Result<(), SendError> {
         let frame = message.into().into_frame();
         self.push(frame, None, false, true).await
@@ -231,6 +245,10 @@ impl Session {
     ///
     /// [`SendError::Encode`] when `T` does not serialise, else as for
     /// [`send`](Session::send).
+    ///
+    /// # Cancel safety
+    ///
+    /// As [`send`](Session::send).
     pub async fn send_envelope<T: Serialize>(
         &self,
         mut envelope: Envelope<T>,
@@ -314,6 +332,11 @@ impl Session {
 
     /// The next incoming message; `None` once the session has ended and
     /// every message has been read.
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: a message is taken from the incoming queue only when the
+    /// future completes.
     pub async fn recv(&self) -> Option<Message> {
         self.incoming.recv().await.ok()
     }
@@ -372,6 +395,10 @@ impl Session {
     ///
     /// The session's error if it ends first ([`Error::Closed`] when it was
     /// closed by the application).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches the state.
     pub async fn wait_connected(&self) -> Result<(), Error> {
         loop {
             let l = self.shared.changed.listen();
@@ -390,12 +417,21 @@ impl Session {
     /// connected, sends a close frame (1000), waits for the server's reply
     /// (at most the close timeout) and ends the driver. Returns what was
     /// left.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops waiting for the report; the close was
+    /// already asked for and the driver finishes it.
     pub async fn close(&self) -> CloseReport {
         self.shared.request_close();
         self.closed().await
     }
 
     /// Waits for the session to end (closed or given up).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only waits for the report.
     pub async fn closed(&self) -> CloseReport {
         loop {
             let l = self.shared.changed.listen();
