@@ -38,7 +38,10 @@ fn fanout(c: &mut Criterion) {
     for subs in [1usize, 4, 16] {
         group.bench_with_input(BenchmarkId::new("smolkit_bus", subs), &subs, |b, &k| {
             b.iter(|| {
-                let bus = Bus::<u64>::builder().with_capacity(CAPACITY).build();
+                let bus = Bus::<u64>::builder()
+                    .with_capacity(CAPACITY)
+                    .build()
+                    .unwrap();
                 let tasks: Vec<_> = (0..k)
                     .map(|_| {
                         let sub = bus.subscribe("ticks.#").unwrap();

@@ -24,7 +24,10 @@ struct Order {
 
 fn main() {
     smol::block_on(async {
-        let bus = Bus::<Order>::builder().with_retained(true).build();
+        let bus = Bus::<Order>::builder()
+            .with_retained(true)
+            .build()
+            .expect("valid bus settings");
 
         let revenue = Arc::new(AtomicU64::new(0));
         let r = revenue.clone();

@@ -66,7 +66,9 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
             .build()?;
 
         // Events: a handler adds up what was delivered, a subscriber logs.
-        let bus = Bus::<Vec<Order>>::builder().with_spawner(spawner.clone()).build();
+        let bus = Bus::<Vec<Order>>::builder()
+            .with_spawner(spawner.clone())
+            .build()?;
         let delivered = Arc::new(AtomicU64::new(0));
         let counter = delivered.clone();
         bus.on("orders.batch.#", move |event| {

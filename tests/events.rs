@@ -239,7 +239,7 @@ fn handler_concurrency_is_limited() {
 
 #[test]
 fn late_subscribers_get_the_retained_value_of_each_matching_topic() {
-    let bus = Bus::<&str>::builder().with_retained(true).build();
+    let bus = Bus::<&str>::builder().with_retained(true).build().unwrap();
     bus.try_emit("temp.kitchen", "20C").unwrap();
     bus.try_emit("temp.kitchen", "21C").unwrap();
     bus.try_emit("temp.garage", "9C").unwrap();
@@ -314,4 +314,31 @@ fn off_removes_a_handler_after_it_drains() {
         });
         assert_eq!(seen.load(Ordering::SeqCst), 1);
     });
+}
+
+#[test]
+fn zero_capacities_and_concurrency_are_refused_with_the_setting_named() {
+    let err = Bus::<u32>::builder().with_capacity(0).build().unwrap_err();
+    assert_eq!((err.setting, err.value.as_str()), ("capacity", "0"));
+    let err = Bus::<u32>::builder()
+        .with_error_capacity(0)
+        .build()
+        .unwrap_err();
+    assert_eq!(err.setting, "error_capacity");
+    let bus = Bus::<u32>::new();
+    let err = bus
+        .subscribe_with("a.#", SubscribeOptions::new().with_capacity(0))
+        .unwrap_err();
+    assert_eq!(err.setting, "capacity");
+    let err = bus
+        .on_with(
+            "a.#",
+            SubscribeOptions::new().with_concurrency(0),
+            |_| async { Ok::<_, String>(()) },
+        )
+        .unwrap_err();
+    assert_eq!(err.setting, "concurrency");
+    let err = bus.subscribe("a..b").unwrap_err();
+    assert_eq!((err.setting, err.value.as_str()), ("pattern", "a..b"));
+    assert_eq!(bus.stats().subscribers, 0, "nothing was subscribed");
 }

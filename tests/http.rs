@@ -637,7 +637,7 @@ fn api_honours_retry_after_seconds_and_dates() {
                     let api = api.clone();
                     async move { api.get(path).send().await }
                 });
-                eventually("the retry sleeps", || clock.sleepers() == 1);
+                clock.wait_for_sleepers(1).await;
                 let wait = clock.next_deadline().unwrap() - start;
                 assert!(
                     wait >= Duration::from_secs(low) && wait <= Duration::from_secs(high),

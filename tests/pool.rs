@@ -801,3 +801,63 @@ fn a_killed_pipeline_resumes_after_its_watermark_and_loses_nothing() {
     }
     assert_eq!(counts.len() as u64, CRASH_ITEMS);
 }
+
+/// Issue 14 #1: `batch(.., 0, ..)` lost every item and reported success
+/// (the size assert fired inside the spawned stage task). Every refused
+/// setting is now a `PipelineError::Config` before anything runs.
+#[test]
+fn refused_pipeline_settings_fail_before_anything_runs() {
+    within(|| {
+        smol::block_on(async {
+            let pulled = Arc::new(AtomicUsize::new(0));
+            let source = {
+                let pulled = pulled.clone();
+                futures_lite::stream::iter(0..100u32).map(move |x| {
+                    pulled.fetch_add(1, Ordering::Relaxed);
+                    x
+                })
+            };
+            let err = Pipeline::from_stream(source)
+                .batch("x", 0, Duration::from_millis(10))
+                .run(|_batch: Vec<u32>| async { Ok::<_, String>(()) })
+                .await
+                .unwrap_err();
+            match err {
+                PipelineError::Config(e) => {
+                    assert_eq!((e.setting, e.value.as_str()), ("batch size", "0"))
+                }
+                other => panic!("expected a config error, got {other:?}"),
+            }
+            assert_eq!(pulled.load(Ordering::Relaxed), 0, "nothing may run");
+
+            let cases: Vec<(&str, Pipeline<u32, u32>)> = vec![
+                (
+                    "stage concurrency",
+                    Pipeline::from_stream(futures_lite::stream::iter(0..3u32))
+                        .map(Stage::new("m").with_concurrency(0), |x| async move {
+                            Ok::<_, String>(x)
+                        }),
+                ),
+                (
+                    "stage capacity",
+                    Pipeline::from_stream(futures_lite::stream::iter(0..3u32))
+                        .filter(Stage::new("f").with_capacity(0), |_| true),
+                ),
+                (
+                    "capacity",
+                    Pipeline::from_stream(futures_lite::stream::iter(0..3u32)).with_capacity(0),
+                ),
+                (
+                    "window",
+                    Pipeline::from_stream(futures_lite::stream::iter(0..3u32)).with_window(0),
+                ),
+            ];
+            for (setting, pipeline) in cases {
+                match pipeline.run(|_| async { Ok::<_, String>(()) }).await {
+                    Err(PipelineError::Config(e)) => assert_eq!(e.setting, setting),
+                    other => panic!("{setting}: expected a config error, got {other:?}"),
+                }
+            }
+        })
+    });
+}

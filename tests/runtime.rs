@@ -509,9 +509,7 @@ fn manual_clock_drives_a_task_on_a_real_executor() {
     within(async {
         for expected in 1..=3 {
             // Wait until the task sleeps, then move time past its deadline.
-            while clock.sleepers() == 0 {
-                future::yield_now().await;
-            }
+            clock.wait_for_sleepers(1).await;
             assert_eq!(ticks.load(Ordering::SeqCst), expected - 1);
             clock.advance(Duration::from_secs(60));
             while ticks.load(Ordering::SeqCst) < expected {
@@ -591,4 +589,45 @@ fn public_types_are_send_and_sync() {
     send_sync::<JoinError>();
     send::<smolkit::runtime::JoinHandle<u32>>();
     send::<smolkit::runtime::Sleep>();
+}
+
+#[test]
+fn wait_for_sleepers_returns_once_the_sleeps_are_registered() {
+    let clock = ManualClock::new();
+    let c = clock.clone();
+    let sleepers = std::thread::spawn(move || {
+        smol::block_on(async {
+            let a = c.sleep(Duration::from_secs(5));
+            let b = c.sleep(Duration::from_secs(9));
+            futures_lite::future::zip(a, b).await;
+        })
+    });
+    smol::block_on(clock.wait_for_sleepers(2));
+    assert_eq!(clock.sleepers(), 2);
+    clock.advance(Duration::from_secs(9));
+    sleepers.join().unwrap();
+    assert_eq!(clock.sleepers(), 0);
+}
+
+#[test]
+fn advancing_by_duration_max_saturates_and_the_clock_keeps_working() {
+    // Issue 14 #11: this panicked on Instant overflow and left every later
+    // `now()` panicking too.
+    let clock = ManualClock::new();
+    let start = clock.now();
+    clock.advance(Duration::MAX);
+    let far = clock.now();
+    assert!(far > start + Duration::from_secs(100 * 365 * 86_400));
+    clock.advance(Duration::MAX);
+    assert_eq!(
+        clock.now(),
+        far,
+        "saturated: time stays at the last instant"
+    );
+    // A sleep registered before the advance is woken by it.
+    let clock = ManualClock::new();
+    let mut long = Box::pin(clock.sleep(Duration::from_secs(1 << 40)));
+    assert!(smol::block_on(future::poll_once(&mut long)).is_none());
+    clock.advance(Duration::MAX);
+    assert!(smol::block_on(future::poll_once(&mut long)).is_some());
 }

@@ -195,7 +195,7 @@ fn batches_go_as_one_frame_after_the_window_and_split_on_receipt() {
             block_on(session.send_envelope(Envelope::new("n", i))).unwrap();
         }
         // The driver waits for the window on the clock.
-        eventually("the batch timer", || clock.sleepers() == 1);
+        block_on(clock.wait_for_sleepers(1));
         assert!(server.ws_messages().is_empty());
         clock.advance(Duration::from_millis(100));
         eventually("one frame", || server.ws_messages().len() == 1);
@@ -232,7 +232,7 @@ fn heartbeat_finds_a_dead_peer_on_the_manual_clock() {
                 .connect(),
         )
         .unwrap();
-        eventually("the ping timer", || clock.sleepers() == 1);
+        block_on(clock.wait_for_sleepers(1));
         clock.advance(s20);
         eventually("a pong", || live.stats().pongs == 1);
         clock.advance(s10);
@@ -248,7 +248,7 @@ fn heartbeat_finds_a_dead_peer_on_the_manual_clock() {
         )
         .unwrap();
         let events = muted.events();
-        eventually("the ping timer", || clock.sleepers() == 1);
+        block_on(clock.wait_for_sleepers(1));
         clock.advance(s20);
         eventually("ping sent and pong deadline set", || {
             muted.stats().pings == 1 && clock.sleepers() == 2
@@ -412,6 +412,9 @@ fn overflow_wait_blocks_until_the_connection_drains_the_outbox() {
             matches!(k, SessionEventKind::Reconnecting { .. })
         });
         let server = block_on(ChaosServer::builder().with_addr(addr).start()).unwrap();
+        // NOTE: the reconnect delay must be on the clock before it moves,
+        // or the advance is missed and the session sleeps forever.
+        block_on(clock.wait_for_sleepers(1));
         clock.advance(Duration::from_secs(1));
         waiting.join().unwrap().unwrap();
         eventually("all three", || texts(&server) == ["w0", "w1", "w2"]);
@@ -477,9 +480,9 @@ fn unconfirmed_messages_of_a_dead_socket_are_reported() {
             block_on(session.send(format!("u{i}"))).unwrap();
         }
         eventually("written", || session.stats().sent == 3);
-        eventually("the ping timer", || clock.sleepers() == 1);
+        block_on(clock.wait_for_sleepers(1));
         clock.advance(Duration::from_secs(20));
-        eventually("pong deadline", || clock.sleepers() == 2);
+        block_on(clock.wait_for_sleepers(2));
         clock.advance(Duration::from_secs(10));
         match wait_event(&events, "unconfirmed", |k| {
             matches!(k, SessionEventKind::Unconfirmed { .. })
@@ -530,7 +533,7 @@ fn handshake_retry_after_sets_the_delay_and_give_up_ends_the_session() {
                 } => assert_eq!((delay, retry_after), (Duration::from_secs(7), true)),
                 other => panic!("{other:?}"),
             }
-            eventually("the wait on the clock", || clock.sleepers() == 1);
+            block_on(clock.wait_for_sleepers(1));
             clock.advance(Duration::from_secs(6));
             assert_ne!(session.state(), SessionState::Connected);
             clock.advance(Duration::from_secs(1));
@@ -544,7 +547,7 @@ fn handshake_retry_after_sets_the_delay_and_give_up_ends_the_session() {
             .with_give_up_after_attempts(2)
             .start()
             .unwrap();
-        eventually("the wait on the clock", || clock.sleepers() == 1);
+        block_on(clock.wait_for_sleepers(1));
         clock.advance(Duration::from_secs(1));
         let report = block_on(session.closed());
         match report.error {
@@ -590,7 +593,7 @@ fn give_up_after_a_deadline_without_a_connection() {
             }
             other => panic!("{other:?}"),
         }
-        eventually("the wait on the clock", || clock.sleepers() == 1);
+        block_on(clock.wait_for_sleepers(1));
         clock.advance(Duration::from_secs(2));
         // Attempt 2 fails at 2 s: another 2 s would pass 3 s, so it ends.
         match block_on(session.closed()).error {
@@ -884,7 +887,7 @@ fn clock_is_used_for_the_connect_timeout() {
             .with_give_up_after_attempts(1)
             .start()
             .unwrap();
-        eventually("the connect timer", || clock.sleepers() == 1);
+        block_on(clock.wait_for_sleepers(1));
         let start = clock.now();
         clock.advance(Duration::from_secs(3));
         match block_on(session.closed()).error {

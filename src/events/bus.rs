@@ -13,6 +13,7 @@ use async_channel::{Receiver, Sender, TrySendError};
 use futures_lite::{FutureExt, Stream};
 
 use super::topic::{Pattern, TopicError, validate_topic};
+use crate::ConfigError;
 use crate::limit::Semaphore;
 use crate::runtime::{JoinHandle, Spawn, SpawnExt, default_spawner, panic_message};
 use crate::sync::lock_std as lock;
@@ -71,9 +72,10 @@ impl SubscribeOptions {
         self
     }
 
-    /// Events queued for this subscription (at least 1).
+    /// Events queued for this subscription (default: the bus's). Zero is
+    /// refused when subscribing.
     pub fn with_capacity(mut self, capacity: usize) -> Self {
-        self.capacity = Some(capacity.max(1));
+        self.capacity = Some(capacity);
         self
     }
 
@@ -83,9 +85,10 @@ impl SubscribeOptions {
         self
     }
 
-    /// For handlers: calls running at once (at least 1; 1 keeps order).
+    /// For handlers: calls running at once (default 1, which keeps order).
+    /// Zero is refused when subscribing.
     pub fn with_concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
+        self.concurrency = n;
         self
     }
 }
@@ -340,9 +343,10 @@ impl<E> fmt::Debug for BusBuilder<E> {
 }
 
 impl<E: Clone + Send + 'static> BusBuilder<E> {
-    /// Default queue size of a subscription (at least 1).
+    /// Default queue size of a subscription. Zero is refused by
+    /// [`build`](Self::build).
     pub fn with_capacity(mut self, capacity: usize) -> Self {
-        self.capacity = capacity.max(1);
+        self.capacity = capacity;
         self
     }
 
@@ -354,21 +358,28 @@ impl<E: Clone + Send + 'static> BusBuilder<E> {
     }
 
     /// Where handlers run.
-    pub fn with_spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
-        self.spawner = spawner;
+    pub fn with_spawner(mut self, spawner: impl Spawn + 'static) -> Self {
+        self.spawner = Arc::new(spawner);
         self
     }
 
-    /// Handler failures kept for [`Bus::errors`] (at least 1).
+    /// Handler failures kept for [`Bus::errors`]. Zero is refused by
+    /// [`build`](Self::build).
     pub fn with_error_capacity(mut self, n: usize) -> Self {
-        self.errors = n.max(1);
+        self.errors = n;
         self
     }
 
     /// The bus.
-    pub fn build(self) -> Bus<E> {
+    ///
+    /// # Errors
+    ///
+    /// [`ConfigError`] naming `capacity` or `error_capacity` when zero.
+    pub fn build(self) -> Result<Bus<E>, ConfigError> {
+        ConfigError::nonzero("capacity", self.capacity)?;
+        ConfigError::nonzero("error_capacity", self.errors)?;
         let (errors_tx, errors_rx) = async_channel::bounded(self.errors);
-        Bus {
+        Ok(Bus {
             inner: Arc::new(Inner {
                 subs: Mutex::new(Subs {
                     list: Arc::new(Vec::new()),
@@ -387,7 +398,7 @@ impl<E: Clone + Send + 'static> BusBuilder<E> {
                 gone_dropped: AtomicU64::new(0),
                 failures: AtomicU64::new(0),
             }),
-        }
+        })
     }
 }
 
@@ -400,7 +411,9 @@ impl<E: Clone + Send + 'static> Default for Bus<E> {
 impl<E: Clone + Send + 'static> Bus<E> {
     /// A bus with the defaults (see [`BusBuilder`]).
     pub fn new() -> Self {
-        Self::builder().build()
+        Self::builder()
+            .build()
+            .unwrap_or_else(|e| unreachable!("the defaults are valid: {e}"))
     }
 
     /// A builder.
@@ -545,8 +558,12 @@ impl<E: Clone + Send + 'static> Bus<E> {
         Ok(n)
     }
 
-    fn add(&self, pattern: &str, opts: &SubscribeOptions) -> Result<Added<E>, TopicError> {
+    fn add(&self, pattern: &str, opts: &SubscribeOptions) -> Result<Added<E>, ConfigError> {
         let pattern = Pattern::parse(pattern)?;
+        if let Some(c) = opts.capacity {
+            ConfigError::nonzero("capacity", c)?;
+        }
+        ConfigError::nonzero("concurrency", opts.concurrency)?;
         let (tx, rx) = async_channel::bounded(opts.capacity.unwrap_or(self.inner.capacity));
         let sub = Arc::new(Sub {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
@@ -608,8 +625,8 @@ impl<E: Clone + Send + 'static> Bus<E> {
     ///
     /// # Errors
     ///
-    /// [`TopicError`] for a malformed pattern.
-    pub fn subscribe(&self, pattern: &str) -> Result<Subscriber<E>, TopicError> {
+    /// [`ConfigError`] naming `pattern` for a malformed pattern.
+    pub fn subscribe(&self, pattern: &str) -> Result<Subscriber<E>, ConfigError> {
         self.subscribe_with(pattern, SubscribeOptions::new())
     }
 
@@ -617,12 +634,13 @@ impl<E: Clone + Send + 'static> Bus<E> {
     ///
     /// # Errors
     ///
-    /// [`TopicError`] for a malformed pattern.
+    /// [`ConfigError`] naming `pattern` for a malformed pattern, or
+    /// `capacity`/`concurrency` for a zero in the options.
     pub fn subscribe_with(
         &self,
         pattern: &str,
         opts: SubscribeOptions,
-    ) -> Result<Subscriber<E>, TopicError> {
+    ) -> Result<Subscriber<E>, ConfigError> {
         let (sub, rx) = self.add(pattern, &opts)?;
         Ok(Subscriber {
             bus: self.clone(),
@@ -636,8 +654,9 @@ impl<E: Clone + Send + 'static> Bus<E> {
     ///
     /// # Errors
     ///
-    /// [`TopicError`] for a malformed pattern.
-    pub fn on<F, Fut, HE>(&self, pattern: &str, handler: F) -> Result<HandlerId, TopicError>
+    /// [`ConfigError`] naming `pattern` for a malformed pattern, or
+    /// `capacity`/`concurrency` for a zero in the options.
+    pub fn on<F, Fut, HE>(&self, pattern: &str, handler: F) -> Result<HandlerId, ConfigError>
     where
         F: Fn(Event<E>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HE>> + Send + 'static,
@@ -653,13 +672,14 @@ impl<E: Clone + Send + 'static> Bus<E> {
     ///
     /// # Errors
     ///
-    /// [`TopicError`] for a malformed pattern.
+    /// [`ConfigError`] naming `pattern` for a malformed pattern, or
+    /// `capacity`/`concurrency` for a zero in the options.
     pub fn on_with<F, Fut, HE>(
         &self,
         pattern: &str,
         opts: SubscribeOptions,
         handler: F,
-    ) -> Result<HandlerId, TopicError>
+    ) -> Result<HandlerId, ConfigError>
     where
         F: Fn(Event<E>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<(), HE>> + Send + 'static,

@@ -20,6 +20,12 @@ impl fmt::Display for TopicError {
 
 impl Error for TopicError {}
 
+impl From<TopicError> for crate::ConfigError {
+    fn from(e: TopicError) -> Self {
+        crate::ConfigError::new("pattern", e.value, e.reason)
+    }
+}
+
 fn err(value: &str, reason: &'static str) -> TopicError {
     TopicError {
         value: value.to_owned(),

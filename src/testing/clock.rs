@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use event_listener::Event;
+
 use crate::runtime::{Clock, Sleep};
 
 /// A [`Clock`] that stands still until [`advance`](ManualClock::advance)d.
@@ -41,10 +43,14 @@ use crate::runtime::{Clock, Sleep};
 #[derive(Clone)]
 pub struct ManualClock {
     state: Arc<Mutex<State>>,
+    /// Notified whenever a sleeper registers.
+    registered: Arc<Event>,
 }
 
 struct State {
     base: Instant,
+    /// The largest `elapsed` that `base + elapsed` can represent.
+    max_elapsed: Duration,
     elapsed: Duration,
     next_seq: u64,
     /// Sleepers not yet woken, keyed by (deadline, arrival).
@@ -60,13 +66,34 @@ impl State {
 impl ManualClock {
     /// A clock standing at the current real instant.
     pub fn new() -> Self {
+        let base = Instant::now();
         ManualClock {
+            registered: Arc::new(Event::new()),
             state: Arc::new(Mutex::new(State {
-                base: Instant::now(),
+                base,
+                max_elapsed: max_offset(base),
                 elapsed: Duration::ZERO,
                 next_seq: 0,
                 sleepers: BTreeMap::new(),
             })),
+        }
+    }
+
+    /// Waits until at least `n` sleeps are registered on this clock: the
+    /// way for a test to know that the code under test has reached its
+    /// timer before it calls [`advance`](Self::advance) (instead of polling
+    /// [`sleepers`](Self::sleepers)).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches.
+    pub async fn wait_for_sleepers(&self, n: usize) {
+        loop {
+            let listener = self.registered.listen();
+            if self.sleepers() >= n {
+                return;
+            }
+            listener.await;
         }
     }
 
@@ -79,7 +106,10 @@ impl ManualClock {
     pub fn advance(&self, by: Duration) {
         let woken = {
             let mut state = self.lock();
-            state.elapsed = state.elapsed.saturating_add(by);
+            // NOTE: saturates at the last representable instant, so
+            // `advance(Duration::MAX)` means "forever" and `now()` keeps
+            // working afterwards.
+            state.elapsed = state.elapsed.saturating_add(by).min(state.max_elapsed);
             let now = state.now();
             let later = state.sleepers.split_off(&(now, u64::MAX));
             std::mem::replace(&mut state.sleepers, later)
@@ -177,7 +207,11 @@ impl Future for ManualSleep {
                 key
             }
         };
-        state.sleepers.insert(key, cx.waker().clone());
+        let new = state.sleepers.insert(key, cx.waker().clone()).is_none();
+        drop(state);
+        if new {
+            this.clock.registered.notify(usize::MAX);
+        }
         Poll::Pending
     }
 }
@@ -188,4 +222,19 @@ impl Drop for ManualSleep {
             self.clock.lock().sleepers.remove(&key);
         }
     }
+}
+
+/// The largest offset from `base` that an `Instant` can hold (found by
+/// bisection on whole seconds; platforms differ).
+fn max_offset(base: Instant) -> Duration {
+    let (mut lo, mut hi) = (0u64, u64::MAX);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if base.checked_add(Duration::from_secs(mid)).is_some() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    Duration::from_secs(lo)
 }

@@ -31,6 +31,9 @@ pub enum PipelineError {
     Queue(QueueError),
     /// A stage task was dropped by its executor with items in it.
     TaskLost(String),
+    /// A setting was refused (a zero concurrency, capacity, window or
+    /// batch size); nothing ran.
+    Config(ConfigError),
 }
 
 impl fmt::Display for PipelineError {
@@ -42,6 +45,7 @@ impl fmt::Display for PipelineError {
             PipelineError::TaskLost(stage) => {
                 write!(f, "pipeline stage {stage:?} was dropped by its executor")
             }
+            PipelineError::Config(e) => write!(f, "pipeline not started: {e}"),
         }
     }
 }
@@ -53,6 +57,7 @@ impl std::error::Error for PipelineError {
             PipelineError::DeadLetters(e) => Some(e),
             PipelineError::Queue(e) => Some(e),
             PipelineError::TaskLost(_) => None,
+            PipelineError::Config(e) => Some(e),
         }
     }
 }

@@ -39,6 +39,7 @@ use super::BoxFut;
 use super::checkpoint::Checkpoint;
 use super::dead_letter::DeadLetterSink;
 use super::queue::Queue;
+use crate::ConfigError;
 use crate::resilience::Policy;
 use crate::runtime::{Clock, Spawn, SystemClock, default_spawner, offload, panic_message};
 use crate::stream::StreamKit;
@@ -113,6 +114,9 @@ pub struct Pipeline<In, T> {
     dead: Option<Arc<dyn DeadLetterSink>>,
     sink_policy: Option<Arc<Policy>>,
     control: PipelineControl,
+    /// The first refused setting; [`run`](Pipeline::run) returns it before
+    /// anything runs.
+    invalid: Option<ConfigError>,
 }
 
 impl<In: Send + 'static> Pipeline<In, In> {
@@ -152,6 +156,7 @@ impl<In: Send + 'static> Pipeline<In, In> {
             dead: None,
             sink_policy: None,
             control: PipelineControl::new(),
+            invalid: None,
         }
     }
 }
@@ -174,7 +179,16 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
             dead: self.dead,
             sink_policy: self.sink_policy,
             control: self.control,
+            invalid: self.invalid,
         }
+    }
+
+    /// Records the first refused setting.
+    fn check(mut self, checked: Result<(), ConfigError>) -> Self {
+        if let Err(e) = checked {
+            self.invalid.get_or_insert(e);
+        }
+        self
     }
 
     /// An async stage: `f` maps each item, `Err` (or a panic) makes it a
@@ -232,7 +246,8 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
     where
         T: Clone + Serialize,
     {
-        self.then(move |ctx, rx| {
+        let checked = stage.validate();
+        self.check(checked).then(move |ctx, rx| {
             let (tx, out) = async_channel::bounded(stage.capacity.unwrap_or(ctx.capacity));
             let counters = ctx.counters(&stage.name, kind, &rx);
             let policy = stage.policy.clone();
@@ -396,7 +411,8 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         F: Fn(Arc<Ctx>, Arc<Counters>, Elem<T>, Sender<Elem<B>>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = bool> + Send + 'static,
     {
-        self.then(move |ctx, rx| {
+        let checked = stage.validate();
+        self.check(checked).then(move |ctx, rx| {
             let (tx, out) = async_channel::bounded(stage.capacity.unwrap_or(ctx.capacity));
             let counters = ctx.counters(&stage.name, kind, &rx);
             let step = Arc::new(step);
@@ -435,7 +451,10 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         max_wait: Duration,
     ) -> Pipeline<In, Vec<T>> {
         let stage = stage.into();
-        self.then(move |ctx, rx| {
+        let checked = stage
+            .validate()
+            .and_then(|()| ConfigError::nonzero("batch size", size).map(drop));
+        self.check(checked).then(move |ctx, rx| {
             let (tx, out) = async_channel::bounded(stage.capacity.unwrap_or(ctx.capacity));
             let counters = ctx.counters(&stage.name, StageKind::Batch, &rx);
             let clock = ctx.clock.clone();
@@ -459,22 +478,25 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         })
     }
 
-    /// Items waiting in each channel between stages (default 64).
+    /// Items waiting in each channel between stages (default 64). Zero
+    /// makes [`run`](Pipeline::run) fail with [`PipelineError::Config`].
     pub fn with_capacity(mut self, capacity: usize) -> Self {
-        self.capacity = capacity.max(1);
-        self
+        self.capacity = capacity;
+        let checked = ConfigError::nonzero("capacity", capacity).map(drop);
+        self.check(checked)
     }
 
     /// How far (in positions) the source may run ahead of the watermark
-    /// (default 65 536).
+    /// (default 65 536). Zero is refused like a zero capacity.
     pub fn with_window(mut self, window: usize) -> Self {
-        self.window = window.max(1);
-        self
+        self.window = window;
+        let checked = ConfigError::nonzero("window", window).map(drop);
+        self.check(checked)
     }
 
     /// Where the stage tasks run.
-    pub fn with_spawner(mut self, spawner: Arc<dyn Spawn>) -> Self {
-        self.spawner = spawner;
+    pub fn with_spawner(mut self, spawner: impl Spawn + 'static) -> Self {
+        self.spawner = Arc::new(spawner);
         self
     }
 

@@ -26,7 +26,9 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
     ///
     /// # Errors
     ///
-    /// [`PipelineError`] if the checkpoint cannot be loaded, a dead letter
+    /// [`PipelineError::Config`] at once, before anything runs, for a
+    /// refused setting (a zero concurrency, capacity, window or batch
+    /// size); otherwise [`PipelineError`] if the checkpoint cannot be loaded, a dead letter
     /// cannot be stored, the source queue fails, or a stage task is lost.
     ///
     /// # Cancel safety
@@ -40,6 +42,9 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         Fut: Future<Output = Result<(), E>>,
         E: fmt::Display,
     {
+        if let Some(e) = self.invalid {
+            return Err(PipelineError::Config(e));
+        }
         let resumed_from = match (&self.checkpoint, &self.source) {
             (Some(store), Source::Stream(_)) => store
                 .load()

@@ -49,9 +49,11 @@ impl Stage {
         }
     }
 
-    /// Items processed at once (at least 1).
+    /// Items processed at once (default 1). Zero makes
+    /// [`Pipeline::run`] fail with [`PipelineError::Config`] before
+    /// anything runs.
     pub fn with_concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n.max(1);
+        self.concurrency = n;
         self
     }
 
@@ -69,10 +71,20 @@ impl Stage {
         self
     }
 
-    /// The capacity of this stage's output channel.
+    /// The capacity of this stage's output channel (default: the
+    /// pipeline's). Zero is refused like a zero concurrency.
     pub fn with_capacity(mut self, capacity: usize) -> Self {
-        self.capacity = Some(capacity.max(1));
+        self.capacity = Some(capacity);
         self
+    }
+
+    /// Its settings, checked before a pipeline runs.
+    pub(super) fn validate(&self) -> Result<(), ConfigError> {
+        ConfigError::nonzero("stage concurrency", self.concurrency)?;
+        if let Some(c) = self.capacity {
+            ConfigError::nonzero("stage capacity", c)?;
+        }
+        Ok(())
     }
 
     /// The stage's name.
