@@ -959,3 +959,93 @@ fn nginx_files_ranges_and_keep_alive() {
         })
     });
 }
+
+/// Issue 15 #1: the pool's `Host` → idle connection → slot → `Arc<Host>`
+/// cycle kept every idle socket and its task alive after the last handle
+/// was dropped. Counted on the server's side.
+#[test]
+fn dropping_the_last_client_closes_its_idle_connections() {
+    within(|| {
+        smol::block_on(async {
+            let server = ChaosServer::start().await.unwrap();
+            let client = HyperClient::new();
+            let url = server.url("/delay/30");
+            let calls: Vec<_> = (0..4)
+                .map(|_| {
+                    let client = client.clone();
+                    let url = url.clone();
+                    smol::spawn(async move { text(&client, &url).await })
+                })
+                .collect();
+            for call in calls {
+                assert_eq!(call.await.0, StatusCode::OK);
+            }
+            assert_eq!(client.stats().idle, 4);
+            assert_eq!(server.open_connections(), 4);
+            drop(client);
+            eventually("the server sees every connection closed", || {
+                server.open_connections() == 0
+            });
+        })
+    });
+}
+
+#[test]
+fn close_refuses_new_requests_and_keep_alive_off_opens_one_connection_each() {
+    within(|| {
+        smol::block_on(async {
+            let server = ChaosServer::start().await.unwrap();
+            let client = HyperClient::builder()
+                .with_keep_alive(false)
+                .build()
+                .unwrap();
+            for _ in 0..3 {
+                assert_eq!(
+                    text(&client, &server.url("/status/200")).await.0,
+                    StatusCode::OK
+                );
+            }
+            assert_eq!(server.connections(), 3);
+            assert_eq!(client.stats().idle, 0);
+            eventually("each connection closed after its response", || {
+                server.open_connections() == 0
+            });
+
+            let pooled = HyperClient::new();
+            assert_eq!(
+                text(&pooled, &server.url("/status/200")).await.0,
+                StatusCode::OK
+            );
+            assert_eq!(pooled.stats().idle, 1);
+            pooled.close();
+            assert!(pooled.is_closed());
+            assert_eq!(pooled.stats().idle, 0);
+            match pooled.send(get(&server.url("/status/200"))).await {
+                Err(Error::Closed) => {}
+                other => panic!("expected Closed, got {:?}", other.map(|r| r.status())),
+            }
+        })
+    });
+}
+
+/// Issue 13 #10: the ApiClient's default pool (16 per host) silently capped
+/// a larger concurrency limit.
+#[test]
+fn the_default_pool_follows_the_api_concurrency_limit() {
+    within(|| {
+        smol::block_on(async {
+            let server = ChaosServer::start().await.unwrap();
+            let api = ApiClient::builder(&server.url("/"))
+                .with_concurrency_limit(24)
+                .build()
+                .unwrap();
+            let results = api.batch((0..24).map(|_| api.get("delay/200")), 24).await;
+            assert!(results.iter().all(|r| r.is_ok()));
+            assert!(
+                server.max_open_connections() > 16,
+                "at most {} connections were open at once",
+                server.max_open_connections()
+            );
+        })
+    });
+}

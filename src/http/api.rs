@@ -856,7 +856,6 @@ impl ApiClientBuilder {
                 Arc::new(
                     HyperClient::builder()
                         .with_max_connections_per_host(cap)
-                        .with_clock(self.clock.clone())
                         .build()?,
                 )
             }
