@@ -290,6 +290,32 @@ impl<T> JoinHandle<T> {
         drop(self)
     }
 
+    /// Cancels the task and waits until it has stopped: a poll running on
+    /// another thread at that moment finishes first, then the future is
+    /// dropped. Returns the task's result if it finished before the cancel
+    /// took effect, [`JoinError::Cancelled`] otherwise.
+    ///
+    /// Unlike [`abort`](Self::abort), nothing the task does can happen
+    /// after this returns.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping this future still cancels the task, without waiting.
+    pub async fn cancel(mut self) -> Result<T, JoinError> {
+        match std::mem::replace(&mut self.inner, Inner::Cancelled) {
+            Inner::Native(task) => task.cancel().await.unwrap_or(Err(JoinError::Cancelled)),
+            Inner::Shared(shared) => {
+                if !shared.done.load(Ordering::Acquire) {
+                    shared.aborted.store(true, Ordering::Release);
+                    shared.task.wake();
+                }
+                self.inner = Inner::Shared(shared);
+                (&mut self).await
+            }
+            Inner::Cancelled => Err(JoinError::Cancelled),
+        }
+    }
+
     /// Whether the task has finished (completed, panicked or been cancelled).
     pub fn is_finished(&self) -> bool {
         match &self.inner {

@@ -13,7 +13,7 @@ use serde::Serialize;
 use crate::pool::checkpoint::CheckpointError;
 use crate::pool::dead_letter::{DeadLetter, DeadLetterError, DeadLetterSink};
 use crate::pool::queue::QueueError;
-use crate::runtime::{Clock, JoinHandle, Spawn, SpawnExt};
+use crate::runtime::{Clock, JoinError, JoinHandle, Spawn, SpawnExt};
 use crate::sync::lock_std as lock;
 
 use super::*;
@@ -29,8 +29,19 @@ pub enum PipelineError {
     DeadLetters(DeadLetterError),
     /// The source queue failed.
     Queue(QueueError),
-    /// A stage task was dropped by its executor with items in it.
+    /// A task of the pipeline (`source`, a stage, the checkpoint saver,
+    /// the acker) was dropped by its executor before it finished.
     TaskLost(String),
+    /// A task of the pipeline panicked outside the code it guards (the
+    /// source stream, a queue's `pull`, a dead-letter sink, a checkpoint
+    /// store): the items it held are not accounted for, so the run is an
+    /// error.
+    TaskPanicked {
+        /// The task: `source`, a stage's name, `checkpoint` or `acker`.
+        task: String,
+        /// The panic message.
+        message: String,
+    },
     /// A setting was refused (a zero concurrency, capacity, window or
     /// batch size); nothing ran.
     Config(ConfigError),
@@ -46,6 +57,9 @@ impl fmt::Display for PipelineError {
                 write!(f, "pipeline stage {stage:?} was dropped by its executor")
             }
             PipelineError::Config(e) => write!(f, "pipeline not started: {e}"),
+            PipelineError::TaskPanicked { task, message } => {
+                write!(f, "pipeline task {task:?} panicked: {message}")
+            }
         }
     }
 }
@@ -56,7 +70,7 @@ impl std::error::Error for PipelineError {
             PipelineError::Checkpoint(e) => Some(e),
             PipelineError::DeadLetters(e) => Some(e),
             PipelineError::Queue(e) => Some(e),
-            PipelineError::TaskLost(_) => None,
+            PipelineError::TaskLost(_) | PipelineError::TaskPanicked { .. } => None,
             PipelineError::Config(e) => Some(e),
         }
     }
@@ -175,7 +189,7 @@ pub(super) struct Ctx {
     pub(super) capacity: usize,
     pub(super) control: PipelineControl,
     pub(super) stages: Mutex<Vec<Arc<Counters>>>,
-    pub(super) tasks: Mutex<Vec<JoinHandle<()>>>,
+    pub(super) tasks: Mutex<Vec<(String, JoinHandle<()>)>>,
     pub(super) fatal: Mutex<Option<PipelineError>>,
     pub(super) inputs: AtomicU64,
 }
@@ -183,7 +197,56 @@ pub(super) struct Ctx {
 impl Ctx {
     pub(super) fn spawn(&self, name: &str, fut: impl Future<Output = ()> + Send + 'static) {
         let handle = self.spawner.spawn_named(name, fut);
-        lock(&self.tasks).push(handle);
+        lock(&self.tasks).push((name.to_owned(), handle));
+    }
+
+    /// Cancels every task and waits until each has stopped, so nothing a
+    /// task does (a delivery it pulls, an item it registers) can happen
+    /// after this returns.
+    pub(super) async fn cancel_tasks(&self) {
+        let tasks = std::mem::take(&mut *lock(&self.tasks));
+        for (_, handle) in tasks {
+            let _ = handle.cancel().await;
+        }
+    }
+
+    /// Waits for every task to end. The first one that ends abnormally
+    /// (panicked, or dropped by its executor) is the error, and the rest
+    /// are cancelled then: with a task gone, the others may wait forever
+    /// for items it held.
+    pub(super) async fn join_tasks(&self) -> Option<PipelineError> {
+        let mut tasks: Vec<(String, Option<JoinHandle<()>>)> =
+            std::mem::take(&mut *lock(&self.tasks))
+                .into_iter()
+                .map(|(name, h)| (name, Some(h)))
+                .collect();
+        let failed = std::future::poll_fn(|cx| {
+            let mut pending = false;
+            for (name, slot) in tasks.iter_mut() {
+                let Some(handle) = slot else { continue };
+                match std::pin::Pin::new(handle).poll(cx) {
+                    std::task::Poll::Pending => pending = true,
+                    std::task::Poll::Ready(r) => {
+                        *slot = None;
+                        if let Err(e) = r {
+                            return std::task::Poll::Ready(Some(task_error(name, e)));
+                        }
+                    }
+                }
+            }
+            if pending {
+                std::task::Poll::Pending
+            } else {
+                std::task::Poll::Ready(None)
+            }
+        })
+        .await;
+        if failed.is_some() {
+            for handle in tasks.into_iter().filter_map(|(_, h)| h) {
+                let _ = handle.cancel().await;
+            }
+        }
+        failed
     }
 
     pub(super) fn counters<T: Send + 'static>(
@@ -268,5 +331,19 @@ impl Ctx {
             }
             l.await;
         }
+    }
+}
+
+/// The error for a pipeline task that ended abnormally.
+pub(super) fn task_error(task: &str, e: JoinError) -> PipelineError {
+    match e {
+        JoinError::Panicked(message) => {
+            tracing::error!(task, message = %message, "pipeline task panicked");
+            PipelineError::TaskPanicked {
+                task: task.to_owned(),
+                message,
+            }
+        }
+        _ => PipelineError::TaskLost(task.to_owned()),
     }
 }

@@ -44,7 +44,7 @@ use crate::resilience::Policy;
 use crate::runtime::{Clock, Spawn, SystemClock, default_spawner, offload, panic_message};
 use crate::stream::StreamKit;
 
-use control::Ctx;
+use control::{Ctx, task_error};
 pub use control::{PipelineControl, PipelineError, PipelineReport};
 use stage::{Counters, attempt, bump, settle};
 pub use stage::{Stage, StageKind, StageStats};

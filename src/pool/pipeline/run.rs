@@ -12,9 +12,9 @@ use futures_lite::{FutureExt, StreamExt, future};
 use serde::Serialize;
 
 use crate::pool::checkpoint::Checkpoint;
-use crate::pool::dead_letter::{Collect, DeadLetterSink};
+use crate::pool::dead_letter::Collect;
 use crate::pool::queue::{Nack, Queue};
-use crate::runtime::{SpawnExt, panic_message};
+use crate::runtime::{JoinHandle, SpawnExt, panic_message};
 use crate::sync::lock_std as lock;
 
 use super::*;
@@ -53,118 +53,66 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
                 .unwrap_or(0),
             _ => 0,
         };
-        let (ack_tx, ack_rx) = match self.source {
-            Source::Queue(_) => {
-                let (tx, rx) = async_channel::unbounded();
-                (Some(tx), Some(rx))
-            }
-            Source::Stream(_) => (None, None),
-        };
-        let collect = Arc::new(Collect::default());
-        let dead: Arc<dyn DeadLetterSink> = match self.dead {
-            Some(d) => d,
-            None => collect.clone(),
-        };
-        let ctx = Arc::new(Ctx {
-            tracker: Tracker::new(resumed_from, self.window, ack_tx.clone()),
-            dead,
-            clock: self.clock,
-            spawner: self.spawner,
-            capacity: self.capacity,
-            control: self.control.clone(),
-            stages: Mutex::new(Vec::new()),
-            tasks: Mutex::new(Vec::new()),
-            fatal: Mutex::new(None),
-            inputs: AtomicU64::new(0),
-        });
-        *lock(&self.control.state.ctx) = Arc::downgrade(&ctx);
-
-        let (src_tx, src_rx) = async_channel::bounded(self.capacity);
-        let out = (self.wire)(&ctx, src_rx);
-        let sink_counters = ctx.counters("sink", StageKind::Sink, &out);
-
         let queue = match &self.source {
             Source::Queue(q) => Some(q.clone()),
             Source::Stream(_) => None,
         };
+        let (ack_tx, ack_rx) = async_channel::unbounded();
+        let collect = Arc::new(Collect::default());
+        let acks = queue.is_some().then(|| ack_tx.clone());
+        let ctx = self.context(resumed_from, acks, collect.clone());
+
+        let (src_tx, src_rx) = async_channel::bounded(self.capacity);
+        let out = (self.wire)(&ctx, src_rx);
+        let sink_counters = ctx.counters("sink", StageKind::Sink, &out);
         let c = ctx.clone();
+        let source = self.source;
         ctx.spawn("source", async move {
-            match self.source {
+            match source {
                 Source::Stream(s) => read_stream(&c, s, resumed_from, src_tx).await,
                 Source::Queue(q) => read_queue(&c, &*q, src_tx).await,
             }
         });
-        let acker = match (&queue, ack_rx) {
-            (Some(q), Some(rx)) => {
-                let q = q.clone();
-                Some(ctx.spawner.spawn(async move {
-                    while let Ok(id) = rx.recv().await {
-                        if let Err(e) = q.ack(&id).await {
-                            tracing::warn!(id = %id, error = %e, "ack failed; the item will be delivered again");
-                        }
-                    }
-                }))
-            }
-            _ => None,
-        };
-        let saver_done = Arc::new(AtomicBool::new(false));
-        let checkpoint_error = Arc::new(Mutex::new(None));
-        let saver = match &self.checkpoint {
-            Some(store) if queue.is_none() => Some(ctx.spawner.spawn(save_checkpoints(
-                ctx.clone(),
-                store.clone(),
-                self.checkpoint_every,
-                resumed_from,
-                saver_done.clone(),
-                checkpoint_error.clone(),
-            ))),
-            _ => None,
-        };
+        let side = SideTasks::start(
+            &ctx,
+            queue.clone(),
+            ack_rx,
+            self.checkpoint.filter(|_| queue.is_none()),
+            self.checkpoint_every,
+            resumed_from,
+        );
 
         // The sink runs right here, on the task that awaits `run`.
-        let outputs = drive_sink(
-            &ctx,
-            &out,
-            &sink_counters,
-            self.sink_policy.as_deref(),
-            &mut sink,
-        )
-        .await;
+        let policy = self.sink_policy.as_deref();
+        let outputs = drive_sink(&ctx, &out, &sink_counters, policy, &mut sink).await;
 
         let cancelled = ctx.control.cancelled();
-        if cancelled {
-            // Stop every stage now; what they held is not done, so the
-            // watermark stays before it.
-            lock(&ctx.tasks).clear();
+        let task_failed = if cancelled {
+            // Stop every stage now and wait until each has stopped: what
+            // they held is not done, so the watermark stays before it, and
+            // a delivery a task pulled at that moment is registered before
+            // the nacks below.
+            ctx.cancel_tasks().await;
+            None
+        } else {
+            ctx.join_tasks().await
+        };
+        if let Some(q) = &queue
+            && (cancelled || task_failed.is_some())
+        {
+            nack_outstanding(&ctx, &**q).await;
         }
-        if let Some(q) = &queue {
-            if cancelled {
-                for id in ctx.tracker.outstanding_ids() {
-                    if let Err(e) = q.nack(&id, Nack::Retry).await {
-                        tracing::warn!(id = %id, error = %e, "nack on cancel failed; the lease will expire");
-                    }
-                }
-            }
-            if let Some(tx) = &ack_tx {
-                tx.close();
-            }
-            if let Some(acker) = acker {
-                let _ = acker.await;
-            }
+        ack_tx.close();
+        let checkpoint_error = side.finish(&ctx).await;
+        if let Some(e) = task_failed {
+            return Err(e);
         }
-        if let Some(saver) = saver {
-            saver_done.store(true, Ordering::Release);
-            ctx.tracker.changed.notify(usize::MAX);
-            let _ = saver.await;
-        }
-        lock(&ctx.tasks).clear();
-
         let report = report(
             &ctx,
             resumed_from,
             outputs,
             cancelled,
-            &checkpoint_error,
+            checkpoint_error,
             &collect,
         );
         if let Some(e) = lock(&ctx.fatal).take() {
@@ -180,6 +128,108 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
             "pipeline finished"
         );
         Ok(report)
+    }
+}
+
+impl<In, T> Pipeline<In, T> {
+    /// The state the run's tasks share.
+    fn context(
+        &self,
+        resumed_from: u64,
+        acks: Option<Sender<String>>,
+        collect: Arc<Collect>,
+    ) -> Arc<Ctx> {
+        let ctx = Arc::new(Ctx {
+            tracker: Tracker::new(resumed_from, self.window, acks),
+            dead: self.dead.clone().unwrap_or(collect),
+            clock: self.clock.clone(),
+            spawner: self.spawner.clone(),
+            capacity: self.capacity,
+            control: self.control.clone(),
+            stages: Mutex::new(Vec::new()),
+            tasks: Mutex::new(Vec::new()),
+            fatal: Mutex::new(None),
+            inputs: AtomicU64::new(0),
+        });
+        *lock(&self.control.state.ctx) = Arc::downgrade(&ctx);
+        ctx
+    }
+}
+
+/// The tasks beside the stages: the acker of a queue source and the
+/// checkpoint saver of a stream source.
+struct SideTasks {
+    acker: Option<JoinHandle<()>>,
+    saver: Option<JoinHandle<()>>,
+    saver_done: Arc<AtomicBool>,
+    checkpoint_error: Arc<Mutex<Option<String>>>,
+}
+
+impl SideTasks {
+    fn start(
+        ctx: &Arc<Ctx>,
+        queue: Option<Arc<dyn Queue<Item = impl Send + 'static>>>,
+        acks: async_channel::Receiver<String>,
+        checkpoint: Option<Arc<dyn Checkpoint>>,
+        every: Duration,
+        resumed_from: u64,
+    ) -> Self {
+        let acker = queue.map(|q| {
+            ctx.spawner.spawn(async move {
+                while let Ok(id) = acks.recv().await {
+                    if let Err(e) = q.ack(&id).await {
+                        tracing::warn!(id = %id, error = %e, "ack failed; the item will be delivered again");
+                    }
+                }
+            })
+        });
+        let saver_done = Arc::new(AtomicBool::new(false));
+        let checkpoint_error = Arc::new(Mutex::new(None));
+        let saver = checkpoint.map(|store| {
+            ctx.spawner.spawn(save_checkpoints(
+                ctx.clone(),
+                store,
+                every,
+                resumed_from,
+                saver_done.clone(),
+                checkpoint_error.clone(),
+            ))
+        });
+        SideTasks {
+            acker,
+            saver,
+            saver_done,
+            checkpoint_error,
+        }
+    }
+
+    /// Lets the acker drain (the ack channel is closed by then) and the
+    /// saver write the final watermark; a panic in either fails the run.
+    /// Returns the checkpoint error to report, if saving failed.
+    async fn finish(self, ctx: &Ctx) -> Option<String> {
+        if let Some(acker) = self.acker
+            && let Err(e) = acker.await
+        {
+            ctx.fail(task_error("acker", e));
+        }
+        if let Some(saver) = self.saver {
+            self.saver_done.store(true, Ordering::Release);
+            ctx.tracker.changed.notify(usize::MAX);
+            if let Err(e) = saver.await {
+                ctx.fail(task_error("checkpoint", e));
+            }
+        }
+        lock(&self.checkpoint_error).take()
+    }
+}
+
+/// Puts back every delivery not done: a cancelled or failed run leaves
+/// nothing leased.
+async fn nack_outstanding<T: Send + 'static>(ctx: &Ctx, queue: &dyn Queue<Item = T>) {
+    for id in ctx.tracker.outstanding_ids() {
+        if let Err(e) = queue.nack(&id, Nack::Retry).await {
+            tracing::warn!(id = %id, error = %e, "nack failed; the lease will expire");
+        }
     }
 }
 
@@ -450,7 +500,7 @@ fn report(
     resumed_from: u64,
     outputs: u64,
     cancelled: bool,
-    checkpoint_error: &Mutex<Option<String>>,
+    checkpoint_error: Option<String>,
     collect: &Collect,
 ) -> PipelineReport {
     let stages = ctx.stage_stats();
@@ -463,7 +513,7 @@ fn report(
         filtered: sum(|s| s.filtered),
         watermark: ctx.tracker.watermark.load(Ordering::Acquire),
         cancelled,
-        checkpoint_error: lock(checkpoint_error).take(),
+        checkpoint_error,
         dead: std::mem::take(&mut *lock(&collect.letters)),
         stages,
     }
