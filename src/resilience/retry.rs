@@ -296,68 +296,15 @@ impl<C, H> Retry<C, H> {
                 Err(AttemptError::Inner(e)) => self.classifier.classify(Err(e)),
                 Err(AttemptError::TimedOut(_)) => Decision::Retry,
             };
-            let stop = |kind: Stop,
-                        outcome: Result<T, AttemptError<E>>|
-             -> Result<T, RetryError<E>> {
-                let error = match outcome {
-                    Ok(v) => return Ok(v),
-                    Err(e) => e,
-                };
-                Err(match kind {
-                    Stop::Permanent => match error {
-                        AttemptError::Inner(error) => RetryError::Permanent {
-                            error,
-                            attempts: attempt,
-                        },
-                        timed_out => RetryError::Exhausted {
-                            error: timed_out,
-                            attempts: attempt,
-                        },
-                    },
-                    Stop::Exhausted => RetryError::Exhausted {
-                        error,
-                        attempts: attempt,
-                    },
-                    Stop::Deadline => RetryError::Deadline {
-                        error,
-                        attempts: attempt,
-                        elapsed: start
-                            .map_or(Duration::ZERO, |s| clock.now().saturating_duration_since(s)),
-                    },
-                    Stop::Budget => RetryError::Budget {
-                        error,
-                        attempts: attempt,
-                    },
-                })
+            let stop = |kind: Stop, outcome: Result<T, AttemptError<E>>| {
+                let elapsed =
+                    || start.map_or(Duration::ZERO, |s| clock.now().saturating_duration_since(s));
+                stop_with(kind, outcome, attempt, elapsed)
             };
-            let delay = match decision {
-                Decision::Done => return stop(Stop::Permanent, outcome),
-                Decision::Retry => match backoff.next() {
-                    Some(d) => d,
-                    None => return stop(Stop::Exhausted, outcome),
-                },
-                Decision::RetryAfter(hint) => {
-                    // Keep the schedule moving even when a hint wins.
-                    let _ = backoff.next();
-                    hint.min(self.max_retry_after)
-                }
+            let delay = match self.next_delay(decision, &mut backoff, attempt, deadline) {
+                Ok(delay) => delay,
+                Err(kind) => return stop(kind, outcome),
             };
-            if attempt >= self.max_attempts {
-                return stop(Stop::Exhausted, outcome);
-            }
-            if let Some(deadline) = deadline
-                && clock
-                    .now()
-                    .checked_add(delay)
-                    .is_none_or(|next| next >= deadline)
-            {
-                return stop(Stop::Deadline, outcome);
-            }
-            if let Some(budget) = &self.budget
-                && !budget.try_withdraw()
-            {
-                return stop(Stop::Budget, outcome);
-            }
             match &outcome {
                 Err(e) => tracing::debug!(
                     attempt,
@@ -379,6 +326,43 @@ impl<C, H> Retry<C, H> {
             drop(outcome);
             clock.sleep(delay).await;
         }
+    }
+
+    /// The delay before the next attempt, or the limit that stops here.
+    fn next_delay(
+        &self,
+        decision: Decision,
+        backoff: &mut Backoff,
+        attempt: u32,
+        deadline: Option<Instant>,
+    ) -> Result<Duration, Stop> {
+        let delay = match decision {
+            Decision::Done => return Err(Stop::Permanent),
+            Decision::Retry => backoff.next().ok_or(Stop::Exhausted)?,
+            Decision::RetryAfter(hint) => {
+                // Keep the schedule moving even when a hint wins.
+                let _ = backoff.next();
+                hint.min(self.max_retry_after)
+            }
+        };
+        if attempt >= self.max_attempts {
+            return Err(Stop::Exhausted);
+        }
+        if let Some(deadline) = deadline
+            && self
+                .clock
+                .now()
+                .checked_add(delay)
+                .is_none_or(|next| next >= deadline)
+        {
+            return Err(Stop::Deadline);
+        }
+        if let Some(budget) = &self.budget
+            && !budget.try_withdraw()
+        {
+            return Err(Stop::Budget);
+        }
+        Ok(delay)
     }
 
     /// One attempt, under the per-attempt timeout shrunk to the deadline.
@@ -574,4 +558,34 @@ impl fmt::Debug for RetryBudget {
             .field("ratio", &self.ratio)
             .finish()
     }
+}
+
+/// The result of a run stopped by `kind` after `attempts` attempts: the
+/// last outcome when it is `Ok`, else the error naming the limit.
+fn stop_with<T, E>(
+    kind: Stop,
+    outcome: Result<T, AttemptError<E>>,
+    attempts: u32,
+    elapsed: impl FnOnce() -> Duration,
+) -> Result<T, RetryError<E>> {
+    let error = match outcome {
+        Ok(v) => return Ok(v),
+        Err(e) => e,
+    };
+    Err(match kind {
+        Stop::Permanent => match error {
+            AttemptError::Inner(error) => RetryError::Permanent { error, attempts },
+            timed_out => RetryError::Exhausted {
+                error: timed_out,
+                attempts,
+            },
+        },
+        Stop::Exhausted => RetryError::Exhausted { error, attempts },
+        Stop::Deadline => RetryError::Deadline {
+            error,
+            attempts,
+            elapsed: elapsed(),
+        },
+        Stop::Budget => RetryError::Budget { error, attempts },
+    })
 }

@@ -5,9 +5,7 @@
 //! tests do.
 
 mod chaos;
-mod chaos_ws;
 mod clock;
 
-pub use chaos::{ChaosBuilder, ChaosServer, RequestRecord, pattern};
-pub use chaos_ws::WsRecord;
+pub use chaos::{ChaosBuilder, ChaosServer, RequestRecord, WsRecord, pattern};
 pub use clock::ManualClock;

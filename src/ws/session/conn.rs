@@ -335,39 +335,64 @@ impl Conn<'_> {
             }
             if taken.is_empty() {
                 if closing {
-                    let close = WsMessage::Close(Some(CloseFrame {
-                        code: CloseCode::Normal,
-                        reason: Utf8Bytes::from_static("closed by the application"),
-                    }));
-                    if let Err(e) = Pin::new(&mut self.ws).start_send(close) {
-                        tracing::debug!(error = %e, "ws close frame not sent");
-                        return Some(End::Closed);
+                    if let Some(end) = self.start_close() {
+                        return Some(end);
                     }
-                    self.close_sent = true;
-                    self.needs_flush = true;
                     continue;
                 }
                 break;
             }
-            let n = taken.len();
-            let frame = if n == 1 {
-                taken[0].frame.clone()
-            } else {
-                batch_frame(taken.iter().map(|e| &e.frame.data))
-            };
-            let frame = config.codec.encode_frame(frame);
-            self.write_seq += 1;
-            let half_full = lock(&shared.outbox).mark_written(taken, self.write_seq);
-            if let Err(e) = Pin::new(&mut self.ws).start_send(to_ws(frame)) {
-                return Some(End::Dead(Error::connection(e)));
-            }
-            bump(&shared.counters.sent, n as u64);
-            bump(&shared.counters.frames_sent, 1);
-            self.needs_flush = true;
-            if half_full && !shared.at_least_once && self.confirm_ping.is_none() {
-                self.confirm_ping = Some(self.queue_ping());
+            if let Some(end) = self.write_frame(taken) {
+                return Some(end);
             }
         }
+        self.flush(cx)
+    }
+
+    /// Starts the application's close handshake; `Some(End::Closed)` when
+    /// the frame cannot even be queued (the close is then done).
+    fn start_close(&mut self) -> Option<End> {
+        let close = WsMessage::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: Utf8Bytes::from_static("closed by the application"),
+        }));
+        if let Err(e) = Pin::new(&mut self.ws).start_send(close) {
+            tracing::debug!(error = %e, "ws close frame not sent");
+            return Some(End::Closed);
+        }
+        self.close_sent = true;
+        self.needs_flush = true;
+        None
+    }
+
+    /// Writes what was taken from the outbox as one frame (a batch frame
+    /// for several), marks it in flight, and asks for a confirming pong
+    /// when half the outbox is in flight.
+    fn write_frame(&mut self, taken: Vec<Entry>) -> Option<End> {
+        let shared = &*self.driver.shared;
+        let n = taken.len();
+        let frame = if n == 1 {
+            taken[0].frame.clone()
+        } else {
+            batch_frame(taken.iter().map(|e| &e.frame.data))
+        };
+        let frame = self.driver.config.codec.encode_frame(frame);
+        self.write_seq += 1;
+        let half_full = lock(&shared.outbox).mark_written(taken, self.write_seq);
+        if let Err(e) = Pin::new(&mut self.ws).start_send(to_ws(frame)) {
+            return Some(End::Dead(Error::connection(e)));
+        }
+        bump(&shared.counters.sent, n as u64);
+        bump(&shared.counters.frames_sent, 1);
+        self.needs_flush = true;
+        if half_full && !shared.at_least_once && self.confirm_ping.is_none() {
+            self.confirm_ping = Some(self.queue_ping());
+        }
+        None
+    }
+
+    /// Flushes what was written, if anything.
+    fn flush(&mut self, cx: &mut Context<'_>) -> Option<End> {
         if self.needs_flush {
             match Pin::new(&mut self.ws).poll_flush(cx) {
                 Poll::Ready(Ok(())) => self.needs_flush = false,

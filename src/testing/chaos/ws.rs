@@ -16,7 +16,7 @@ use async_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 use futures_lite::{FutureExt, StreamExt};
 use smol_hyper::rt::FuturesIo;
 
-use super::chaos::{ServerIo, State, text};
+use super::{ServerIo, State, text};
 use crate::http::Body;
 use crate::runtime::SpawnExt;
 use crate::sync::lock_std as lock;
@@ -60,6 +60,29 @@ struct Options {
 }
 
 impl WsState {
+    /// Logs a data message, up to the log limit.
+    fn record(&self, connection: u64, message: &Message) {
+        let mut log = lock(&self.log);
+        if log.len() < self.log_limit {
+            log.push(WsRecord {
+                connection,
+                message: message.clone(),
+            });
+        }
+    }
+
+    /// Sends `msg` to every connection in broadcast mode.
+    fn broadcast(&self, msg: &WsMessage) {
+        let peers: Vec<_> = lock(&self.peers)
+            .values()
+            .filter(|p| p.broadcast)
+            .map(|p| p.tx.clone())
+            .collect();
+        for p in peers {
+            let _ = p.try_send(msg.clone());
+        }
+    }
+
     pub(crate) fn new(log_limit: usize) -> Self {
         WsState {
             log: Default::default(),
@@ -285,15 +308,7 @@ async fn serve(mut ws: WebSocketStream<ServerIo>, state: Arc<State>, opt: Option
             _ => continue,
         };
         received += 1;
-        {
-            let mut log = lock(&ws_state.log);
-            if log.len() < ws_state.log_limit {
-                log.push(WsRecord {
-                    connection: id,
-                    message: message.clone(),
-                });
-            }
-        }
+        ws_state.record(id, &message);
         if opt.drop_after.is_some_and(|n| received >= n) {
             tracing::debug!(connection = id, received, "chaos ws drops the connection");
             break;
@@ -308,14 +323,7 @@ async fn serve(mut ws: WebSocketStream<ServerIo>, state: Arc<State>, opt: Option
             break;
         }
         if opt.broadcast {
-            let peers: Vec<_> = lock(&ws_state.peers)
-                .values()
-                .filter(|p| p.broadcast)
-                .map(|p| p.tx.clone())
-                .collect();
-            for p in peers {
-                let _ = p.try_send(msg.clone());
-            }
+            ws_state.broadcast(&msg);
         } else if opt.echo && ws.send(msg).await.is_err() {
             break;
         }
