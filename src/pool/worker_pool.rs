@@ -535,13 +535,10 @@ where
         if !self.shared.rx.is_empty() && self.shared.target.load(Ordering::Acquire) == 0 {
             self.resize(1);
         }
-        loop {
-            let listener = self.shared.exited.listen();
-            if self.shared.live.load(Ordering::Acquire) == 0 {
-                return;
-            }
-            listener.await;
-        }
+        crate::sync::wait_for(&self.shared.exited, || {
+            self.shared.live.load(Ordering::Acquire) == 0
+        })
+        .await
     }
 
     /// A snapshot of the counters. Never blocks.

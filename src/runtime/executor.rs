@@ -227,16 +227,10 @@ struct Inner {
 
 impl Inner {
     async fn stopped(&self) {
-        loop {
-            if self.stop.load(Ordering::Acquire) {
-                return;
-            }
-            let listener = self.stop_event.listen();
-            if self.stop.load(Ordering::Acquire) {
-                return;
-            }
-            listener.await;
+        if self.stop.load(Ordering::Acquire) {
+            return;
         }
+        crate::sync::wait_for(&self.stop_event, || self.stop.load(Ordering::Acquire)).await
     }
 
     fn spawn<F>(&self, name: Option<&str>, fut: F) -> JoinHandle<F::Output>

@@ -88,13 +88,7 @@ impl ManualClock {
     ///
     /// Cancel-safe: it only watches.
     pub async fn wait_for_sleepers(&self, n: usize) {
-        loop {
-            let listener = self.registered.listen();
-            if self.sleepers() >= n {
-                return;
-            }
-            listener.await;
-        }
+        crate::sync::wait_for(&self.registered, || self.sleepers() >= n).await
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {

@@ -313,24 +313,12 @@ impl Ctx {
 
     /// Waits until the pipeline is cancelled.
     pub(super) async fn cancelled(&self) {
-        loop {
-            let l = self.control.state.event.listen();
-            if self.control.cancelled() {
-                return;
-            }
-            l.await;
-        }
+        crate::sync::wait_for(&self.control.state.event, || self.control.cancelled()).await
     }
 
     /// Waits until the pipeline is shutting down.
     pub(super) async fn stopped(&self) {
-        loop {
-            let l = self.control.state.event.listen();
-            if self.control.stopping() {
-                return;
-            }
-            l.await;
-        }
+        crate::sync::wait_for(&self.control.state.event, || self.control.stopping()).await
     }
 }
 

@@ -18,6 +18,7 @@ use crate::runtime::{JoinHandle, SpawnExt, panic_message};
 use crate::sync::lock_std as lock;
 
 use super::*;
+use crate::sync::unless;
 
 impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
     /// Runs the pipeline until the source is drained (or
@@ -276,14 +277,7 @@ pub(super) async fn read_stream<T: Send + 'static>(
         let item = match future::poll_once(source.next()).await {
             Some(Some(item)) => item,
             Some(None) => return,
-            None => match source
-                .next()
-                .or(async {
-                    ctx.stopped().await;
-                    None
-                })
-                .await
-            {
+            None => match unless(source.next(), ctx.stopped()).await.flatten() {
                 Some(item) => item,
                 None => return,
             },
@@ -313,13 +307,9 @@ pub(super) async fn read_queue<T: Send + 'static>(
         if ctx.control.stopping() {
             return;
         }
-        let pulled = queue
-            .pull()
-            .or(async {
-                ctx.stopped().await;
-                Ok(None)
-            })
-            .await;
+        let pulled = unless(queue.pull(), ctx.stopped())
+            .await
+            .unwrap_or(Ok(None));
         let delivery = match pulled {
             Ok(Some(d)) => d,
             Ok(None) => return,
@@ -463,13 +453,7 @@ where
                 }
             }
         };
-        let Some((r, attempts, value)) = async { Some(call.await) }
-            .or(async {
-                ctx.cancelled().await;
-                None
-            })
-            .await
-        else {
+        let Some((r, attempts, value)) = unless(call, ctx.cancelled()).await else {
             break;
         };
         let elem = Elem { value, origin };

@@ -2,6 +2,7 @@
 //! one connection's lifetime.
 
 use super::*;
+use crate::sync::unless;
 
 /// What ended a connection.
 pub(super) enum End {
@@ -60,12 +61,7 @@ impl Driver {
             attempt += 1;
             shared.set_state(SessionState::Connecting);
             shared.emit(SessionEventKind::Connecting { attempt });
-            let opened = async { Some(self.open().await) }
-                .or(async {
-                    shared.close_requested().await;
-                    None
-                })
-                .await;
+            let opened = unless(self.open(), shared.close_requested()).await;
             let failure = match opened {
                 None => return None,
                 Some(Ok(ws)) => {
@@ -234,12 +230,7 @@ impl Driver {
                 session: shared.index,
                 connection,
             };
-            let hooked = async { Some(hook(info).await) }
-                .or(async {
-                    shared.close_requested().await;
-                    None
-                })
-                .await;
+            let hooked = unless(hook(info), shared.close_requested()).await;
             let messages = match hooked {
                 None => return End::Closed,
                 Some(Ok(m)) => m,

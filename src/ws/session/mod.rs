@@ -107,13 +107,7 @@ impl Shared {
 
     /// Resolves when a close is requested.
     async fn close_requested(&self) {
-        loop {
-            let l = self.close.listen();
-            if self.closing() {
-                return;
-            }
-            l.await;
-        }
+        crate::sync::wait_for(&self.close, || self.closing()).await
     }
 }
 
@@ -400,17 +394,15 @@ impl Session {
     ///
     /// Cancel-safe: it only watches the state.
     pub async fn wait_connected(&self) -> Result<(), Error> {
-        loop {
-            let l = self.shared.changed.listen();
-            match self.state() {
-                SessionState::Connected => return Ok(()),
-                SessionState::Closed => {
-                    let report = lock(&self.shared.report).clone();
-                    return Err(report.and_then(|r| r.error).unwrap_or(Error::Closed));
-                }
-                _ => l.await,
+        crate::sync::wait_until(&self.shared.changed, || match self.state() {
+            SessionState::Connected => Some(Ok(())),
+            SessionState::Closed => {
+                let report = lock(&self.shared.report).clone();
+                Some(Err(report.and_then(|r| r.error).unwrap_or(Error::Closed)))
             }
-        }
+            _ => None,
+        })
+        .await
     }
 
     /// Closes the session: writes what is waiting in the outbox if
@@ -433,13 +425,7 @@ impl Session {
     ///
     /// Cancel-safe: it only waits for the report.
     pub async fn closed(&self) -> CloseReport {
-        loop {
-            let l = self.shared.changed.listen();
-            if let Some(r) = lock(&self.shared.report).clone() {
-                return r;
-            }
-            l.await;
-        }
+        crate::sync::wait_until(&self.shared.changed, || lock(&self.shared.report).clone()).await
     }
 }
 
