@@ -21,7 +21,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use smolkit::resilience::{Backoff, Jitter};
 use smolkit::testing::ChaosServer;
-use smolkit::ws::{Codec, Envelope, Message, Session, SessionEventKind};
+use smolkit::ws::{Codec, Envelope, Session, SessionEventKind};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct Chat {
@@ -46,7 +46,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             .with_codec(Codec::new().with_compress_above(Some(4096)))
             .on_connect(|info| async move {
                 let join = Envelope::new("join", format!("ann (connection {})", info.connection));
-                Ok(vec![Message::Text(serde_json::to_string(&join)?)])
+                Ok(vec![join.to_message()?])
             })
             .connect()
             .await?;
@@ -83,13 +83,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             smol::Timer::after(Duration::from_millis(5)).await;
         }
 
-        // Wait (bounded) until the server has acknowledged everything.
-        for _ in 0..1000 {
-            if session.stats().acked == n {
-                break;
-            }
-            smol::Timer::after(Duration::from_millis(10)).await;
-        }
+        // Wait until the server has acknowledged everything sent.
+        session.flushed().await?;
+        assert_eq!(session.stats().acked, n);
 
         // What the server received: every chat message at least once.
         let codec = Codec::new();

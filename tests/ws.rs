@@ -902,3 +902,56 @@ fn clock_is_used_for_the_connect_timeout() {
         drop(listener);
     });
 }
+
+/// `flushed` waits for the confirmation of what was sent before it: with
+/// no heartbeat and a clock that never moves, only the confirming ping it
+/// asks for can release it.
+#[test]
+fn flushed_waits_for_confirmation_and_reports_what_was_lost() {
+    within(|| {
+        let server = block_on(ChaosServer::start()).unwrap();
+        let clock = ManualClock::new();
+        let session = block_on(
+            manual(&server.ws_url("/ws?echo=0"), &clock)
+                .with_heartbeat(None)
+                .connect(),
+        )
+        .unwrap();
+        for i in 0..5 {
+            block_on(session.send(format!("m{i}"))).unwrap();
+        }
+        block_on(session.flushed()).unwrap();
+        assert_eq!(session.queued(), 0, "everything confirmed");
+        assert_eq!(texts(&server), ["m0", "m1", "m2", "m3", "m4"]);
+        // Nothing sent since: returns at once.
+        block_on(session.flushed()).unwrap();
+
+        // Unreachable: DropOldest throws away what the flush waited for.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        drop(listener);
+        let session = manual(&format!("ws://{addr}/ws"), &clock)
+            .with_heartbeat(None)
+            .with_outbox(2, 1 << 20)
+            .with_overflow(OutboxOverflow::DropOldest)
+            .start()
+            .unwrap();
+        block_on(session.send("a")).unwrap();
+        // The first poll registers the flush; then "c" pushes "a" out.
+        let mut flush = Box::pin(session.flushed());
+        assert!(block_on(futures_lite::future::poll_once(&mut flush)).is_none());
+        block_on(session.send("b")).unwrap();
+        block_on(session.send("c")).unwrap();
+        match block_on(flush) {
+            Err(Error::Unconfirmed { messages: 1 }) => {}
+            other => panic!("expected one unconfirmed message, got {other:?}"),
+        }
+
+        // Closed with "b" and "c" still in the outbox.
+        let mut waiting = Box::pin(session.flushed());
+        assert!(block_on(futures_lite::future::poll_once(&mut waiting)).is_none());
+        let report = block_on(session.close());
+        assert_eq!(report.unsent.len(), 2);
+        assert!(matches!(block_on(waiting), Err(Error::Closed)));
+    });
+}

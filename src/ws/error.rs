@@ -94,6 +94,18 @@ pub enum Error {
     },
     /// The session is closed.
     Closed,
+    /// An envelope's payload did not serialise.
+    Encode {
+        /// serde's message.
+        reason: String,
+    },
+    /// Messages that [`Session::flushed`](super::Session::flushed) waited
+    /// for were dropped (`DropOldest`) or written to a connection that died
+    /// before confirming them (reported in `SessionEventKind::Unconfirmed`).
+    Unconfirmed {
+        /// How many.
+        messages: usize,
+    },
 }
 
 impl Error {
@@ -152,6 +164,11 @@ impl fmt::Display for Error {
                 write!(f, "gave up reconnecting after {attempts} attempts: {last}")
             }
             Error::Closed => f.write_str("the session is closed"),
+            Error::Encode { reason } => write!(f, "envelope does not serialise: {reason}"),
+            Error::Unconfirmed { messages } => write!(
+                f,
+                "{messages} messages were dropped or left unconfirmed by a dead connection"
+            ),
         }
     }
 }

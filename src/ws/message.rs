@@ -193,6 +193,48 @@ impl<T> Envelope<T> {
     }
 }
 
+impl<T: Serialize> Envelope<T> {
+    /// The envelope as a text message of JSON (what
+    /// [`Session::send_envelope`](super::Session::send_envelope) sends).
+    ///
+    /// ```
+    /// use smolkit::ws::{Envelope, Message};
+    ///
+    /// let m = Envelope::new("chat", 7).with_id("1").to_message().unwrap();
+    /// assert!(m.as_text().unwrap().starts_with(r#"{"type":"chat","payload":7,"#));
+    /// let back: Envelope<i32> = Envelope::try_from(m).unwrap();
+    /// assert_eq!((back.kind.as_str(), back.payload), ("chat", 7));
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Encode`] when the payload does not serialise.
+    pub fn to_message(&self) -> Result<Message, Error> {
+        serde_json::to_string(self)
+            .map(Message::Text)
+            .map_err(|e| Error::Encode {
+                reason: e.to_string(),
+            })
+    }
+}
+
+impl<T: Serialize> TryFrom<Envelope<T>> for Message {
+    type Error = Error;
+
+    fn try_from(envelope: Envelope<T>) -> Result<Self, Error> {
+        envelope.to_message()
+    }
+}
+
+impl<T: DeserializeOwned> TryFrom<Message> for Envelope<T> {
+    type Error = Error;
+
+    /// As [`Message::envelope`].
+    fn try_from(message: Message) -> Result<Self, Error> {
+        message.envelope()
+    }
+}
+
 pub(crate) fn now_millis() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)

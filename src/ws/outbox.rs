@@ -2,6 +2,8 @@
 //! yet confirmed (by a pong, or by the server's ack in at-least-once mode).
 
 use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use super::message::Frame;
@@ -29,6 +31,8 @@ pub(crate) struct Entry {
     /// An envelope (JSON), so it may share a batch frame.
     pub(crate) batchable: bool,
     pub(crate) at: Instant,
+    /// Its place in send order, given when the outbox takes it.
+    pub(crate) number: u64,
 }
 
 impl Entry {
@@ -46,6 +50,18 @@ pub(crate) struct Outbox {
     pub(crate) max_messages: usize,
     pub(crate) max_bytes: usize,
     pub(crate) closed: bool,
+    /// The number the next entry gets.
+    pub(crate) next_number: u64,
+    /// `Session::flushed` calls waiting, each counting its lost entries.
+    flush_waiters: Vec<Arc<FlushWaiter>>,
+}
+
+/// One `Session::flushed` call: every entry numbered below `target` must
+/// leave the outbox; `lost` counts those that left unconfirmed.
+#[derive(Debug)]
+pub(crate) struct FlushWaiter {
+    pub(crate) target: u64,
+    pub(crate) lost: AtomicUsize,
 }
 
 /// Why a push did not take the entry.
@@ -64,6 +80,44 @@ impl Outbox {
             max_messages,
             max_bytes,
             closed: false,
+            next_number: 0,
+            flush_waiters: Vec::new(),
+        }
+    }
+
+    /// Registers a flush of everything taken so far.
+    pub(crate) fn watch_flush(&mut self) -> Arc<FlushWaiter> {
+        let w = Arc::new(FlushWaiter {
+            target: self.next_number,
+            lost: AtomicUsize::new(0),
+        });
+        self.flush_waiters.push(w.clone());
+        w
+    }
+
+    pub(crate) fn unwatch_flush(&mut self, w: &Arc<FlushWaiter>) {
+        self.flush_waiters.retain(|x| !Arc::ptr_eq(x, w));
+    }
+
+    /// Whether a `Session::flushed` call is waiting.
+    pub(crate) fn wants_flush(&self) -> bool {
+        !self.flush_waiters.is_empty()
+    }
+
+    /// Whether no entry numbered below `target` is left.
+    pub(crate) fn flushed_through(&self, target: u64) -> bool {
+        // NOTE: both queues are in send order (a resend puts in-flight
+        // entries back in front, in order), so their fronts are the oldest.
+        let oldest = |e: Option<&Entry>| e.is_none_or(|e| e.number >= target);
+        oldest(self.pending.front()) && oldest(self.inflight.front().map(|(_, e)| e))
+    }
+
+    /// Counts `entries` (dropped, or left unconfirmed) against the flushes
+    /// they were part of.
+    pub(crate) fn note_lost(&self, entries: &[Entry]) {
+        for w in &self.flush_waiters {
+            let n = entries.iter().filter(|e| e.number < w.target).count();
+            w.lost.fetch_add(n, Ordering::Relaxed);
         }
     }
 
@@ -81,7 +135,11 @@ impl Outbox {
 
     /// Adds `entry` if it fits; with `drop_oldest`, makes room first and
     /// returns how many entries were dropped.
-    pub(crate) fn push(&mut self, entry: Entry, drop_oldest: bool) -> Result<Vec<Entry>, Refused> {
+    pub(crate) fn push(
+        &mut self,
+        mut entry: Entry,
+        drop_oldest: bool,
+    ) -> Result<Vec<Entry>, Refused> {
         if self.closed {
             return Err(Refused::Closed(entry));
         }
@@ -104,7 +162,10 @@ impl Outbox {
             self.bytes -= oldest.size();
             dropped.push(oldest);
         }
+        self.note_lost(&dropped);
         self.bytes += size;
+        entry.number = self.next_number;
+        self.next_number += 1;
         self.pending.push_back(entry);
         Ok(dropped)
     }
@@ -191,6 +252,8 @@ impl Outbox {
         let inflight = self.drain_inflight();
         let pending: Vec<Entry> = self.pending.drain(..).collect();
         self.bytes = 0;
+        self.note_lost(&pending);
+        self.note_lost(&inflight);
         (pending, inflight)
     }
 }
@@ -209,6 +272,7 @@ mod tests {
             id: Some(s.to_owned()),
             batchable: true,
             at: Instant::now(),
+            number: 0,
         }
     }
 

@@ -199,6 +199,7 @@ impl Conn<'_> {
                 // The server answered our close after reading everything
                 // before it: all written messages arrived.
                 let _ = lock(&shared.outbox).drain_inflight();
+                shared.space.notify(usize::MAX);
             }
             return End::Closed;
         }
@@ -334,6 +335,9 @@ impl Conn<'_> {
                 continue;
             }
             if taken.is_empty() {
+                if self.confirm_for_flush() {
+                    continue;
+                }
                 if closing {
                     if let Some(end) = self.start_close() {
                         return Some(end);
@@ -347,6 +351,24 @@ impl Conn<'_> {
             }
         }
         self.flush(cx)
+    }
+
+    /// Asks for a confirming pong now when a `Session::flushed` call waits
+    /// for messages in flight (rather than at the next heartbeat or when
+    /// the outbox is half full). Returns whether a ping was queued.
+    fn confirm_for_flush(&mut self) -> bool {
+        let shared = &*self.driver.shared;
+        if shared.at_least_once || self.confirm_ping.is_some() {
+            return false;
+        }
+        let wanted = {
+            let outbox = lock(&shared.outbox);
+            outbox.wants_flush() && !outbox.inflight.is_empty()
+        };
+        if wanted {
+            self.confirm_ping = Some(self.queue_ping());
+        }
+        wanted
     }
 
     /// Starts the application's close handshake; `Some(End::Closed)` when

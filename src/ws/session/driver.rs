@@ -148,7 +148,12 @@ impl Driver {
                 shared.emit(SessionEventKind::Resending { count: n });
             }
         } else {
-            let lost = lock(&shared.outbox).drain_inflight();
+            let lost = {
+                let mut outbox = lock(&shared.outbox);
+                let lost = outbox.drain_inflight();
+                outbox.note_lost(&lost);
+                lost
+            };
             shared.space.notify(usize::MAX);
             if !lost.is_empty() {
                 bump(&shared.counters.unconfirmed, lost.len() as u64);

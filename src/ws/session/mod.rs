@@ -269,6 +269,7 @@ impl Session {
             id,
             batchable,
             at: self.shared.clock.now(),
+            number: 0,
         }
     }
 
@@ -303,6 +304,8 @@ impl Session {
             Ok(dropped) => {
                 shared.driver.wake();
                 if !dropped.is_empty() {
+                    // Wakes `flushed` callers too.
+                    shared.space.notify(usize::MAX);
                     let n = dropped.len();
                     bump(&shared.counters.dropped, n as u64);
                     tracing::debug!(
@@ -315,6 +318,60 @@ impl Session {
                 Ok(())
             }
             Err(r) => Err(r),
+        }
+    }
+
+    /// Waits until every message sent before this call has left the
+    /// outbox confirmed: by a pong to a later ping (the default mode) or by
+    /// the server's ack (at-least-once mode). Messages sent after the call
+    /// do not hold it up.
+    ///
+    /// ```
+    /// # #[cfg(feature = "testing")] {
+    /// use smolkit::testing::ChaosServer;
+    /// use smolkit::ws::Session;
+    ///
+    /// # smol::block_on(async {
+    /// let server = ChaosServer::start().await.unwrap();
+    /// let session = Session::connect(&server.ws_url("/ws?echo=0")).await.unwrap();
+    /// for i in 0..10 {
+    ///     session.send(format!("tick {i}")).await.unwrap();
+    /// }
+    /// session.flushed().await.unwrap();
+    /// assert_eq!(server.ws_messages().len(), 10);
+    /// # });
+    /// # }
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`Error::Unconfirmed`] when some of those messages were dropped
+    /// (`DropOldest`) or were on a connection that died before confirming
+    /// them (in at-least-once mode they are resent instead, and waited
+    /// for); [`Error::Closed`] when the session closed with some of them
+    /// still in the outbox (they are in its [`CloseReport`]).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches; the messages stay in the outbox.
+    pub async fn flushed(&self) -> Result<(), Error> {
+        let shared = &*self.shared;
+        let waiter = lock(&shared.outbox).watch_flush();
+        // The driver asks for a confirming pong as soon as it sees a flush
+        // waiting, rather than at the next heartbeat.
+        shared.driver.wake();
+        let done = crate::sync::wait_until(&shared.space, || {
+            let outbox = lock(&shared.outbox);
+            outbox
+                .flushed_through(waiter.target)
+                .then_some(outbox.closed)
+        })
+        .await;
+        lock(&shared.outbox).unwatch_flush(&waiter);
+        match waiter.lost.load(Ordering::Relaxed) {
+            0 => Ok(()),
+            _ if done => Err(Error::Closed),
+            messages => Err(Error::Unconfirmed { messages }),
         }
     }
 
