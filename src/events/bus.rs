@@ -322,7 +322,7 @@ impl<E> Clone for Bus<E> {
 /// # Default
 ///
 /// 1024 events queued per subscription, no retained values, handlers on
-/// smol's global executor, 1024 handler failures kept for
+/// the default spawner (the current `Runtime`, else smol's global executor), 1024 handler failures kept for
 /// [`Bus::errors`] (the oldest dropped beyond that).
 pub struct BusBuilder<E> {
     capacity: usize,

@@ -26,6 +26,10 @@ use super::error::Error;
 /// pooling and TLS are surf's.
 ///
 /// [`HyperClient`]: super::HyperClient
+///
+/// # Default
+///
+/// 10 redirects followed (the surf client's own settings otherwise).
 #[derive(Clone)]
 pub struct SurfClient {
     client: surf::Client,

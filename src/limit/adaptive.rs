@@ -320,6 +320,12 @@ pub struct AdaptiveStats {
 /// call on the limit's clock. Or feed samples yourself with
 /// [`record`](AdaptiveLimit::record).
 ///
+/// # Default
+///
+/// The system clock; a 1 s cool-down between decreases (set with
+/// [`with_cooldown`](AdaptiveLimit::with_cooldown)); the algorithm's own
+/// defaults ([`Aimd`], [`Gradient`]).
+///
 /// # Examples
 ///
 /// ```

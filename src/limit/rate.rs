@@ -25,6 +25,10 @@ use crate::runtime::{Clock, SystemClock};
 
 /// How many cells per period, and how many at once.
 ///
+/// # Default
+///
+/// The burst is the rate (set with [`with_burst`](Quota::with_burst)).
+///
 /// # Examples
 ///
 /// ```
@@ -358,6 +362,10 @@ const KEY_SHARDS: usize = 16;
 /// conforms; waiters on the same key are not ordered among themselves.
 ///
 /// [`retain_recent`]: KeyedRateLimiter::retain_recent
+///
+/// # Default
+///
+/// At most 65,536 keys (16 shards of 4,096), the system clock.
 ///
 /// # Examples
 ///

@@ -162,6 +162,11 @@ impl DeadLetterSink for async_channel::Sender<DeadLetter> {
 /// the item counts as done; with [`with_sync`](JsonLinesFile::with_sync)
 /// it is also synced to disk.
 ///
+/// # Default
+///
+/// Appends; each line is written whole; no fsync per line (turn it on with
+/// [`with_sync`](JsonLinesFile::with_sync)).
+///
 /// # Examples
 ///
 /// ```

@@ -199,7 +199,7 @@ impl<I, O, E> Drop for Reply<I, O, E> {
 ///
 /// # Default
 ///
-/// 4 workers, a queue of 1024 items, smol's global executor, the system
+/// 4 workers, a queue of 1024 items, the default spawner (the current `Runtime`, else smol's global executor), the system
 /// clock, no autoscaling.
 pub struct WorkerPoolBuilder<I, O, E> {
     handler: Handler<I, O, E>,

@@ -33,6 +33,11 @@ pub enum Jitter {
 }
 
 /// Builds a [`Backoff`]; see its docs.
+///
+/// # Default
+///
+/// No cap, no end (the schedule is infinite), no jitter, factor 2 for
+/// exponential growth, a random jitter seed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct BackoffBuilder {
     base: Duration,

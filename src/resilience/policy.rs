@@ -61,6 +61,11 @@ pub struct Policy<C = RetryErrors, H = NoHook> {
 }
 
 /// Builds a [`Policy`]; every layer is off until set.
+///
+/// # Default
+///
+/// Every layer off (no rate limit, bulkhead, breaker, retry or timeouts),
+/// the system clock.
 #[derive(Debug)]
 pub struct PolicyBuilder<C = RetryErrors, H = NoHook> {
     policy: Policy<C, H>,

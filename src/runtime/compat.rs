@@ -2,7 +2,8 @@
 
 use super::{BoxFuture, Spawn};
 
-/// smol's global executor (`smol::spawn`), the default spawner.
+/// smol's global executor (`smol::spawn`): the default spawner outside a
+/// [`Runtime`](super::Runtime).
 ///
 /// Its threads start on first use; `SMOL_THREADS` sets how many.
 #[derive(Debug, Clone, Copy, Default)]

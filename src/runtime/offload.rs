@@ -157,7 +157,7 @@ impl CpuPool {
     ///
     /// # Cancel safety
     ///
-    /// As [`cpu`](super::cpu).
+    /// As [`cpu()`].
     pub async fn run<F, T>(&self, f: F) -> Result<T, OffloadError>
     where
         F: FnOnce() -> T + Send + 'static,

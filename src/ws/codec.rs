@@ -25,12 +25,12 @@ const BATCH_PREFIX: &[u8] = br#"{"type":"batch","payload":["#;
 ///   zlib stream. A binary frame that starts with a zlib header and
 ///   inflates to UTF-8 is received as the text it holds; any other binary
 ///   frame is received as it is. Inflation stops at
-///   [`max_inflated`](Codec::max_inflated): a compression bomb is an
+///   [`max_inflated`](Codec::with_max_inflated): a compression bomb is an
 ///   error, never an allocation.
 /// * **Batches**: several envelopes sent within the batching window go as
 ///   one frame, `{"type":"batch","payload":[...],"timestamp":..}`, which
 ///   the receiving codec splits back into one message per envelope.
-/// * **Size**: frames larger than [`max_message`](Codec::max_message) are
+/// * **Size**: frames larger than [`max_message`](Codec::with_max_message) are
 ///   refused by the socket (the connection is closed with 1009, message
 ///   too big).
 ///
@@ -43,6 +43,11 @@ const BATCH_PREFIX: &[u8] = br#"{"type":"batch","payload":["#;
 /// assert!(matches!(&wire, Message::Binary(b) if b.len() < 100));
 /// assert_eq!(codec.decode(wire).unwrap(), vec![big]);
 /// ```
+///
+/// # Default
+///
+/// No compression (level 1 when turned on), inflation capped at 16 MiB,
+/// messages and frames at 16 MiB.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Codec {
     compress_above: Option<usize>,

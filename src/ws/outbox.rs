@@ -17,7 +17,7 @@ pub enum OutboxOverflow {
     Wait,
     /// The oldest message is dropped (counted in
     /// [`SessionStats::dropped`](super::SessionStats::dropped) and reported
-    /// in a [`SessionEventKind::Dropped`](super::EventKind::Dropped) event).
+    /// in a [`SessionEventKind::Dropped`](super::SessionEventKind::Dropped) event).
     DropOldest,
     /// `send` returns [`SendError::Full`](super::SendError::Full) with the
     /// message.

@@ -25,6 +25,11 @@ pub enum Strategy {
 }
 
 /// Configures a [`SessionPool`].
+///
+/// # Default
+///
+/// Round-robin ([`Strategy::RoundRobin`]); the session builder's own
+/// defaults for each session.
 #[derive(Debug, Clone)]
 pub struct SessionPoolBuilder {
     session: SessionBuilder,

@@ -64,10 +64,10 @@ enum Source<T> {
 /// Build it from a stream ([`from_stream`](Pipeline::from_stream)) or a
 /// [`Queue`] ([`from_queue`](Pipeline::from_queue)), add stages, and
 /// [`run`](Pipeline::run) it with a sink. Stages run as tasks on a
-/// [`Spawn`] (default: smol's global executor), linked by bounded channels
+/// [`Spawn`] (default: the default spawner (the current `Runtime`, else smol's global executor)), linked by bounded channels
 /// so a slow stage or sink slows the source instead of filling memory.
 /// A stage function that fails (after its [`Stage::with_policy`] retries)
-/// or panics turns the item into a [`DeadLetter`]; nothing is dropped.
+/// or panics turns the item into a [`DeadLetter`](super::DeadLetter); nothing is dropped.
 /// See the module docs above for positions, the watermark and checkpoints.
 ///
 /// Items of stages that can fail must be `Clone` (retries and dead letters
@@ -76,7 +76,7 @@ enum Source<T> {
 /// # Default
 ///
 /// Channel capacity 64, window 65 536 positions, checkpoint saves at most
-/// once a second, dead letters kept in the report, smol's global executor,
+/// once a second, dead letters kept in the report, the default spawner (the current `Runtime`, else smol's global executor),
 /// the system clock.
 ///
 /// # Examples

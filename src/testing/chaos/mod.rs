@@ -60,7 +60,7 @@ pub struct RequestRecord {
 ///
 /// | route | what it does |
 /// | --- | --- |
-/// | `GET/HEAD /files/{name}` | a file added with [`ChaosBuilder::file`] or found in [`ChaosBuilder::dir`], with `ETag`, `Last-Modified`, `Accept-Ranges`; `Range: bytes=a-b`, `a-` or `-n` gives 206 with `Content-Range`, an unsatisfiable range 416; `If-Range` with a stale ETag or date gives the whole file (200) |
+/// | `GET/HEAD /files/{name}` | a file added with [`ChaosBuilder::with_file`] or found in [`ChaosBuilder::with_dir`], with `ETag`, `Last-Modified`, `Accept-Ranges`; `Range: bytes=a-b`, `a-` or `-n` gives 206 with `Content-Range`, an unsatisfiable range 416; `If-Range` with a stale ETag or date gives the whole file (200) |
 /// | `ANY /echo` | JSON: `method`, `path`, `headers` (lower-case names), `body` (parsed JSON, else text) |
 /// | `ANY /status/{code}` | that status, body `status {code}`; `?retry_after=N` adds the header |
 /// | `ANY /delay/{ms}` | answers 200 `delayed` after `ms` milliseconds (real time) |
@@ -124,6 +124,11 @@ pub(crate) struct State {
 }
 
 /// Configures a [`ChaosServer`].
+///
+/// # Default
+///
+/// `127.0.0.1:0`, plain HTTP (no TLS), no files, a WebSocket message log
+/// of 100,000, the default spawner ([`default_spawner`](crate::runtime::default_spawner)).
 pub struct ChaosBuilder {
     files: HashMap<String, Bytes>,
     dir: Option<PathBuf>,
@@ -179,7 +184,7 @@ impl ChaosBuilder {
         self
     }
 
-    /// Where the server's tasks run (default: smol's global executor).
+    /// Where the server's tasks run (default: the default spawner (the current `Runtime`, else smol's global executor)).
     pub fn with_spawner(mut self, spawner: impl Spawn + 'static) -> Self {
         self.spawner = Arc::new(spawner);
         self

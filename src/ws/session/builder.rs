@@ -11,6 +11,16 @@ pub(super) struct Batching {
 }
 
 /// Configures and starts a [`Session`].
+///
+/// # Default
+///
+/// - heartbeat: a ping every 20 s, dead after 10 s without its pong
+/// - reconnect: 1 s doubling to 30 s, full jitter; never gives up
+/// - connect timeout 10 s (TCP + TLS + upgrade); close timeout 5 s
+/// - outbox: 1024 messages and 8 MiB, [`OutboxOverflow::Wait`]
+/// - delivery confirmed by pong (at-least-once off); no batching
+/// - codec: [`Codec::new`]; incoming and event queues of 1024
+/// - webpki's roots; the system clock; the default spawner
 #[derive(Clone)]
 pub struct SessionBuilder {
     pub(super) url: String,
@@ -102,7 +112,7 @@ impl SessionBuilder {
         self
     }
 
-    /// Where the driver task runs (default: smol's global executor).
+    /// Where the driver task runs (default: the default spawner (the current `Runtime`, else smol's global executor)).
     pub fn with_spawner(mut self, spawner: impl Spawn + 'static) -> Self {
         self.spawner = Arc::new(spawner);
         self
@@ -119,7 +129,7 @@ impl SessionBuilder {
 
     /// The delays between connection attempts (default 1 s doubling to
     /// 30 s with full jitter). A schedule that ends
-    /// ([`with_max_times`](BackoffBuilder::with_max_times)) gives up when it
+    /// ([`with_max_times`](crate::resilience::BackoffBuilder::with_max_times)) gives up when it
     /// does. A 429 or 503 handshake answer with `Retry-After` replaces the
     /// next delay.
     pub fn with_reconnect(mut self, backoff: impl Into<Backoff>) -> Self {

@@ -28,7 +28,7 @@ impl SessionState {
 }
 
 /// A state change or a report from a session, with the session's id (its
-/// index in a [`SessionPool`](super::Pool), 0 for a lone session).
+/// index in a [`SessionPool`](crate::ws::SessionPool), 0 for a lone session).
 #[derive(Debug, Clone)]
 #[non_exhaustive]
 pub struct SessionEvent {

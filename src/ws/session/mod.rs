@@ -398,7 +398,7 @@ impl Session {
     }
 
     /// The session's events (clones share one queue; see
-    /// [`SessionBuilder::events_capacity`]).
+    /// [`SessionBuilder::with_events_capacity`]).
     pub fn events(&self) -> Receiver<SessionEvent> {
         self.events.clone()
     }
