@@ -10,8 +10,18 @@
 //!   API does not have become dead letters, nothing is lost;
 //! - each delivered batch is an event on a `Bus`, which a handler and a
 //!   subscriber consume;
+//! - a `ws::Session` in at-least-once mode keeps sending through a server
+//!   restart: messages sent while the server is down wait in the outbox,
+//!   and `flushed()` confirms every one was acknowledged;
+//! - a `WorkerPool` hashes a stream of blocks, resized while it runs;
+//! - a fast producer feeds a slow consumer through a bounded channel and
+//!   `chunks_timeout`: backpressure keeps the channel within its bound,
+//!   batches come by size or by time, nothing is lost;
 //! - at the end: what the server saw, the client's and the bus's counters,
 //!   and a graceful shutdown.
+//!
+//! Every scenario checks its own outcome: the tour exits non-zero when one
+//! misbehaves (and `tests/tour.rs` runs it in CI).
 //!
 //! Run: `cargo run --release --features testing --example tour`
 
@@ -23,10 +33,15 @@ use futures_lite::StreamExt;
 use smolkit::events::Bus;
 use smolkit::http::{ApiClient, HyperClient};
 use smolkit::limit::{Quota, RateLimiter};
+use smolkit::pool::WorkerPool;
 use smolkit::pool::{Pipeline, Stage};
 use smolkit::resilience::{Backoff, CircuitBreaker, Retry};
 use smolkit::runtime::{Runtime, Spawn};
+use smolkit::stream::StreamKit;
 use smolkit::testing::ChaosServer;
+use smolkit::ws::{Envelope, Session};
+
+type BoxError = Box<dyn std::error::Error>;
 
 const ORDERS: u64 = 40;
 
@@ -162,8 +177,12 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         );
         let stats = bus.stats();
         println!("bus: {} events emitted, {} deliveries", stats.emitted, stats.delivered);
-        assert_eq!(accounted, ORDERS, "an order was lost");
-        Ok::<_, Box<dyn std::error::Error>>(())
+        check(accounted == ORDERS, "an order was lost")?;
+
+        websocket_through_a_restart(spawner.clone()).await?;
+        worker_pool(spawner.clone()).await?;
+        batching_with_backpressure(spawner.clone()).await?;
+        Ok::<_, BoxError>(())
     })?;
     let tasks = rt.tasks().len();
     let report = rt.shutdown(Duration::from_secs(2));
@@ -174,4 +193,151 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed()
     );
     Ok(())
+}
+
+/// Fails the tour (a non-zero exit) with `what` unless `ok`.
+fn check(ok: bool, what: &str) -> Result<(), BoxError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("tour check failed: {what}").into())
+    }
+}
+
+/// A session that survives a server restart, losing nothing.
+async fn websocket_through_a_restart(spawner: Arc<dyn Spawn>) -> Result<(), BoxError> {
+    const N: u64 = 60;
+    let server = ChaosServer::builder()
+        .with_spawner(spawner.clone())
+        .start()
+        .await?;
+    let addr = server.addr();
+    let session = Session::builder(&server.ws_url("/ws?ack=1&echo=0"))
+        .with_spawner(spawner.clone())
+        .with_at_least_once(true)
+        .with_reconnect(Backoff::constant(Duration::from_millis(50)))
+        .connect()
+        .await?;
+    for i in 0..N / 2 {
+        session.send_envelope(Envelope::new("tick", i)).await?;
+    }
+    session.flushed().await?;
+    let mut seen = ids(&server)?;
+    server.shutdown();
+    drop(server);
+    // The server is down: these wait in the outbox.
+    for i in N / 2..N {
+        session.send_envelope(Envelope::new("tick", i)).await?;
+    }
+    let queued = session.queued();
+    let server = ChaosServer::builder()
+        .with_addr(addr)
+        .with_spawner(spawner)
+        .start()
+        .await?;
+    session.flushed().await?;
+    seen.extend(ids(&server)?);
+    let stats = session.stats();
+    println!(
+        "\nws: {N} messages, {queued} sent while the server was down; {} acked over {} connections, {} distinct at the servers",
+        stats.acked,
+        stats.connections,
+        seen.len()
+    );
+    session.close().await;
+    check(
+        seen.len() as u64 == N,
+        "a WebSocket message was lost in the restart",
+    )?;
+    check(stats.acked == N, "a WebSocket message was not acknowledged")
+}
+
+/// The envelope ids a server received.
+fn ids(server: &ChaosServer) -> Result<std::collections::BTreeSet<String>, BoxError> {
+    let codec = smolkit::ws::Codec::new();
+    let mut out = std::collections::BTreeSet::new();
+    for record in server.ws_messages() {
+        for m in codec.decode(record.message)? {
+            let env: Envelope<u64> = m.envelope()?;
+            out.extend(env.id);
+        }
+    }
+    Ok(out)
+}
+
+/// A worker pool hashing blocks, resized while it works.
+async fn worker_pool(spawner: Arc<dyn Spawn>) -> Result<(), BoxError> {
+    const BLOCKS: u64 = 400;
+    let pool = WorkerPool::builder(|block: u64| async move {
+        let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ block;
+        for i in 0..5_000u64 {
+            h = (h ^ i).wrapping_mul(0x0100_0000_01b3);
+        }
+        Ok::<_, String>(h)
+    })
+    .with_workers(2)
+    .with_capacity(16)
+    .with_spawner(spawner)
+    .build()?;
+    let mut results = pool.process(futures_lite::stream::iter(0..BLOCKS), true);
+    let mut done = 0u64;
+    let mut in_order = true;
+    while let Some((block, hash)) = results.next().await {
+        in_order &= block == done;
+        hash.map_err(|e| format!("block {block}: {e}"))?;
+        done += 1;
+        if done == BLOCKS / 2 {
+            pool.resize(4);
+        }
+    }
+    let stats = pool.stats();
+    println!(
+        "pool: {done} blocks hashed in order by {} workers (resized from 2)",
+        stats.workers
+    );
+    pool.close();
+    pool.join().await;
+    check(
+        done == BLOCKS && in_order,
+        "the worker pool lost or reordered a block",
+    )
+}
+
+/// A fast producer, a slow consumer: the bounded channel holds the
+/// producer back, batches come by size or by time.
+async fn batching_with_backpressure(spawner: Arc<dyn Spawn>) -> Result<(), BoxError> {
+    use smolkit::runtime::SpawnExt;
+    const ITEMS: u32 = 500;
+    const BOUND: usize = 16;
+    let (tx, rx) = async_channel::bounded::<u32>(BOUND);
+    let peak = Arc::new(AtomicU64::new(0));
+    let producer = {
+        let peak = peak.clone();
+        spawner.spawn(async move {
+            for i in 0..ITEMS {
+                tx.send(i).await.ok();
+                peak.fetch_max(tx.len() as u64, Ordering::Relaxed);
+            }
+        })
+    };
+    let mut batches = std::pin::pin!(rx.chunks_timeout(50, Duration::from_millis(20)));
+    let (mut got, mut count, mut full) = (Vec::new(), 0, 0);
+    while let Some(batch) = batches.next().await {
+        count += 1;
+        full += usize::from(batch.len() == 50);
+        got.extend(batch);
+        // The slow consumer.
+        smol::Timer::after(Duration::from_millis(2)).await;
+    }
+    producer.await?;
+    let peak = peak.load(Ordering::Relaxed);
+    println!(
+        "stream: {} items in {count} batches ({full} full), the channel never held more than {peak} of {BOUND}",
+        got.len()
+    );
+    check(
+        got == (0..ITEMS).collect::<Vec<_>>(),
+        "a batched item was lost or reordered",
+    )?;
+    check(peak <= BOUND as u64, "the bounded channel overflowed")
 }

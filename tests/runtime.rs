@@ -631,3 +631,50 @@ fn advancing_by_duration_max_saturates_and_the_clock_keeps_working() {
     clock.advance(Duration::MAX);
     assert!(smol::block_on(future::poll_once(&mut long)).is_some());
 }
+
+/// Issue 13 #10: inside a `Runtime` (its `block_on`, or one of its tasks)
+/// the default spawner is that runtime, so a component built there without
+/// `with_spawner` keeps its tasks on it; outside, smol's global executor.
+#[test]
+fn the_default_spawner_is_the_current_runtime() {
+    use smolkit::pool::WorkerPool;
+    use smolkit::runtime::{Handle, default_spawner};
+
+    assert!(
+        Handle::try_current().is_none(),
+        "no runtime on the test thread"
+    );
+    let rt = Runtime::builder().with_threads(2).build().unwrap();
+    let before = rt.stats().spawned;
+    let out = rt.block_on(async {
+        assert!(
+            Handle::try_current().is_some(),
+            "block_on enters the runtime"
+        );
+        let pool = WorkerPool::builder(|x: u32| async move { Ok::<_, String>(x * 2) })
+            .with_workers(2)
+            .build()
+            .unwrap();
+        let r = pool.submit(21).await.unwrap().await;
+        pool.close();
+        pool.join().await;
+        r
+    });
+    assert_eq!(out.ok(), Some(42));
+    assert!(
+        rt.stats().spawned >= before + 2,
+        "the pool's workers ran on the runtime: {:?}",
+        rt.stats()
+    );
+    assert!(Handle::try_current().is_none(), "left again after block_on");
+
+    // A task of the runtime sees it as current too.
+    let seen = rt.block_on(rt.spawn(async { Handle::try_current().is_some() }));
+    assert_eq!(seen, Ok(true));
+    // Outside, the default is smol's global executor (it still works).
+    let v = smol::block_on(default_spawner().spawn(async { 7 }));
+    assert_eq!(v, Ok(7));
+    // Once the runtime is gone, a stale current handle is not returned.
+    drop(rt);
+    assert!(Handle::try_current().is_none());
+}
