@@ -23,7 +23,7 @@ use super::body::Body;
 use super::client::{self, Client, Redirects, ResponseFuture, SendOnce};
 use super::error::Error;
 use crate::ConfigError;
-use crate::net::{self, DialError};
+use crate::net::{self, DialError, TlsOptions};
 use crate::resilience::timeout_on;
 use crate::runtime::{Clock, Spawn, SystemClock, default_spawner};
 use crate::sync::lock_std as lock;
@@ -519,8 +519,7 @@ pub struct HyperClientBuilder {
     connect_timeout: Option<Duration>,
     response_timeout: Option<Duration>,
     redirects: usize,
-    extra_roots: Vec<CertificateDer<'static>>,
-    tls: Option<Arc<rustls::ClientConfig>>,
+    tls: TlsOptions,
     spawner: Arc<dyn Spawn>,
     clock: Arc<dyn Clock>,
     user_agent: HeaderValue,
@@ -535,8 +534,7 @@ impl Default for HyperClientBuilder {
             connect_timeout: Some(Duration::from_secs(10)),
             response_timeout: None,
             redirects: 10,
-            extra_roots: Vec::new(),
-            tls: None,
+            tls: TlsOptions::default(),
             spawner: default_spawner(),
             clock: Arc::new(SystemClock),
             user_agent: HeaderValue::from_static(concat!("smolkit/", env!("CARGO_PKG_VERSION"))),
@@ -591,7 +589,7 @@ impl HyperClientBuilder {
 
     /// Trusts this certificate (DER) as a root, beside webpki's roots.
     pub fn add_root_certificate(mut self, der: CertificateDer<'static>) -> Self {
-        self.extra_roots.push(der);
+        self.tls.add_root(der);
         self
     }
 
@@ -602,7 +600,7 @@ impl HyperClientBuilder {
     /// [`ConfigError`] naming `root certificate` when the PEM does not
     /// parse or holds no certificate.
     pub fn add_root_pem(mut self, pem: impl AsRef<[u8]>) -> Result<Self, ConfigError> {
-        self.extra_roots.extend(net::parse_pem(pem.as_ref())?);
+        self.tls.add_pem(pem.as_ref())?;
         Ok(self)
     }
 
@@ -610,7 +608,7 @@ impl HyperClientBuilder {
     /// certificates, ALPN); extra roots given to the builder are ignored.
     /// Build it with the ring provider only.
     pub fn with_tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
-        self.tls = Some(config);
+        self.tls.set_config(config);
         self
     }
 
@@ -639,9 +637,7 @@ impl HyperClientBuilder {
     /// [`ConfigError`] naming `max_connections_per_host` when it is zero.
     pub fn build(self) -> Result<HyperClient, ConfigError> {
         let max_per_host = ConfigError::nonzero("max_connections_per_host", self.max_per_host)?;
-        let tls = self
-            .tls
-            .unwrap_or_else(|| Arc::new(net::tls_config(&self.extra_roots, &[b"http/1.1"])));
+        let tls = self.tls.client_config(&[b"http/1.1"]);
         Ok(HyperClient {
             inner: Arc::new(Inner {
                 max_per_host,
@@ -672,7 +668,7 @@ impl fmt::Debug for HyperClientBuilder {
             .field("connect_timeout", &self.connect_timeout)
             .field("response_timeout", &self.response_timeout)
             .field("redirects", &self.redirects)
-            .field("extra_roots", &self.extra_roots.len())
+            .field("extra_roots", &self.tls.extra_roots())
             .finish()
     }
 }

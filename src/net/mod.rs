@@ -11,4 +11,4 @@ mod tls;
 pub(crate) use dial::{ClientIo, DialError, dial};
 pub(crate) use headers::{excerpt, retry_after};
 pub(crate) use io::MaybeTls;
-pub(crate) use tls::{parse_pem, tls_config};
+pub(crate) use tls::TlsOptions;

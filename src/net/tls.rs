@@ -7,6 +7,42 @@ use rustls::pki_types::pem::PemObject;
 
 use crate::ConfigError;
 
+/// A client's TLS settings: extra roots beside webpki's, or a whole
+/// configuration of the user's. One type behind both clients' setters.
+#[derive(Clone, Default)]
+pub(crate) struct TlsOptions {
+    roots: Vec<CertificateDer<'static>>,
+    config: Option<Arc<rustls::ClientConfig>>,
+}
+
+impl TlsOptions {
+    pub(crate) fn add_root(&mut self, der: CertificateDer<'static>) {
+        self.roots.push(der);
+    }
+
+    /// Adds every certificate of a PEM document ([`parse_pem`]).
+    pub(crate) fn add_pem(&mut self, pem: &[u8]) -> Result<(), ConfigError> {
+        self.roots.extend(parse_pem(pem)?);
+        Ok(())
+    }
+
+    pub(crate) fn set_config(&mut self, config: Arc<rustls::ClientConfig>) {
+        self.config = Some(config);
+    }
+
+    /// The user's configuration, or webpki's roots plus the extra ones
+    /// offering `alpn`.
+    pub(crate) fn client_config(&self, alpn: &[&[u8]]) -> Arc<rustls::ClientConfig> {
+        self.config
+            .clone()
+            .unwrap_or_else(|| Arc::new(tls_config(&self.roots, alpn)))
+    }
+
+    pub(crate) fn extra_roots(&self) -> usize {
+        self.roots.len()
+    }
+}
+
 /// A rustls client configuration on the ring provider with webpki's roots
 /// and `extra` roots, offering `alpn` (empty for none).
 pub(crate) fn tls_config(

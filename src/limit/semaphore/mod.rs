@@ -74,6 +74,23 @@ struct Queue {
 /// Wakers collected under the lock, woken after it is released.
 type Wakers = Vec<Waker>;
 
+/// The fields of a new semaphore with `permits` free (already clamped):
+/// one body for the `const` constructor and the loom one.
+macro_rules! semaphore_with {
+    ($permits:expr) => {
+        Semaphore {
+            state: AtomicI64::new(($permits as i64) << SHIFT),
+            capacity: AtomicUsize::new($permits),
+            waiting: AtomicUsize::new(0),
+            assigned: AtomicUsize::new(0),
+            queue: Mutex::new(Queue {
+                nodes: VecDeque::new(),
+                next_id: 0,
+            }),
+        }
+    };
+}
+
 /// A fair, weighted async semaphore with exact resize and close.
 ///
 /// - **Weighted**: [`acquire(n)`](Semaphore::acquire) takes `n` permits at
@@ -134,32 +151,14 @@ impl Semaphore {
         } else {
             permits
         };
-        Semaphore {
-            state: AtomicI64::new((permits as i64) << SHIFT),
-            capacity: AtomicUsize::new(permits),
-            waiting: AtomicUsize::new(0),
-            assigned: AtomicUsize::new(0),
-            queue: Mutex::new(Queue {
-                nodes: VecDeque::new(),
-                next_id: 0,
-            }),
-        }
+        semaphore_with!(permits)
     }
 
     /// A semaphore with `permits` permits (loom build: not `const`).
     #[cfg(smolkit_loom)]
     pub fn new(permits: usize) -> Self {
         let permits = permits.min(MAX_PERMITS);
-        Semaphore {
-            state: AtomicI64::new(units(permits)),
-            capacity: AtomicUsize::new(permits),
-            waiting: AtomicUsize::new(0),
-            assigned: AtomicUsize::new(0),
-            queue: Mutex::new(Queue {
-                nodes: VecDeque::new(),
-                next_id: 0,
-            }),
-        }
+        semaphore_with!(permits)
     }
 
     /// Takes `n` permits now, or fails without waiting.

@@ -26,12 +26,7 @@ pub struct SessionBuilder {
     pub(super) url: String,
     pub(super) clock: Arc<dyn Clock>,
     pub(super) spawner: Arc<dyn Spawn>,
-    pub(super) heartbeat: Option<(Duration, Duration)>,
-    pub(super) backoff: Backoff,
-    pub(super) max_attempts: Option<u32>,
-    pub(super) give_up_after: Option<Duration>,
-    pub(super) connect_timeout: Option<Duration>,
-    pub(super) close_timeout: Duration,
+    pub(super) timing: Timing,
     pub(super) outbox_messages: usize,
     pub(super) outbox_bytes: usize,
     pub(super) overflow: OutboxOverflow,
@@ -41,8 +36,7 @@ pub struct SessionBuilder {
     pub(super) on_connect: Option<Hook>,
     pub(super) incoming_capacity: usize,
     pub(super) events_capacity: usize,
-    pub(super) extra_roots: Vec<CertificateDer<'static>>,
-    pub(super) tls: Option<Arc<rustls::ClientConfig>>,
+    pub(super) tls: TlsOptions,
     pub(super) headers: Vec<(String, String)>,
     pub(crate) index: usize,
     pub(crate) channels: Option<Channels>,
@@ -58,10 +52,10 @@ impl fmt::Debug for SessionBuilder {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SessionBuilder")
             .field("url", &self.url)
-            .field("heartbeat", &self.heartbeat)
-            .field("backoff", &self.backoff)
-            .field("max_attempts", &self.max_attempts)
-            .field("give_up_after", &self.give_up_after)
+            .field("heartbeat", &self.timing.heartbeat)
+            .field("backoff", &self.timing.backoff)
+            .field("max_attempts", &self.timing.max_attempts)
+            .field("give_up_after", &self.timing.give_up_after)
             .field("outbox_messages", &self.outbox_messages)
             .field("outbox_bytes", &self.outbox_bytes)
             .field("overflow", &self.overflow)
@@ -79,15 +73,17 @@ impl SessionBuilder {
             url: url.to_owned(),
             clock: Arc::new(SystemClock),
             spawner: default_spawner(),
-            heartbeat: Some((Duration::from_secs(20), Duration::from_secs(10))),
-            backoff: Backoff::exponential(Duration::from_secs(1))
-                .with_max_delay(Duration::from_secs(30))
-                .with_jitter(Jitter::Full)
-                .build(),
-            max_attempts: None,
-            give_up_after: None,
-            connect_timeout: Some(Duration::from_secs(10)),
-            close_timeout: Duration::from_secs(5),
+            timing: Timing {
+                heartbeat: Some((Duration::from_secs(20), Duration::from_secs(10))),
+                backoff: Backoff::exponential(Duration::from_secs(1))
+                    .with_max_delay(Duration::from_secs(30))
+                    .with_jitter(Jitter::Full)
+                    .build(),
+                max_attempts: None,
+                give_up_after: None,
+                connect_timeout: Some(Duration::from_secs(10)),
+                close_timeout: Duration::from_secs(5),
+            },
             outbox_messages: 1024,
             outbox_bytes: 8 << 20,
             overflow: OutboxOverflow::Wait,
@@ -97,8 +93,7 @@ impl SessionBuilder {
             on_connect: None,
             incoming_capacity: 1024,
             events_capacity: 1024,
-            extra_roots: Vec::new(),
-            tls: None,
+            tls: TlsOptions::default(),
             headers: Vec::new(),
             index: 0,
             channels: None,
@@ -123,7 +118,7 @@ impl SessionBuilder {
     /// `None`: no heartbeat, a silent dead peer is only noticed when a write
     /// fails.
     pub fn with_heartbeat(mut self, heartbeat: impl Into<Option<(Duration, Duration)>>) -> Self {
-        self.heartbeat = heartbeat.into();
+        self.timing.heartbeat = heartbeat.into();
         self
     }
 
@@ -133,14 +128,14 @@ impl SessionBuilder {
     /// does. A 429 or 503 handshake answer with `Retry-After` replaces the
     /// next delay.
     pub fn with_reconnect(mut self, backoff: impl Into<Backoff>) -> Self {
-        self.backoff = backoff.into();
+        self.timing.backoff = backoff.into();
         self
     }
 
     /// Give up after `n` failed attempts in a row (the session closes with
     /// [`Error::GaveUp`]); `None` (the default): never for that reason.
     pub fn with_give_up_after_attempts(mut self, n: impl Into<Option<u32>>) -> Self {
-        self.max_attempts = n.into();
+        self.timing.max_attempts = n.into();
         self
     }
 
@@ -148,20 +143,20 @@ impl SessionBuilder {
     /// (a wait that would end past it gives up at once); `None` (the
     /// default): never for that reason.
     pub fn with_give_up_after(mut self, d: impl Into<Option<Duration>>) -> Self {
-        self.give_up_after = d.into();
+        self.timing.give_up_after = d.into();
         self
     }
 
     /// The limit on TCP + TLS + upgrade (default 10 s; `None`: no limit).
     pub fn with_connect_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
-        self.connect_timeout = timeout.into();
+        self.timing.connect_timeout = timeout.into();
         self
     }
 
     /// How long [`Session::close`] waits for the server's close reply
     /// (default 5 s).
     pub fn with_close_timeout(mut self, timeout: Duration) -> Self {
-        self.close_timeout = timeout;
+        self.timing.close_timeout = timeout;
         self
     }
 
@@ -236,7 +231,7 @@ impl SessionBuilder {
 
     /// Trusts `cert` (DER) as a root for `wss://`, beside webpki's roots.
     pub fn add_root_certificate(mut self, cert: CertificateDer<'static>) -> Self {
-        self.extra_roots.push(cert);
+        self.tls.add_root(cert);
         self
     }
 
@@ -247,13 +242,13 @@ impl SessionBuilder {
     /// [`ConfigError`] naming `root certificate` when the PEM does not
     /// parse or holds no certificate.
     pub fn add_root_pem(mut self, pem: impl AsRef<[u8]>) -> Result<Self, ConfigError> {
-        self.extra_roots.extend(net::parse_pem(pem.as_ref())?);
+        self.tls.add_pem(pem.as_ref())?;
         Ok(self)
     }
 
     /// A whole rustls configuration instead of webpki's roots (+ extra).
     pub fn with_tls_config(mut self, config: Arc<rustls::ClientConfig>) -> Self {
-        self.tls = Some(config);
+        self.tls.set_config(config);
         self
     }
 
@@ -280,7 +275,7 @@ impl SessionBuilder {
                 reason,
             )))
         };
-        if let Some((interval, timeout)) = self.heartbeat
+        if let Some((interval, timeout)) = self.timing.heartbeat
             && (interval.is_zero() || timeout.is_zero())
         {
             return bad(
@@ -335,10 +330,7 @@ impl SessionBuilder {
             incoming: async_channel::bounded(self.incoming_capacity),
             events: async_channel::bounded(self.events_capacity),
         });
-        let tls = self
-            .tls
-            .clone()
-            .unwrap_or_else(|| Arc::new(net::tls_config(&self.extra_roots, &[b"http/1.1"])));
+        let tls = self.tls.client_config(&[b"http/1.1"]);
         let shared = Arc::new(Shared {
             index: self.index,
             outbox: Mutex::new(Outbox::new(self.outbox_messages, self.outbox_bytes)),
@@ -361,12 +353,7 @@ impl SessionBuilder {
             target,
             headers: self.headers,
             tls,
-            heartbeat: self.heartbeat,
-            backoff: self.backoff,
-            max_attempts: self.max_attempts,
-            give_up_after: self.give_up_after,
-            connect_timeout: self.connect_timeout,
-            close_timeout: self.close_timeout,
+            timing: self.timing,
             codec: self.codec,
             batching: self.batching,
             on_connect: self.on_connect,
@@ -445,13 +432,20 @@ pub(super) struct Config {
     pub(super) target: Target,
     pub(super) headers: Vec<(String, String)>,
     pub(super) tls: Arc<rustls::ClientConfig>,
+    pub(super) timing: Timing,
+    pub(super) codec: Codec,
+    pub(super) batching: Option<Batching>,
+    pub(super) on_connect: Option<Hook>,
+}
+
+/// The connection's timing: heartbeat, reconnect schedule, give-up rules
+/// and timeouts (shared by the builder and the running driver).
+#[derive(Clone)]
+pub(super) struct Timing {
     pub(super) heartbeat: Option<(Duration, Duration)>,
     pub(super) backoff: Backoff,
     pub(super) max_attempts: Option<u32>,
     pub(super) give_up_after: Option<Duration>,
     pub(super) connect_timeout: Option<Duration>,
     pub(super) close_timeout: Duration,
-    pub(super) codec: Codec,
-    pub(super) batching: Option<Batching>,
-    pub(super) on_connect: Option<Hook>,
 }

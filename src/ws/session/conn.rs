@@ -49,7 +49,7 @@ impl Conn<'_> {
         let shared = &*self.driver.shared;
         shared.driver.register(cx.waker());
         if shared.closing() && self.close_deadline.is_none() {
-            self.close_deadline = Some(shared.clock.sleep(self.driver.config.close_timeout));
+            self.close_deadline = Some(shared.clock.sleep(self.driver.config.timing.close_timeout));
         }
         if let Some(d) = &mut self.close_deadline
             && d.poll(cx).is_ready()
@@ -71,7 +71,7 @@ impl Conn<'_> {
 
     pub(super) fn poll_heartbeat(&mut self, cx: &mut Context<'_>) -> Option<End> {
         let shared = &*self.driver.shared;
-        let (interval, timeout) = self.driver.config.heartbeat?;
+        let (interval, timeout) = self.driver.config.timing.heartbeat?;
         if let Some(timer) = &mut self.ping_timer
             && timer.poll(cx).is_ready()
         {

@@ -50,7 +50,7 @@ impl Driver {
     pub(super) async fn connect_loop(&self) -> Option<Error> {
         let shared = &*self.shared;
         let clock = &shared.clock;
-        let mut backoff = self.config.backoff.clone();
+        let mut backoff = self.config.timing.backoff.clone();
         backoff.reset();
         let mut attempt: u32 = 0;
         let mut down_since = clock.now();
@@ -91,7 +91,12 @@ impl Driver {
                     error
                 }
             };
-            if self.config.max_attempts.is_some_and(|max| attempt >= max) {
+            if self
+                .config
+                .timing
+                .max_attempts
+                .is_some_and(|max| attempt >= max)
+            {
                 return Some(Error::GaveUp {
                     attempts: attempt,
                     last: Box::new(failure),
@@ -108,7 +113,7 @@ impl Driver {
                     });
                 }
             };
-            if let Some(limit) = self.config.give_up_after
+            if let Some(limit) = self.config.timing.give_up_after
                 && clock.now() + delay > down_since + limit
             {
                 return Some(Error::GaveUp {
@@ -210,7 +215,7 @@ impl Driver {
                 .map_err(|e| handshake_error(&t.url, e))?;
             Ok(ws)
         };
-        match self.config.connect_timeout {
+        match self.config.timing.connect_timeout {
             Some(after) => {
                 let clock = &self.shared.clock;
                 connect
@@ -259,7 +264,7 @@ impl Driver {
         let mut conn = Conn {
             ws,
             driver: self,
-            ping_timer: self.config.heartbeat.map(|(i, _)| clock.sleep(i)),
+            ping_timer: self.config.timing.heartbeat.map(|(i, _)| clock.sleep(i)),
             pong_deadline: None,
             ping_seq: 0,
             write_seq: 0,

@@ -30,7 +30,7 @@ use rustls::pki_types::CertificateDer;
 use serde::{Deserialize, Serialize};
 
 use crate::ConfigError;
-use crate::net::{self, ClientIo, DialError};
+use crate::net::{self, ClientIo, DialError, TlsOptions};
 use crate::resilience::{Backoff, Jitter};
 use crate::runtime::{Clock, Sleep, Spawn, SpawnExt, SystemClock, default_spawner};
 use crate::sync::lock_std as lock;
