@@ -3,6 +3,8 @@
 //! AdaptiveLimit (settling on a simulated server). Deterministic: futures
 //! are polled by hand and time is a ManualClock.
 
+mod common;
+
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -701,4 +703,107 @@ fn limit_types_are_send_and_sync() {
     send(&sem.acquire());
     let limiter = RateLimiter::new(Quota::per_second(1).unwrap());
     send(&limiter.until_ready(1));
+}
+
+/// Issue 14 #7: a zero-weight request queued behind a waiter that just got
+/// the last permits stayed pending until that waiter released them.
+#[test]
+fn a_zero_weight_request_at_the_head_is_granted_at_once() {
+    let sem = Semaphore::new(2);
+    let held = sem.try_acquire_many(2).unwrap();
+    let mut big = Probe::new(sem.acquire_many(2));
+    assert!(big.poll().is_pending());
+    let mut zero = Probe::new(sem.acquire_many(0));
+    assert!(zero.poll().is_pending(), "queued behind the waiter (FIFO)");
+    drop(held);
+    assert!(big.woken() && zero.woken());
+    let big_guard = big.ready().unwrap();
+    let zero_guard = zero.ready().unwrap();
+    assert_eq!((big_guard.permits(), zero_guard.permits()), (2, 0));
+    assert_eq!(sem.waiting(), 0);
+    drop((big_guard, zero_guard));
+    // The fast path works again: nothing is left marked as waiting.
+    assert_eq!(sem.try_acquire_many(2).unwrap().permits(), 2);
+}
+
+/// Issue 14 #8: `set_quota` did not wake the waiters; they stayed asleep
+/// under the old quota (a second here) though its docs say "at once".
+#[test]
+fn a_quota_change_reevaluates_the_waiters_at_once() {
+    common::within(a_quota_change_body);
+}
+
+fn a_quota_change_body() {
+    let clock = ManualClock::new();
+    let limiter = Arc::new(RateLimiter::with_clock(
+        Quota::per_second(1).unwrap(),
+        Arc::new(clock.clone()),
+    ));
+    limiter.check(1).unwrap(); // the burst of 1 is spent
+    let admitted = Arc::new(AtomicUsize::new(0));
+    let waiters: Vec<_> = (0..5)
+        .map(|_| {
+            let (limiter, admitted) = (limiter.clone(), admitted.clone());
+            std::thread::spawn(move || {
+                smol::block_on(limiter.until_ready(1)).unwrap();
+                admitted.fetch_add(1, Ordering::SeqCst);
+            })
+        })
+        .collect();
+    smol::block_on(clock.wait_for_sleepers(1));
+    assert_eq!(admitted.load(Ordering::SeqCst), 0);
+    limiter.set_quota(Quota::per_second(100).unwrap().with_burst(500).unwrap());
+    // No time passes: the new burst admits all five.
+    for w in waiters {
+        w.join().unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::SeqCst), 5);
+    assert_eq!(clock.elapsed(), Duration::ZERO);
+}
+
+/// Issue 14 #10: `record` decided the new limit under the state lock but
+/// resized after releasing it, so racing records could resize out of order
+/// and leave the semaphore off the algorithm's limit (2–4 in 3,000 bursts).
+/// Each burst here is 300 increases from a known limit (six threads, 50
+/// each), so the algorithm ends exactly 300 higher; the semaphore must too.
+#[test]
+fn racing_records_leave_the_semaphore_at_the_algorithms_limit() {
+    common::within(|| {
+        let limit = Arc::new(AdaptiveLimit::new(10, 1, 1_000_000, Aimd::new()).unwrap());
+        let mut expected = 10;
+        for _ in 0..1_000 {
+            let barrier = Arc::new(std::sync::Barrier::new(6));
+            let threads: Vec<_> = (0..6)
+                .map(|_| {
+                    let (limit, barrier) = (limit.clone(), barrier.clone());
+                    std::thread::spawn(move || {
+                        barrier.wait();
+                        // In flight at the limit: always an increase.
+                        for _ in 0..50 {
+                            limit.record(Sample::new(Duration::ZERO, Outcome::Success, 1 << 30));
+                        }
+                    })
+                })
+                .collect();
+            for t in threads {
+                t.join().unwrap();
+            }
+            expected += 6 * 50;
+            assert_eq!(limit.limit(), expected, "after a burst");
+        }
+    });
+}
+
+/// Issue 14 #11: `Semaphore::new(usize::MAX)` clamped to half of what its
+/// docs said; the bound is now a named constant, and it is what you get.
+#[test]
+fn the_largest_semaphore_is_max_permits() {
+    assert_eq!(Semaphore::MAX_PERMITS, (i64::MAX >> 3) as usize);
+    let sem = Semaphore::new(usize::MAX);
+    assert_eq!(sem.capacity(), Semaphore::MAX_PERMITS);
+    let all = sem.try_acquire_many(Semaphore::MAX_PERMITS).unwrap();
+    assert_eq!(all.permits(), Semaphore::MAX_PERMITS);
+    drop(all);
+    sem.set_permits(usize::MAX);
+    assert_eq!(sem.capacity(), Semaphore::MAX_PERMITS);
 }

@@ -1072,3 +1072,68 @@ fn a_cancel_racing_a_pull_leaves_nothing_leased() {
         assert_eq!(s.acked as usize + s.ready, 10, "every item acked or back");
     });
 }
+
+/// Issue 14 #12: a dead-letter file whose last line was torn by a crash
+/// got the next letter appended onto that line, so it was unreadable too.
+#[test]
+fn a_torn_dead_letter_file_starts_the_next_letter_on_a_fresh_line() {
+    within(|| {
+        smol::block_on(async {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("dead.jsonl");
+            std::fs::write(&path, b"{\"stage\":\"m\",\"item\":1,\"err").unwrap();
+            let report = Pipeline::from_stream(futures_lite::stream::iter(0..3u32))
+                .with_dead_letters(Arc::new(JsonLinesFile::open(&path).unwrap()))
+                .map(
+                    "m",
+                    |x| async move { if x == 1 { Err("one") } else { Ok(x) } },
+                )
+                .run(|_| async { Ok::<_, String>(()) })
+                .await
+                .unwrap();
+            assert_eq!(report.dead_letters, 1);
+            let text = std::fs::read_to_string(&path).unwrap();
+            let lines: Vec<&str> = text.lines().collect();
+            assert_eq!(lines.len(), 2, "{text:?}");
+            assert!(
+                serde_json::from_str::<serde_json::Value>(lines[0]).is_err(),
+                "the torn line"
+            );
+            let letter: serde_json::Value = serde_json::from_str(lines[1]).expect("a whole letter");
+            assert_eq!(letter["item"], 1);
+            // A file that ends whole gets no blank line.
+            let before = std::fs::read(&path).unwrap();
+            drop(JsonLinesFile::open(&path).unwrap());
+            assert_eq!(std::fs::read(&path).unwrap(), before);
+        })
+    });
+}
+
+/// Issue 14 #6: an autoscaling pool with a minimum of 0, once idle down to
+/// no worker, never ran a job again (a worker was added only past the
+/// scale-up depth). And `resize` stays within the autoscale bounds.
+#[test]
+fn an_autoscaled_pool_at_zero_workers_starts_one_for_a_job() {
+    within(|| {
+        let clock = ManualClock::new();
+        let pool = WorkerPool::builder(|x: u32| async move { Ok::<_, ()>(x + 1) })
+            .with_capacity(10)
+            .with_workers(1)
+            .with_autoscale(0, 3)
+            .with_scale_up_at(5)
+            .with_idle_timeout(Duration::from_secs(30))
+            .with_clock(Arc::new(clock.clone()))
+            .build()
+            .unwrap();
+        smol::block_on(clock.wait_for_sleepers(1));
+        clock.advance(Duration::from_secs(31));
+        eventually("idle down to zero", || pool.stats().workers == 0);
+        let handle = pool.try_submit(41).unwrap();
+        assert_eq!(smol::block_on(handle), Ok(42));
+
+        pool.resize(10);
+        assert_eq!(pool.stats().target_workers, 3, "clamped to the maximum");
+        pool.resize(0);
+        assert_eq!(pool.stats().target_workers, 0);
+    });
+}

@@ -816,3 +816,34 @@ fn resilience_types_are_send_and_sync() {
     let policy = Policy::builder().build();
     send(&policy.run(|| future::ready(Ok::<_, String>(()))));
 }
+
+/// Issue 14 #5: a total timeout around a call that never completes dropped
+/// the breaker's permit unrecorded, so a service that hangs could never trip
+/// the breaker. A timed-out call is a failure (and a slow call).
+#[test]
+fn a_hung_call_cut_by_the_total_timeout_trips_the_breaker() {
+    let (clock, c) = manual();
+    let b = CircuitBreaker::builder()
+        .with_window(Window::Count(3))
+        .with_min_calls(3)
+        .with_slow_calls(S(1), 0.5)
+        .with_clock(c.clone())
+        .build()
+        .unwrap();
+    let policy = Policy::builder()
+        .with_total_timeout(S(2))
+        .with_breaker(b.clone())
+        .with_clock(c)
+        .build();
+    for _ in 0..3 {
+        let err = drive(&clock, policy.run(future::pending::<Result<(), &str>>)).unwrap_err();
+        assert!(matches!(err, PolicyError::Timeout(_)), "{err:?}");
+    }
+    let m = b.metrics();
+    assert_eq!((m.calls, m.failures, m.slow_calls), (3, 3, 3), "{m:?}");
+    assert_eq!(
+        b.state(),
+        State::Open,
+        "a hanging service trips the breaker"
+    );
+}

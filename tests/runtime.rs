@@ -678,3 +678,26 @@ fn the_default_spawner_is_the_current_runtime() {
     drop(rt);
     assert!(Handle::try_current().is_none());
 }
+
+/// Issue 14 #15: a task that ticks a nested executor whose own task
+/// panics returned normally, but was counted as panicked (the outcome
+/// thread-local was shared).
+#[test]
+fn a_nested_executors_panic_is_not_the_outer_tasks() {
+    let rt = Runtime::builder().with_threads(1).build().unwrap();
+    // Everything within one poll of the outer task: its inner task panics
+    // (caught, as its handle reports) and the outer one returns normally.
+    let task = rt.spawn(async {
+        let inner = smol::Executor::new();
+        let handle = SpawnExt::spawn(&inner, async { panic!("inner task fails") });
+        while inner.try_tick() {}
+        handle.is_finished()
+    });
+    assert_eq!(rt.block_on(task), Ok(true));
+    let stats = rt.stats();
+    assert_eq!((stats.completed, stats.panicked), (1, 0), "{stats:?}");
+    // And a task that does panic still counts as panicked.
+    let failing = rt.spawn(async { panic!("outer fails") });
+    assert!(rt.block_on(failing).is_err());
+    assert_eq!(rt.stats().panicked, 1);
+}

@@ -470,7 +470,10 @@ impl AdaptiveLimit {
         };
         st.limit = next.clamp(self.min as f64, self.max as f64);
         let new = st.limit as usize;
-        drop(st);
+        // NOTE: resized before the state lock is released, so racing
+        // records resize in the order they decided (the semaphore ends at
+        // the algorithm's limit). Nothing locks the state from inside the
+        // semaphore, so the lock order cannot invert.
         if new != self.sem.capacity() {
             tracing::debug!(
                 limit = new,
@@ -479,6 +482,7 @@ impl AdaptiveLimit {
             );
             self.sem.set_permits(new);
         }
+        drop(st);
         new
     }
 }

@@ -121,6 +121,8 @@ struct Params {
     interval_ns: AtomicU64,
     burst: AtomicU64,
     quota: Mutex<Quota>,
+    /// Notified when the quota changes, so a sleeping waiter re-evaluates.
+    changed: event_listener::Event,
 }
 
 impl Params {
@@ -129,6 +131,7 @@ impl Params {
             interval_ns: AtomicU64::new(quota.interval_ns()),
             burst: AtomicU64::new(u64::from(quota.burst)),
             quota: Mutex::new(quota),
+            changed: event_listener::Event::new(),
         }
     }
 
@@ -140,6 +143,20 @@ impl Params {
         self.interval_ns
             .store(quota.interval_ns(), Ordering::Relaxed);
         self.burst.store(u64::from(quota.burst), Ordering::Relaxed);
+        drop(q);
+        self.changed.notify(usize::MAX);
+    }
+
+    /// Sleeps `delay` on `clock`, or less if the quota changes meanwhile
+    /// (`changed` was listened to before the check that chose `delay`).
+    async fn wait(
+        &self,
+        clock: &dyn Clock,
+        delay: Duration,
+        changed: event_listener::EventListener,
+    ) {
+        use futures_lite::FutureExt;
+        clock.sleep(delay).or(changed).await
     }
 
     fn quota(&self) -> Quota {
@@ -305,10 +322,12 @@ impl RateLimiter {
             .await
             .expect("the turnstile is never closed and has capacity 1");
         loop {
+            let changed = self.params.changed.listen();
             match self.take(n, self.time.now_ns()) {
                 Ok(()) => return Ok(()),
                 Err(RateLimitError::NotYet { retry_after }) => {
-                    self.time.clock.sleep(retry_after).await;
+                    let clock = &*self.time.clock;
+                    self.params.wait(clock, retry_after, changed).await;
                 }
                 // The quota shrank below `n` while we waited.
                 Err(e) => return Err(e),
@@ -316,8 +335,9 @@ impl RateLimiter {
         }
     }
 
-    /// Replaces the quota, at once. Cells already admitted stay counted
-    /// against the new quota.
+    /// Replaces the quota, at once: the head waiter of
+    /// [`until_ready`](RateLimiter::until_ready) re-evaluates now under the
+    /// new quota. Cells already admitted stay counted against it.
     pub fn set_quota(&self, quota: Quota) {
         self.params.set(quota);
     }
@@ -443,10 +463,12 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// Dropping the future takes no cells.
     pub async fn until_ready(&self, key: &K, n: u32) -> Result<(), RateLimitError> {
         loop {
+            let changed = self.params.changed.listen();
             match self.check(key, n) {
                 Ok(()) => return Ok(()),
                 Err(RateLimitError::NotYet { retry_after }) => {
-                    self.time.clock.sleep(retry_after).await;
+                    let clock = &*self.time.clock;
+                    self.params.wait(clock, retry_after, changed).await;
                 }
                 Err(e) => return Err(e),
             }

@@ -162,6 +162,13 @@ impl DeadLetterSink for async_channel::Sender<DeadLetter> {
 /// the item counts as done; with [`with_sync`](JsonLinesFile::with_sync)
 /// it is also synced to disk.
 ///
+/// # A torn last line
+///
+/// A crash in the middle of a write can leave a last line without its
+/// newline. Opening such a file starts on a fresh line, so the torn line
+/// stays alone (and unparsable) and the next letter is whole: a reader
+/// skips a line that is not valid JSON, which can only be a torn one.
+///
 /// # Default
 ///
 /// Appends; each line is written whole; no fsync per line (turn it on with
@@ -184,21 +191,27 @@ pub struct JsonLinesFile {
 }
 
 impl JsonLinesFile {
-    /// Opens (creating if needed) `path` for appending.
+    /// Opens (creating if needed) `path` for appending, on a fresh line
+    /// (see "A torn last line").
     ///
     /// # Errors
     ///
-    /// [`DeadLetterError::Io`] if the file cannot be opened.
+    /// [`DeadLetterError::Io`] if the file cannot be opened or read.
     pub fn open(path: impl Into<PathBuf>) -> Result<Self, DeadLetterError> {
         let path = path.into();
-        let file = OpenOptions::new()
+        let io = |source| DeadLetterError::Io {
+            path: path.clone(),
+            source,
+        };
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .open(&path)
-            .map_err(|source| DeadLetterError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            .map_err(io)?;
+        if ends_torn(&mut file).map_err(io)? {
+            file.write_all(b"\n").map_err(io)?;
+        }
         Ok(JsonLinesFile {
             path,
             file: Arc::new(Mutex::new(file)),
@@ -256,4 +269,16 @@ impl DeadLetterSink for Collect {
         lock(&self.letters).push(letter);
         Box::pin(async { Ok(()) })
     }
+}
+
+/// Whether the file is non-empty and its last byte is not a newline.
+fn ends_torn(file: &mut File) -> std::io::Result<bool> {
+    use std::io::{Read, Seek, SeekFrom};
+    if file.metadata()?.len() == 0 {
+        return Ok(false);
+    }
+    file.seek(SeekFrom::End(-1))?;
+    let mut last = [0u8];
+    file.read_exact(&mut last)?;
+    Ok(last[0] != b'\n')
 }

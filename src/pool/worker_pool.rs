@@ -475,8 +475,12 @@ where
     }
 
     fn after_submit(&self) {
+        // NOTE: with no worker at all (an autoscale minimum of 0), any queued
+        // job starts one; otherwise it would wait for the queue to pass the
+        // scale-up depth, possibly forever.
         if let Some(scale) = self.shared.autoscale
-            && self.tx.len() > scale.scale_up_at
+            && (self.tx.len() > scale.scale_up_at
+                || self.shared.target.load(Ordering::Acquire) == 0)
         {
             let target = &self.shared.target;
             let mut cur = target.load(Ordering::Relaxed);
@@ -499,8 +503,14 @@ where
     }
 
     /// Sets the number of workers. Extra workers leave after their current
-    /// job (idle ones at once); new ones start immediately.
+    /// job (idle ones at once); new ones start immediately. An autoscaling
+    /// pool stays within its minimum and maximum: `workers` is clamped to
+    /// them (the autoscaler moves on from there).
     pub fn resize(&self, workers: usize) {
+        let workers = match self.shared.autoscale {
+            Some(scale) => workers.clamp(scale.min, scale.max),
+            None => workers,
+        };
         let old = self.shared.target.swap(workers, Ordering::AcqRel);
         tracing::debug!(pool = %self.shared.name, from = old, to = workers, "resizing");
         let live = self.shared.live.load(Ordering::Acquire);

@@ -2,15 +2,16 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use super::breaker::{CallOutcome, CircuitBreaker};
+use super::breaker::{CallOutcome, CircuitBreaker, Permit};
 use super::error::{AttemptError, PolicyError};
 use super::retry::{Classify, NoHook, OnRetry, Retry, RetryErrors};
 use super::timeout::{SharedClock, timeout_on};
 use crate::limit::{RateLimiter, Semaphore};
 use crate::runtime::{Clock, SystemClock};
+use crate::sync::lock_std as lock;
 
 /// Rate limit, bulkhead, circuit breaker, retry and timeouts around one
 /// async operation, in this order, outer to inner:
@@ -184,12 +185,22 @@ impl<C, H> Policy<C, H> {
         H: OnRetry<T, E>,
         E: fmt::Debug,
     {
+        // NOTE: the breaker's permit sits here, outside the total timeout,
+        // so a call the timeout cuts short is recorded as a failure (a
+        // service that hangs trips the breaker); dropping this future
+        // (the caller's cancel) still records nothing.
+        let permit = Mutex::new(None);
         match self.total_timeout {
-            Some(limit) => match timeout_on(&*self.clock, limit, self.layers(op)).await {
+            Some(limit) => match timeout_on(&*self.clock, limit, self.layers(op, &permit)).await {
                 Ok(result) => result,
-                Err(elapsed) => Err(PolicyError::Timeout(elapsed)),
+                Err(elapsed) => {
+                    if let Some(p) = lock(&permit).take() {
+                        p.record(CallOutcome::Failure);
+                    }
+                    Err(PolicyError::Timeout(elapsed))
+                }
             },
-            None => self.layers(op).await,
+            None => self.layers(op, &permit).await,
         }
     }
 
@@ -227,7 +238,11 @@ impl<C, H> Policy<C, H> {
         }
     }
 
-    async fn layers<T, E, F, Fut>(&self, mut op: F) -> Result<T, PolicyError<E>>
+    async fn layers<T, E, F, Fut>(
+        &self,
+        mut op: F,
+        permit_slot: &Mutex<Option<Permit>>,
+    ) -> Result<T, PolicyError<E>>
     where
         F: FnMut() -> Fut,
         Fut: Future<Output = Result<T, E>>,
@@ -244,10 +259,10 @@ impl<C, H> Policy<C, H> {
             Some(sem) => Some(sem.acquire().await.map_err(PolicyError::Bulkhead)?),
             None => None,
         };
-        let permit = match &self.breaker {
-            Some(breaker) => Some(breaker.try_acquire().map_err(PolicyError::CircuitOpen)?),
-            None => None,
-        };
+        if let Some(breaker) = &self.breaker {
+            let permit = breaker.try_acquire().map_err(PolicyError::CircuitOpen)?;
+            *lock(permit_slot) = Some(permit);
+        }
         let result = match &self.retry {
             Some(retry) => retry.run(op).await.map_err(PolicyError::Retry),
             None => match self.attempt_timeout {
@@ -260,7 +275,7 @@ impl<C, H> Policy<C, H> {
                     .map_err(|e| PolicyError::Inner(AttemptError::Inner(e))),
             },
         };
-        if let Some(permit) = permit {
+        if let Some(permit) = lock(permit_slot).take() {
             permit.record(if result.is_ok() {
                 CallOutcome::Success
             } else {

@@ -83,10 +83,32 @@ thread_local! {
     // count panics and cancellations of tasks spawned through `dyn Spawn`,
     // whose output type it cannot see.
     static OUTCOME: Cell<Outcome> = const { Cell::new(Outcome::Completed) };
+    // NOTE: how many `CatchPanic` polls are running on this thread, and how
+    // many were running when the runtime's instrumentation started the
+    // current task's poll. Only the wrapper at that depth is the task's
+    // own; a deeper one belongs to a task of a nested executor ticked
+    // inside this poll, whose outcome is not this task's.
+    static DEPTH: Cell<u32> = const { Cell::new(0) };
+    static BASE: Cell<u32> = const { Cell::new(0) };
 }
 
-fn set_outcome(outcome: Outcome) {
-    OUTCOME.with(|c| c.set(outcome));
+/// Records `outcome` when the wrapper recording it is the polled task's own.
+fn set_outcome(depth: u32, outcome: Outcome) {
+    if depth == BASE.with(Cell::get) {
+        OUTCOME.with(|c| c.set(outcome));
+    }
+}
+
+/// Marks the start of an instrumented task's poll; returns the enclosing
+/// mark, to restore with [`end_task_poll`].
+pub(crate) fn begin_task_poll() -> u32 {
+    let depth = DEPTH.with(Cell::get);
+    OUTCOME.with(|c| c.set(Outcome::Completed));
+    BASE.with(|b| b.replace(depth))
+}
+
+pub(crate) fn end_task_poll(enclosing: u32) {
+    BASE.with(|b| b.set(enclosing));
 }
 
 /// Returns how the poll that just ran on this thread ended, and resets it.
@@ -114,11 +136,14 @@ impl<F: Future> Future for CatchPanic<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let fut = self.project().fut;
-        match catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+        let depth = DEPTH.with(|d| d.replace(d.get() + 1));
+        let polled = catch_unwind(AssertUnwindSafe(|| fut.poll(cx)));
+        DEPTH.with(|d| d.set(depth));
+        match polled {
             Ok(Poll::Pending) => Poll::Pending,
             Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
             Err(payload) => {
-                set_outcome(Outcome::Panicked);
+                set_outcome(depth, Outcome::Panicked);
                 Poll::Ready(Err(JoinError::Panicked(panic_message(payload))))
             }
         }
@@ -182,7 +207,7 @@ impl<F: Future> Future for Guarded<F> {
         if this.shared.aborted.load(Ordering::Acquire) {
             *this.finished = true;
             this.shared.finish(Err(JoinError::Cancelled));
-            set_outcome(Outcome::Aborted);
+            set_outcome(DEPTH.with(Cell::get), Outcome::Aborted);
             return Poll::Ready(());
         }
         match this.fut.poll(cx) {
@@ -297,6 +322,11 @@ impl<T> JoinHandle<T> {
     ///
     /// Unlike [`abort`](Self::abort), nothing the task does can happen
     /// after this returns.
+    ///
+    /// # Errors
+    ///
+    /// [`JoinError::Cancelled`] when the cancel stopped it,
+    /// [`JoinError::Panicked`] when it had panicked.
     ///
     /// # Cancel safety
     ///

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use event_listener::Event;
 use pin_project_lite::pin_project;
 
-use super::join::{Outcome, take_outcome};
+use super::join::{Outcome, begin_task_poll, end_task_poll, take_outcome};
 
 /// Counters of a [`Runtime`](super::Runtime)'s tasks since it started.
 ///
@@ -211,7 +211,7 @@ impl<F: Future> Future for Instrumented<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        take_outcome();
+        let enclosing = begin_task_poll();
         let result = match this.meta {
             None => this.fut.poll(cx),
             Some(meta) => {
@@ -236,6 +236,7 @@ impl<F: Future> Future for Instrumented<F> {
                 result
             }
         };
+        end_task_poll(enclosing);
         if result.is_ready() {
             *this.finished = true;
             let counter = match take_outcome() {

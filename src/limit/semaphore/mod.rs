@@ -143,7 +143,13 @@ pub struct Semaphore {
 }
 
 impl Semaphore {
-    /// A semaphore with `permits` permits (clamped to `usize::MAX >> 3`).
+    /// The most permits a semaphore holds: 2^60 − 1 (`i64::MAX >> 3`; the
+    /// state word keeps two flag bits and a sign). Larger requests and
+    /// capacities are clamped to it ("as many as possible").
+    pub const MAX_PERMITS: usize = MAX_PERMITS;
+
+    /// A semaphore with `permits` permits, clamped to
+    /// [`Semaphore::MAX_PERMITS`] (what its state word holds).
     #[cfg(not(smolkit_loom))]
     pub const fn new(permits: usize) -> Self {
         let permits = if permits > MAX_PERMITS {
@@ -367,7 +373,7 @@ impl Semaphore {
         wakers.into_iter().for_each(Waker::wake);
     }
 
-    /// Sets the capacity to `n` (clamped to `usize::MAX >> 3`), at once and
+    /// Sets the capacity to `n` (clamped to [`Semaphore::MAX_PERMITS`]), at once and
     /// under load.
     ///
     /// Growing hands the new permits to waiters first. Shrinking removes
@@ -484,7 +490,11 @@ impl Semaphore {
     /// Hands the free permits in the word to the queue, front first.
     /// Called with the queue locked.
     fn redistribute_locked(&self, q: &mut Queue, wakers: &mut Wakers) {
+        // A head that needs nothing more (a zero-weight request) goes at
+        // once, even with no permit free.
+        self.grant_satisfied_heads(q, wakers);
         if q.nodes.is_empty() {
+            self.add_and_clear_waiters(0);
             return;
         }
         // Take the free permits out of the word (a debt stays there).
@@ -515,11 +525,21 @@ impl Semaphore {
             if head.assigned == head.needed {
                 let node = q.nodes.pop_front().expect("front exists");
                 self.grant(node, wakers);
+                // Zero-weight requests right behind it go with it.
+                self.grant_satisfied_heads(q, wakers);
             }
         }
         if q.nodes.is_empty() {
             // Keep what is left.
             self.add_and_clear_waiters(free);
+        }
+    }
+
+    /// Grants the heads of the queue that already have all they asked for.
+    fn grant_satisfied_heads(&self, q: &mut Queue, wakers: &mut Wakers) {
+        while q.nodes.front().is_some_and(|h| h.assigned == h.needed) {
+            let node = q.nodes.pop_front().expect("front exists");
+            self.grant(node, wakers);
         }
     }
 
