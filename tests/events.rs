@@ -342,3 +342,150 @@ fn zero_capacities_and_concurrency_are_refused_with_the_setting_named() {
     assert_eq!((err.setting, err.value.as_str()), ("pattern", "a..b"));
     assert_eq!(bus.stats().subscribers, 0, "nothing was subscribed");
 }
+
+// ---------------------------------------------------------------------------
+// Issue 14 #4: `Ok(n)` means exactly n subscriptions queued the event,
+// every drop is counted, and no topic's values arrive out of emit order.
+
+#[test]
+fn an_emit_cut_short_by_shutdown_hands_the_payload_back() {
+    within(|| {
+        smol::block_on(async {
+            let bus = Bus::<u32>::new();
+            let mut full = bus
+                .subscribe_with("t", SubscribeOptions::new().with_capacity(1))
+                .unwrap();
+            let mut free = bus.subscribe("t").unwrap();
+            assert_eq!(bus.emit("t", 1).await.unwrap(), 2);
+            let _ = free.try_next();
+            // `full` holds 1: the next emit waits for it.
+            let emitting = {
+                let bus = bus.clone();
+                smol::spawn(async move { bus.emit("t", 2).await })
+            };
+            eventually("the emit waits", || bus.stats().emitted == 2);
+            bus.shutdown().await;
+            match emitting.await {
+                Err(EmitError::Closed(2)) => {}
+                other => panic!("the payload must come back, got {other:?}"),
+            }
+            // Neither subscriber has the second event.
+            assert_eq!(full.try_next().map(|e| e.payload), Some(1));
+            assert!(full.try_next().is_none());
+            assert!(free.try_next().is_none());
+        })
+    });
+}
+
+#[test]
+fn a_drop_newest_copy_is_not_counted_as_queued() {
+    let bus = Bus::<u32>::new();
+    let _sub = bus
+        .subscribe_with(
+            "t",
+            SubscribeOptions::new()
+                .with_capacity(1)
+                .with_overflow(Overflow::DropNewest),
+        )
+        .unwrap();
+    assert_eq!(bus.try_emit("t", 1).unwrap(), 1);
+    assert_eq!(bus.try_emit("t", 2).unwrap(), 0, "dropped, not queued");
+    assert_eq!(smol::block_on(bus.emit("t", 3)).unwrap(), 0);
+    let s = bus.stats();
+    assert_eq!((s.delivered, s.dropped), (1, 2));
+}
+
+#[test]
+fn concurrent_emits_sum_to_what_was_queued() {
+    within(|| {
+        let bus = Bus::<u32>::new();
+        let subs: Vec<_> = [Overflow::DropNewest, Overflow::DropOldest]
+            .into_iter()
+            .map(|o| {
+                bus.subscribe_with(
+                    "t",
+                    SubscribeOptions::new().with_capacity(64).with_overflow(o),
+                )
+                .unwrap()
+            })
+            .collect();
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let bus = bus.clone();
+                std::thread::spawn(move || {
+                    (0..3_000)
+                        .map(|i| bus.try_emit("t", i).unwrap())
+                        .sum::<usize>()
+                })
+            })
+            .collect();
+        let returned: usize = threads.into_iter().map(|t| t.join().unwrap()).sum();
+        let s = bus.stats();
+        assert_eq!(
+            returned as u64, s.delivered,
+            "Ok(n) counts queued copies only"
+        );
+        let per = bus.subscribers();
+        // DropNewest: each copy queued or dropped.
+        assert_eq!(per[0].delivered + per[0].dropped, 12_000);
+        // DropOldest: each copy queued, an older one dropped to make room.
+        assert_eq!(per[1].delivered, 12_000);
+        assert_eq!(per[1].delivered - per[1].dropped, per[1].queued as u64);
+        drop(subs);
+    });
+}
+
+#[test]
+fn a_replay_larger_than_the_queue_counts_what_it_drops() {
+    let bus = Bus::<u32>::builder().with_retained(true).build().unwrap();
+    for i in 0..5 {
+        smol::block_on(bus.emit(&format!("t.{i}"), i)).unwrap();
+    }
+    let mut sub = bus
+        .subscribe_with("t.*", SubscribeOptions::new().with_capacity(2))
+        .unwrap();
+    let got: Vec<u32> = std::iter::from_fn(|| sub.try_next().map(|e| e.payload)).collect();
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        bus.subscribers()[0].dropped,
+        3,
+        "the other three are counted"
+    );
+}
+
+#[test]
+fn a_late_subscriber_never_sees_a_topic_go_back_in_time() {
+    within(|| {
+        for _ in 0..50 {
+            let bus = Bus::<u32>::builder().with_retained(true).build().unwrap();
+            smol::block_on(bus.emit("t", 0)).unwrap();
+            let emitter = {
+                let bus = bus.clone();
+                std::thread::spawn(move || {
+                    for i in 1..=2_000 {
+                        smol::block_on(bus.emit("t", i)).unwrap();
+                    }
+                })
+            };
+            let mut late = Vec::new();
+            for _ in 0..20 {
+                late.push(
+                    bus.subscribe_with("t", SubscribeOptions::new().with_capacity(4_096))
+                        .unwrap(),
+                );
+                std::thread::yield_now();
+            }
+            emitter.join().unwrap();
+            for mut sub in late {
+                let seen: Vec<u32> =
+                    std::iter::from_fn(|| sub.try_next().map(|e| e.payload)).collect();
+                assert!(
+                    seen.windows(2).all(|w| w[0] <= w[1]),
+                    "out of order: {:?}",
+                    seen.windows(2).find(|w| w[0] > w[1])
+                );
+                assert_eq!(seen.last(), Some(&2_000), "ends at the last value");
+            }
+        }
+    });
+}

@@ -807,3 +807,31 @@ fn the_largest_semaphore_is_max_permits() {
     sem.set_permits(usize::MAX);
     assert_eq!(sem.capacity(), Semaphore::MAX_PERMITS);
 }
+
+/// Issue 14 #9: past its key limit with every key still live, the keyed
+/// limiter swept a whole shard on every new key (quadratic: 143–312 µs a
+/// check past 65,536 keys). Sweeps are now spread: counted, not timed.
+#[test]
+fn many_live_keys_do_not_make_every_check_sweep() {
+    let clock = ManualClock::new();
+    let limiter = KeyedRateLimiter::with_clock(
+        Quota::new(1, Duration::from_secs(3600)).unwrap(),
+        Arc::new(clock.clone()),
+    )
+    .with_max_keys(1024);
+    let keys = 200_000u32;
+    for k in 0..keys {
+        limiter.check(&k, 1).unwrap();
+    }
+    assert_eq!(limiter.len(), keys as usize, "live keys are all kept");
+    // 16 shards, each sweeping when it doubles: about 16 × log2(12,500 / 64).
+    assert!(limiter.sweeps() < 400, "{} sweeps", limiter.sweeps());
+    // Once they rest, a sweep drops them and the limit is back to normal.
+    clock.advance(Duration::from_secs(3601));
+    assert_eq!(limiter.retain_recent(), keys as usize);
+    assert!(limiter.is_empty());
+    for k in 0..2_000u32 {
+        limiter.check(&k, 1).unwrap();
+    }
+    assert!(limiter.len() <= 2_000);
+}

@@ -701,3 +701,40 @@ fn a_nested_executors_panic_is_not_the_outer_tasks() {
     assert!(rt.block_on(failing).is_err());
     assert_eq!(rt.stats().panicked, 1);
 }
+
+/// Issue 14 #13 (article 002 §4): the CPU pool can be shut down: new work
+/// is refused with a typed error and counted, running work finishes.
+#[test]
+fn a_cpu_pool_shuts_down_gracefully() {
+    let pool = CpuPool::new(NonZeroUsize::new(1).unwrap());
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let (started_tx, started_rx) = mpsc::channel::<()>();
+    let busy = {
+        let pool = pool.clone();
+        std::thread::spawn(move || {
+            smol::block_on(pool.run(move || {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                7
+            }))
+        })
+    };
+    started_rx.recv().unwrap();
+    assert_eq!(pool.running(), 1);
+    // A caller waiting for the only slot when the pool closes is refused.
+    let waiting = {
+        let pool = pool.clone();
+        std::thread::spawn(move || smol::block_on(pool.run(|| 8)))
+    };
+    // Zero grace: reports the running closure without waiting for it.
+    let report = smol::block_on(pool.shutdown(Duration::ZERO));
+    assert_eq!((report.drained, report.running), (false, 1));
+    assert!(pool.is_closed());
+    assert_eq!(smol::block_on(pool.run(|| 9)), Err(OffloadError::Closed));
+    release_tx.send(()).unwrap();
+    assert_eq!(busy.join().unwrap(), Ok(7), "running work finishes");
+    assert_eq!(waiting.join().unwrap(), Err(OffloadError::Closed));
+    let report = smol::block_on(pool.shutdown(Duration::from_secs(30)));
+    assert!(report.drained);
+    assert_eq!((report.running, report.refused), (0, 2));
+}

@@ -222,22 +222,34 @@ struct Sub<E> {
     dropped: AtomicU64,
 }
 
+/// What [`Sub::offer`] did with an event.
+enum Offer<E> {
+    /// In the subscription's queue.
+    Queued,
+    /// Dropped by its `DropNewest` policy (counted).
+    Dropped,
+    /// Not taken: a full `Wait` subscription.
+    Full(Event<E>),
+    /// Not taken: the subscription is closed.
+    Closed(Event<E>),
+}
+
 impl<E> Sub<E> {
-    /// Queues without waiting; `Err` only for a full `Wait` subscription.
-    fn offer(&self, ev: Event<E>) -> Result<(), Event<E>> {
+    /// Queues without waiting.
+    fn offer(&self, ev: Event<E>) -> Offer<E> {
         let mut ev = ev;
         loop {
             match self.tx.try_send(ev) {
                 Ok(()) => {
                     self.delivered.fetch_add(1, Ordering::Relaxed);
-                    return Ok(());
+                    return Offer::Queued;
                 }
-                Err(TrySendError::Closed(_)) => return Ok(()),
+                Err(TrySendError::Closed(back)) => return Offer::Closed(back),
                 Err(TrySendError::Full(back)) => match self.overflow {
-                    Overflow::Wait => return Err(back),
+                    Overflow::Wait => return Offer::Full(back),
                     Overflow::DropNewest => {
                         self.dropped.fetch_add(1, Ordering::Relaxed);
-                        return Ok(());
+                        return Offer::Dropped;
                     }
                     Overflow::DropOldest => {
                         if self.rx.try_recv().is_ok() {
@@ -351,7 +363,9 @@ impl<E: Clone + Send + 'static> BusBuilder<E> {
     }
 
     /// Keeps the last payload of every topic and replays the matching ones
-    /// to each new subscription.
+    /// to each new subscription, before any live event and in no
+    /// particular topic order. A replay larger than the subscription's
+    /// queue drops the rest (counted in its `dropped`).
     pub fn with_retained(mut self, retain: bool) -> Self {
         self.retain = retain;
         self
@@ -453,21 +467,26 @@ impl<E: Clone + Send + 'static> Bus<E> {
         Ok((name, route))
     }
 
-    fn retain(&self, topic: &Arc<str>, payload: &E) {
+    /// Records `payload` as `topic`'s last value (a retaining bus only).
+    fn retain(&self, topic: &str, payload: &E) -> Result<(), TopicError> {
         if let Some(r) = &self.inner.retained {
-            lock(r).insert(topic.clone(), payload.clone());
+            validate_topic(topic)?;
+            lock(r).insert(Arc::from(topic), payload.clone());
         }
+        Ok(())
     }
 
     /// Emits `payload` on `topic`, waiting while a matching
-    /// [`Overflow::Wait`] subscription is full. Returns the number of
-    /// subscriptions it was queued for.
+    /// [`Overflow::Wait`] subscription is full. Returns exactly the number
+    /// of subscriptions that queued it: a copy a `DropNewest` subscription
+    /// drops is counted in its `dropped`, not here.
     ///
     /// # Errors
     ///
     /// [`EmitError::Topic`] for a malformed topic (empty, an empty
     /// segment, or a wildcard), [`EmitError::Closed`] after
-    /// [`shutdown`](Bus::shutdown). The payload is handed back.
+    /// [`shutdown`](Bus::shutdown), or when a shutdown during the wait
+    /// left no subscription that queued it. The payload is handed back.
     ///
     /// # Cancel safety
     ///
@@ -477,42 +496,55 @@ impl<E: Clone + Send + 'static> Bus<E> {
         if self.is_closed() {
             return Err(EmitError::Closed(payload));
         }
+        // NOTE: retained before the route is looked up, so a subscription
+        // added in between replays this value (or an older one first) and
+        // never gets an older value after a newer one.
+        if let Err(e) = self.retain(topic, &payload) {
+            return Err(EmitError::Topic(e, payload));
+        }
         let (topic, route) = match self.route(topic) {
             Ok(r) => r,
             Err(e) => return Err(EmitError::Topic(e, payload)),
         };
         self.inner.emitted.fetch_add(1, Ordering::Relaxed);
-        self.retain(&topic, &payload);
         let mut n = 0;
         let mut matched = route.iter().peekable();
         while let Some(sub) = matched.next() {
             // The last match takes the payload itself: one clone fewer.
-            let payload = if matched.peek().is_some() {
-                payload.clone()
-            } else {
-                return self.deliver(sub, topic, payload).await.map(|d| n + d);
+            if matched.peek().is_some() {
+                n += usize::from(
+                    self.deliver(sub, topic.clone(), payload.clone())
+                        .await
+                        .is_ok_and(|q| q),
+                );
+                continue;
+            }
+            return match self.deliver(sub, topic, payload).await {
+                Ok(queued) => Ok(n + usize::from(queued)),
+                // Closed (a shutdown) with nothing queued: hand it back.
+                Err(ev) if n == 0 => Err(EmitError::Closed(ev.payload)),
+                Err(_) => Ok(n),
             };
-            n += self.deliver(sub, topic.clone(), payload).await?;
         }
         Ok(n)
     }
 
-    async fn deliver(
-        &self,
-        sub: &Sub<E>,
-        topic: Arc<str>,
-        payload: E,
-    ) -> Result<usize, EmitError<E>> {
+    /// Queues `payload` for `sub`, waiting while a `Wait` subscription is
+    /// full: `Ok(true)` queued, `Ok(false)` dropped by its policy, `Err`
+    /// with the event when the subscription is (or gets) closed.
+    async fn deliver(&self, sub: &Sub<E>, topic: Arc<str>, payload: E) -> Result<bool, Event<E>> {
         match sub.offer(Event { topic, payload }) {
-            Ok(()) => Ok(1),
-            Err(ev) => match sub.tx.send(ev).await {
+            Offer::Queued => Ok(true),
+            Offer::Dropped => Ok(false),
+            Offer::Closed(ev) => Err(ev),
+            Offer::Full(ev) => match sub.tx.send(ev).await {
                 Ok(()) => {
                     sub.delivered.fetch_add(1, Ordering::Relaxed);
-                    Ok(1)
+                    Ok(true)
                 }
                 // The subscription closed while we waited (shutdown, or it
-                // was dropped): it no longer wants events.
-                Err(_) => Ok(0),
+                // was dropped).
+                Err(async_channel::SendError(ev)) => Err(ev),
             },
         }
     }
@@ -540,8 +572,21 @@ impl<E: Clone + Send + 'static> Bus<E> {
         {
             return Err(TryEmitError::Full(payload));
         }
+        if self.inner.retained.is_some() {
+            // As in `emit`: retained before the route that delivers is read.
+            if let Err(e) = self.retain(&topic, &payload) {
+                return Err(TryEmitError::Topic(e, payload));
+            }
+        }
+        let matched = if self.inner.retained.is_some() {
+            match self.route(&topic) {
+                Ok((_, m)) => m,
+                Err(e) => return Err(TryEmitError::Topic(e, payload)),
+            }
+        } else {
+            matched
+        };
         self.inner.emitted.fetch_add(1, Ordering::Relaxed);
-        self.retain(&topic, &payload);
         let mut n = 0;
         for sub in matched.iter() {
             let ev = Event {
@@ -549,8 +594,9 @@ impl<E: Clone + Send + 'static> Bus<E> {
                 payload: payload.clone(),
             };
             match sub.offer(ev) {
-                Ok(()) => n += 1,
-                Err(_) => {
+                Offer::Queued => n += 1,
+                Offer::Dropped | Offer::Closed(_) => {}
+                Offer::Full(_) => {
                     sub.dropped.fetch_add(1, Ordering::Relaxed);
                 }
             }
@@ -575,6 +621,13 @@ impl<E: Clone + Send + 'static> Bus<E> {
             delivered: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
         });
+        // NOTE: with retained values, the subscription becomes visible to
+        // emitters and gets its replay while the retained map is locked. An
+        // emitter records its value there before it looks up its route, so
+        // the replay holds everything retained before, and anything retained
+        // after reaches the subscription live, after the replay: a topic's
+        // values are never seen out of emit order.
+        let retained = self.inner.retained.as_ref().map(lock);
         {
             let mut subs = lock(&self.inner.subs);
             if self.inner.closed.load(Ordering::Acquire) {
@@ -587,17 +640,17 @@ impl<E: Clone + Send + 'static> Bus<E> {
                 subs.routes.clear();
             }
         }
-        if let Some(r) = &self.inner.retained {
-            let replay: Vec<Event<E>> = lock(r)
-                .iter()
-                .filter(|(t, _)| sub.pattern.matches(t))
-                .map(|(t, p)| Event {
+        if let Some(retained) = retained {
+            for (t, p) in retained.iter().filter(|(t, _)| sub.pattern.matches(t)) {
+                let ev = Event {
                     topic: t.clone(),
                     payload: p.clone(),
-                })
-                .collect();
-            for ev in replay {
-                let _ = sub.offer(ev);
+                };
+                // A replay larger than the queue: the rest is dropped, and
+                // counted (it cannot wait here).
+                if let Offer::Full(_) = sub.offer(ev) {
+                    sub.dropped.fetch_add(1, Ordering::Relaxed);
+                }
             }
         }
         Ok((sub, rx))

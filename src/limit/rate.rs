@@ -22,6 +22,7 @@ use super::error::RateLimitError;
 use super::semaphore::Semaphore;
 use crate::ConfigError;
 use crate::runtime::{Clock, SystemClock};
+use crate::sync::lock_std as lock;
 
 /// How many cells per period, and how many at once.
 ///
@@ -52,7 +53,9 @@ impl Quota {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] if `rate` or `period` is zero.
+    /// [`ConfigError`] if `rate` or `period` is zero, or if the burst
+    /// window (one emission interval × the burst) is longer than
+    /// [`Quota::MAX_WINDOW`].
     pub fn new(rate: u32, period: Duration) -> Result<Self, ConfigError> {
         if rate == 0 {
             return Err(ConfigError::zero("rate"));
@@ -60,11 +63,35 @@ impl Quota {
         if period.is_zero() {
             return Err(ConfigError::zero("period"));
         }
-        Ok(Quota {
+        let quota = Quota {
             rate,
             period,
             burst: rate,
-        })
+        };
+        quota.check_window("period", period)?;
+        Ok(quota)
+    }
+
+    /// The longest burst window (emission interval × burst) a quota may
+    /// have: about 146 years. Past it the limiter's nanosecond arithmetic
+    /// could saturate, and a saturated limit would admit everything.
+    pub const MAX_WINDOW: Duration = Duration::from_nanos(u64::MAX / 4);
+
+    fn check_window(
+        &self,
+        setting: &'static str,
+        value: impl fmt::Debug,
+    ) -> Result<(), ConfigError> {
+        let interval = self.period.as_nanos() / u128::from(self.rate);
+        let window = interval.max(1) * u128::from(self.burst);
+        if window > Quota::MAX_WINDOW.as_nanos() {
+            return Err(ConfigError::new(
+                setting,
+                value,
+                "the burst window (interval × burst) must be at most Quota::MAX_WINDOW (~146 years)",
+            ));
+        }
+        Ok(())
     }
 
     /// `rate` cells per second.
@@ -80,12 +107,14 @@ impl Quota {
     ///
     /// # Errors
     ///
-    /// [`ConfigError`] if `burst` is zero.
+    /// [`ConfigError`] if `burst` is zero, or if the burst window
+    /// (emission interval × `burst`) is longer than [`Quota::MAX_WINDOW`].
     pub fn with_burst(mut self, burst: u32) -> Result<Self, ConfigError> {
         if burst == 0 {
             return Err(ConfigError::zero("burst"));
         }
         self.burst = burst;
+        self.check_window("burst", burst)?;
         Ok(self)
     }
 
@@ -369,6 +398,13 @@ impl fmt::Debug for RateLimiter {
 
 const KEY_SHARDS: usize = 16;
 
+/// One shard of a [`KeyedRateLimiter`]: TATs by key, and the size at which
+/// the next sweep of rested keys runs.
+struct Shard<K> {
+    keys: HashMap<K, u64>,
+    sweep_at: usize,
+}
+
 /// One GCRA limit per key (per host, per user, ...), all with the same
 /// quota.
 ///
@@ -377,6 +413,13 @@ const KEY_SHARDS: usize = 16;
 /// be dropped without changing any decision: [`retain_recent`] does that,
 /// and it also runs by itself on a shard that grows past
 /// `max_keys / 16` entries (default `max_keys`: 65,536).
+///
+/// Keys still within their period are never dropped (that would hand them
+/// a fresh burst), so many distinct live keys use memory in proportion.
+/// What they do not do is slow every check down: after a sweep, the next
+/// one waits until the shard has doubled from what the sweep left, so a
+/// sweep's cost is spread over at least as many new keys and a check costs
+/// O(1) amortised however many keys are live.
 ///
 /// [`until_ready`](KeyedRateLimiter::until_ready) sleeps until its key
 /// conforms; waiters on the same key are not ordered among themselves.
@@ -399,11 +442,12 @@ const KEY_SHARDS: usize = 16;
 /// assert_eq!(per_host.len(), 2);
 /// ```
 pub struct KeyedRateLimiter<K> {
-    shards: [Mutex<HashMap<K, u64>>; KEY_SHARDS],
+    shards: [Mutex<Shard<K>>; KEY_SHARDS],
     hasher: RandomState,
     params: Params,
     time: Origin,
     max_per_shard: usize,
+    sweeps: AtomicU64,
 }
 
 impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
@@ -415,11 +459,17 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// A keyed limiter on `clock`.
     pub fn with_clock(quota: Quota, clock: Arc<dyn Clock>) -> Self {
         KeyedRateLimiter {
-            shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
+            shards: std::array::from_fn(|_| {
+                Mutex::new(Shard {
+                    keys: HashMap::new(),
+                    sweep_at: 65_536 / KEY_SHARDS,
+                })
+            }),
             hasher: RandomState::new(),
             params: Params::new(quota),
             time: Origin::new(clock),
             max_per_shard: 65_536 / KEY_SHARDS,
+            sweeps: AtomicU64::new(0),
         }
     }
 
@@ -427,10 +477,13 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// automatically (spread over the shards; at least 16).
     pub fn with_max_keys(mut self, max_keys: usize) -> Self {
         self.max_per_shard = (max_keys / KEY_SHARDS).max(1);
+        for shard in &self.shards {
+            lock(shard).sweep_at = self.max_per_shard;
+        }
         self
     }
 
-    fn shard(&self, key: &K) -> &Mutex<HashMap<K, u64>> {
+    fn shard(&self, key: &K) -> &Mutex<Shard<K>> {
         let h = self.hasher.hash_one(key);
         &self.shards[(h as usize) % KEY_SHARDS]
     }
@@ -442,13 +495,17 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
     /// As [`RateLimiter::check`].
     pub fn check(&self, key: &K, n: u32) -> Result<(), RateLimitError> {
         let now = self.time.now_ns();
-        let mut shard = self.shard(key).lock().unwrap_or_else(|e| e.into_inner());
-        let tat = shard.get(key).copied().unwrap_or(0);
+        let mut shard = lock(self.shard(key));
+        let tat = shard.keys.get(key).copied().unwrap_or(0);
         let new_tat = self.params.step(tat, now, n)?;
-        if shard.len() >= self.max_per_shard && !shard.contains_key(key) {
-            shard.retain(|_, tat| *tat > now);
+        if shard.keys.len() >= shard.sweep_at && !shard.keys.contains_key(key) {
+            shard.keys.retain(|_, tat| *tat > now);
+            self.sweeps.fetch_add(1, Ordering::Relaxed);
+            // NOTE: the next sweep waits for the shard to double from here,
+            // so sweeping live keys over and over cannot go quadratic.
+            shard.sweep_at = self.max_per_shard.max(shard.keys.len().saturating_mul(2));
         }
-        shard.insert(key.clone(), new_tat);
+        shard.keys.insert(key.clone(), new_tat);
         Ok(())
     }
 
@@ -481,20 +538,24 @@ impl<K: Hash + Eq + Clone> KeyedRateLimiter<K> {
         let now = self.time.now_ns();
         let mut dropped = 0;
         for shard in &self.shards {
-            let mut shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            let before = shard.len();
-            shard.retain(|_, tat| *tat > now);
-            dropped += before - shard.len();
+            let mut shard = lock(shard);
+            let before = shard.keys.len();
+            shard.keys.retain(|_, tat| *tat > now);
+            dropped += before - shard.keys.len();
+            shard.sweep_at = self.max_per_shard.max(shard.keys.len().saturating_mul(2));
         }
         dropped
     }
 
+    /// Automatic sweeps for rested keys run so far (each costs a pass over
+    /// one shard).
+    pub fn sweeps(&self) -> u64 {
+        self.sweeps.load(Ordering::Relaxed)
+    }
+
     /// Keys tracked now.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).len())
-            .sum()
+        self.shards.iter().map(|s| lock(s).keys.len()).sum()
     }
 
     /// Whether no key is tracked.

@@ -8,7 +8,9 @@ mod headers;
 mod io;
 mod tls;
 
-pub(crate) use dial::{ClientIo, DialError, dial};
+#[cfg(feature = "ws")]
+pub(crate) use dial::ClientIo;
+pub(crate) use dial::{DialError, dial};
 pub(crate) use headers::{excerpt, retry_after};
 pub(crate) use io::MaybeTls;
 pub(crate) use tls::TlsOptions;

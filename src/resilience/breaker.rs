@@ -40,6 +40,9 @@ pub struct StateChange {
     pub at: Instant,
 }
 
+/// The most slices a [`Window::Time`] may have (they are allocated up front).
+pub const MAX_BUCKETS: u32 = 10_000;
+
 /// The sliding window the failure and slow-call rates are computed over.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -51,7 +54,7 @@ pub enum Window {
     Time {
         /// How far back the window reaches.
         size: Duration,
-        /// Slices per window.
+        /// Slices per window, 1 to [`MAX_BUCKETS`].
         buckets: u32,
     },
 }
@@ -176,6 +179,14 @@ impl BreakerBuilder {
                 return Err(ConfigError::zero("window size"));
             }
             Window::Time { buckets: 0, .. } => return Err(ConfigError::zero("window buckets")),
+            // NOTE: the slices are allocated up front.
+            Window::Time { buckets, .. } if buckets > MAX_BUCKETS => {
+                return Err(ConfigError::new(
+                    "window buckets",
+                    buckets,
+                    format!("at most {MAX_BUCKETS} slices"),
+                ));
+            }
             _ => {}
         }
         if self.min_calls == 0 {
@@ -583,7 +594,8 @@ impl CircuitBreaker {
         core.probe_successes = 0;
         if to == State::Open {
             let wait = core.open.next().unwrap_or(Duration::from_secs(60));
-            core.open_until = now.checked_add(wait).unwrap_or(now);
+            // NOTE: a wait too long to represent is "forever", not zero.
+            core.open_until = crate::runtime::saturating_add(now, wait);
         }
         if to == State::Closed {
             core.window.clear(now);

@@ -28,7 +28,8 @@ mod timeout;
 
 pub use backoff::{Backoff, BackoffBuilder, Jitter};
 pub use breaker::{
-    BreakerBuilder, BreakerMetrics, CallOutcome, CircuitBreaker, Permit, State, StateChange, Window,
+    BreakerBuilder, BreakerMetrics, CallOutcome, CircuitBreaker, MAX_BUCKETS, Permit, State,
+    StateChange, Window,
 };
 pub use error::{
     AttemptError, AttemptErrorRef, BreakerError, Elapsed, PolicyError, Rejected, RetryError,

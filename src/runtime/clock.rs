@@ -116,3 +116,24 @@ impl fmt::Debug for Sleep {
         f.debug_struct("Sleep").field("kind", &kind).finish()
     }
 }
+
+/// `t + d`, or the last instant this platform can represent past `t` when
+/// that overflows: "as late as possible" (a wait of `Duration::MAX` means
+/// forever, never "now").
+pub(crate) fn saturating_add(t: Instant, d: Duration) -> Instant {
+    if let Some(later) = t.checked_add(d) {
+        return later;
+    }
+    // NOTE: bisection on whole seconds; how far an `Instant` reaches
+    // differs between platforms.
+    let (mut lo, mut hi) = (0u64, d.as_secs());
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if t.checked_add(Duration::from_secs(mid)).is_some() {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    t + Duration::from_secs(lo)
+}

@@ -43,6 +43,7 @@ mod join;
 mod monitor;
 pub mod offload;
 
+pub(crate) use clock::saturating_add;
 pub use clock::{Clock, Sleep, SystemClock};
 #[cfg(feature = "async-std")]
 #[cfg_attr(docsrs, doc(cfg(feature = "async-std")))]

@@ -24,7 +24,9 @@
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use async_lock::Semaphore;
 
@@ -36,12 +38,15 @@ use super::join::panic_message;
 pub enum OffloadError {
     /// The closure panicked; the string is the panic message.
     Panicked(String),
+    /// The [`CpuPool`] was closed before the closure started; it never ran.
+    Closed,
 }
 
 impl fmt::Display for OffloadError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             OffloadError::Panicked(msg) => write!(f, "offloaded work panicked: {msg}"),
+            OffloadError::Closed => f.write_str("the CPU pool is closed"),
         }
     }
 }
@@ -124,6 +129,39 @@ where
 pub struct CpuPool {
     permits: Arc<Semaphore>,
     limit: usize,
+    state: Arc<PoolState>,
+}
+
+#[derive(Default)]
+struct PoolState {
+    closed: AtomicBool,
+    running: AtomicUsize,
+    refused: AtomicU64,
+    /// Notified when a closure finishes.
+    finished: event_listener::Event,
+}
+
+/// What [`CpuPool::shutdown`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct CpuShutdown {
+    /// Every closure that had started finished within the grace period.
+    pub drained: bool,
+    /// Closures still running when it returned (they finish on their own;
+    /// a closure cannot be interrupted).
+    pub running: usize,
+    /// Closures refused since the pool was closed (they never ran).
+    pub refused: u64,
+}
+
+/// Counts a running closure; wakes `shutdown` when it ends, even by a panic.
+struct Running(Arc<PoolState>);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.0.running.fetch_sub(1, Ordering::AcqRel);
+        self.0.finished.notify(usize::MAX);
+    }
 }
 
 impl CpuPool {
@@ -132,6 +170,7 @@ impl CpuPool {
         CpuPool {
             permits: Arc::new(Semaphore::new(limit.get())),
             limit: limit.get(),
+            state: Arc::default(),
         }
     }
 
@@ -149,11 +188,69 @@ impl CpuPool {
         self.limit
     }
 
+    /// Closures running now.
+    pub fn running(&self) -> usize {
+        self.state.running.load(Ordering::Acquire)
+    }
+
+    /// Refuses new work: every later [`run`](Self::run), and every one
+    /// still waiting for a slot, fails with [`OffloadError::Closed`]
+    /// (counted). Closures already running finish. Returns whether this
+    /// call closed it.
+    pub fn close(&self) -> bool {
+        !self.state.closed.swap(true, Ordering::AcqRel)
+    }
+
+    /// Whether [`close`](Self::close) was called.
+    pub fn is_closed(&self) -> bool {
+        self.state.closed.load(Ordering::Acquire)
+    }
+
+    /// Closes the pool and waits up to `grace` for the running closures to
+    /// finish (the seeds' graceful shutdown of the CPU pool).
+    ///
+    /// ```
+    /// use std::num::NonZeroUsize;
+    /// use std::time::Duration;
+    /// use smolkit::runtime::offload::{CpuPool, OffloadError};
+    ///
+    /// let pool = CpuPool::new(NonZeroUsize::new(2).unwrap());
+    /// smol::block_on(async {
+    ///     assert_eq!(pool.run(|| 1).await, Ok(1));
+    ///     let report = pool.shutdown(Duration::from_secs(5)).await;
+    ///     assert!(report.drained);
+    ///     assert_eq!(pool.run(|| 2).await, Err(OffloadError::Closed));
+    ///     assert_eq!(pool.shutdown(Duration::ZERO).await.refused, 1);
+    /// });
+    /// ```
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future stops waiting; the pool stays closed.
+    pub async fn shutdown(&self, grace: Duration) -> CpuShutdown {
+        self.close();
+        let state = &*self.state;
+        let idle = crate::sync::wait_for(&state.finished, || {
+            state.running.load(Ordering::Acquire) == 0
+        });
+        let timer = async {
+            async_io::Timer::after(grace).await;
+        };
+        let drained = crate::sync::unless(idle, timer).await.is_some();
+        let running = self.running();
+        CpuShutdown {
+            drained: drained || running == 0,
+            running,
+            refused: state.refused.load(Ordering::Acquire),
+        }
+    }
+
     /// Waits for a slot, then runs `f` on the blocking thread pool.
     ///
     /// # Errors
     ///
-    /// [`OffloadError::Panicked`] if `f` panics.
+    /// [`OffloadError::Panicked`] if `f` panics; [`OffloadError::Closed`]
+    /// if the pool is closed before `f` starts.
     ///
     /// # Cancel safety
     ///
@@ -163,12 +260,26 @@ impl CpuPool {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
+        let state = &self.state;
+        let refuse = || {
+            state.refused.fetch_add(1, Ordering::AcqRel);
+            Err(OffloadError::Closed)
+        };
+        if self.is_closed() {
+            return refuse();
+        }
         let permit = self.permits.acquire_arc().await;
+        if self.is_closed() {
+            return refuse();
+        }
+        state.running.fetch_add(1, Ordering::AcqRel);
+        let running = Running(state.clone());
         blocking(move || {
             // NOTE: the permit moves into the closure so that the slot is
             // held for as long as the closure runs, even if the caller's
-            // future is dropped meanwhile.
+            // future is dropped meanwhile; so does the running count.
             let _permit = permit;
+            let _running = running;
             f()
         })
         .await

@@ -71,7 +71,7 @@ impl ManualClock {
             registered: Arc::new(Event::new()),
             state: Arc::new(Mutex::new(State {
                 base,
-                max_elapsed: max_offset(base),
+                max_elapsed: crate::runtime::saturating_add(base, Duration::MAX) - base,
                 elapsed: Duration::ZERO,
                 next_seq: 0,
                 sleepers: BTreeMap::new(),
@@ -216,19 +216,4 @@ impl Drop for ManualSleep {
             self.clock.lock().sleepers.remove(&key);
         }
     }
-}
-
-/// The largest offset from `base` that an `Instant` can hold (found by
-/// bisection on whole seconds; platforms differ).
-fn max_offset(base: Instant) -> Duration {
-    let (mut lo, mut hi) = (0u64, u64::MAX);
-    while lo < hi {
-        let mid = lo + (hi - lo).div_ceil(2);
-        if base.checked_add(Duration::from_secs(mid)).is_some() {
-            lo = mid;
-        } else {
-            hi = mid - 1;
-        }
-    }
-    Duration::from_secs(lo)
 }

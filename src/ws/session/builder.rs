@@ -63,6 +63,7 @@ impl fmt::Debug for SessionBuilder {
             .field("codec", &self.codec)
             .field("batching", &self.batching)
             .field("on_connect", &self.on_connect.is_some())
+            .field("extra_roots", &self.tls.extra_roots())
             .finish()
     }
 }
