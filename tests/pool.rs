@@ -315,6 +315,18 @@ fn nack_retries_or_dead_letters_and_ack_settles() {
 // ---------------------------------------------------------------------------
 // Pipeline
 
+/// Autoscales `stage` between 1 and `max` (adding a worker whenever one
+/// waits, leaving after 1 ms idle) when `on`.
+fn scale(stage: Stage, on: bool, max: usize) -> Stage {
+    if !on {
+        return stage;
+    }
+    stage
+        .with_autoscale(1, max)
+        .with_scale_up_at(0)
+        .with_idle_timeout(Duration::from_millis(1))
+}
+
 /// What the conservation property does to item `i` (drawn per item).
 #[derive(Debug, Clone, Copy)]
 enum Fate {
@@ -347,6 +359,7 @@ proptest! {
         c2 in 1usize..5,
         ordered in any::<bool>(),
         cap in 1usize..8,
+        scaled in any::<bool>(),
     ) {
         let fates = Arc::new(fates);
         let n = fates.len() as u64;
@@ -366,8 +379,8 @@ proptest! {
                         }
                     }
                 })
-                .filter("drop", move |i: &u64| !matches!(f2[*i as usize], Fate::Filtered))
-                .map(Stage::new("second").with_concurrency(c2), move |i: u64| {
+                .filter(scale(Stage::new("drop"), scaled, c2), move |i: &u64| !matches!(f2[*i as usize], Fate::Filtered))
+                .map(scale(Stage::new("second").with_concurrency(c2), scaled, c2), move |i: u64| {
                     let f = f3[i as usize];
                     async move {
                         match f {
@@ -1135,5 +1148,117 @@ fn an_autoscaled_pool_at_zero_workers_starts_one_for_a_job() {
         assert_eq!(pool.stats().target_workers, 3, "clamped to the maximum");
         pool.resize(0);
         assert_eq!(pool.stats().target_workers, 0);
+    });
+}
+
+/// Issue 14 #14: a stage scales its workers between a minimum and a
+/// maximum from its input queue, on the pipeline's clock.
+#[test]
+fn an_autoscaled_stage_grows_with_its_queue_and_shrinks_when_idle() {
+    within(|| {
+        let clock = ManualClock::new();
+        let (open_tx, open_rx) = async_channel::unbounded::<()>();
+        let pipeline = Pipeline::from_stream(futures_lite::stream::iter(0..40u32))
+            .with_clock(Arc::new(clock.clone()))
+            .with_capacity(8)
+            .map(
+                Stage::new("slow")
+                    .with_autoscale(1, 4)
+                    .with_scale_up_at(1)
+                    .with_idle_timeout(Duration::from_secs(10)),
+                move |x: u32| {
+                    let open = open_rx.clone();
+                    async move {
+                        let _ = open.recv().await;
+                        Ok::<_, String>(x)
+                    }
+                },
+            );
+        let control = pipeline.control();
+        let workers = |control: &smolkit::pool::PipelineControl| {
+            control
+                .stats()
+                .iter()
+                .find(|s| s.name == "slow")
+                .map_or(0, |s| s.workers)
+        };
+        let run = std::thread::spawn(move || {
+            smol::block_on(pipeline.run(|_| async { Ok::<_, String>(()) }))
+        });
+        eventually("scaled up to the maximum", || workers(&control) == 4);
+        // Let all but the last four through.
+        for _ in 0..36 {
+            open_tx.send_blocking(()).unwrap();
+        }
+        eventually("the input drained", || {
+            control
+                .stats()
+                .iter()
+                .any(|s| s.name == "slow" && s.queued == 0 && s.received == 40)
+        });
+        // The four workers hold the last items; idle ones would leave.
+        for _ in 0..4 {
+            open_tx.send_blocking(()).unwrap();
+        }
+        let report = run.join().unwrap().unwrap();
+        assert_eq!((report.inputs, report.outputs), (40, 40));
+        assert_eq!(clock.elapsed(), Duration::ZERO);
+    });
+}
+
+#[test]
+fn idle_autoscaled_workers_leave_down_to_the_minimum() {
+    within(|| {
+        let clock = ManualClock::new();
+        let (tx, rx) = async_channel::bounded::<u32>(64);
+        let pipeline = Pipeline::from_stream(rx)
+            .with_clock(Arc::new(clock.clone()))
+            .map(
+                Stage::new("s")
+                    .with_autoscale(2, 4)
+                    .with_scale_up_at(0)
+                    .with_idle_timeout(Duration::from_secs(10)),
+                |x: u32| async move { Ok::<_, String>(x) },
+            );
+        let control = pipeline.control();
+        let workers = move || {
+            control
+                .stats()
+                .iter()
+                .find(|s| s.name == "s")
+                .map_or(0, |s| s.workers)
+        };
+        let run = std::thread::spawn(move || {
+            smol::block_on(pipeline.run(|_| async { Ok::<_, String>(()) }))
+        });
+        eventually("the minimum", || workers() == 2);
+        smol::block_on(clock.wait_for_sleepers(2));
+        clock.advance(Duration::from_secs(11));
+        // Both timers fire; neither may leave (at the minimum): they re-arm.
+        smol::block_on(clock.wait_for_sleepers(2));
+        assert_eq!(workers(), 2);
+        for i in 0..10 {
+            tx.send_blocking(i).unwrap();
+        }
+        drop(tx);
+        let report = run.join().unwrap().unwrap();
+        assert_eq!(report.outputs, 10);
+        // Invalid autoscale settings are refused before anything runs.
+        let bad = [
+            Stage::new("a").with_autoscale(0, 3),
+            Stage::new("b").with_autoscale(3, 2),
+            Stage::new("c")
+                .with_autoscale(1, 2)
+                .with_concurrency(2)
+                .with_ordered(true),
+        ];
+        for stage in bad {
+            let r = smol::block_on(
+                Pipeline::from_stream(futures_lite::stream::iter(0..3u32))
+                    .map(stage, |x| async move { Ok::<_, String>(x) })
+                    .run(|_| async { Ok::<_, String>(()) }),
+            );
+            assert!(matches!(r, Err(PipelineError::Config(_))), "{r:?}");
+        }
     });
 }

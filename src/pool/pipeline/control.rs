@@ -264,6 +264,7 @@ impl Ctx {
             dead: AtomicU64::new(0),
             filtered: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
+            workers: std::sync::atomic::AtomicUsize::new(0),
             queued: Box::new(move || weak.upgrade().map_or(0, |r| r.len())),
         });
         lock(&self.stages).push(c.clone());

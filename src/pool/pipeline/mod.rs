@@ -22,6 +22,7 @@ mod control;
 mod run;
 mod stage;
 mod tracker;
+mod workers;
 
 use std::fmt;
 use std::future::Future;
@@ -49,6 +50,7 @@ pub use control::{PipelineControl, PipelineError, PipelineReport};
 use stage::{Counters, attempt, bump, settle};
 pub use stage::{Stage, StageKind, StageStats};
 use tracker::{Elem, Origin, Tracker};
+use workers::Workers;
 
 type StageFn<A, B> = Arc<dyn Fn(A) -> BoxFut<'static, Result<B, String>> + Send + Sync>;
 type Wire<In, T> = Box<dyn FnOnce(&Arc<Ctx>, Receiver<Elem<In>>) -> Receiver<Elem<T>> + Send>;
@@ -250,8 +252,10 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         self.check(checked).then(move |ctx, rx| {
             let (tx, out) = async_channel::bounded(stage.capacity.unwrap_or(ctx.capacity));
             let counters = ctx.counters(&stage.name, kind, &rx);
+            let stage_counters = counters.clone();
             let policy = stage.policy.clone();
             if stage.ordered && stage.concurrency > 1 {
+                counters.workers.store(stage.concurrency, Ordering::Relaxed);
                 let c = ctx.clone();
                 let spawner = ctx.spawner.clone();
                 ctx.spawn(&stage.name, async move {
@@ -294,32 +298,28 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
                     }
                 });
             } else {
-                for _ in 0..stage.concurrency {
-                    let (c, counters, f, policy, rx, tx) = (
-                        ctx.clone(),
+                let c = ctx.clone();
+                let step = move |elem: Elem<T>| {
+                    let (c, counters, f, policy, tx) = (
+                        c.clone(),
                         counters.clone(),
                         f.clone(),
                         policy.clone(),
-                        rx.clone(),
                         tx.clone(),
                     );
-                    ctx.spawn(&stage.name, async move {
-                        while let Ok(elem) = rx.recv().await {
-                            bump(&counters.received, 1);
-                            bump(&counters.in_flight, 1);
-                            let (r, attempts, value) =
-                                attempt(&f, policy.as_deref(), elem.value).await;
-                            counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                            let elem = Elem {
-                                value,
-                                origin: elem.origin,
-                            };
-                            if !settle(&c, &counters, &tx, elem, r, attempts).await {
-                                return;
-                            }
-                        }
-                    });
-                }
+                    async move {
+                        bump(&counters.received, 1);
+                        bump(&counters.in_flight, 1);
+                        let (r, attempts, value) = attempt(&f, policy.as_deref(), elem.value).await;
+                        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+                        let elem = Elem {
+                            value,
+                            origin: elem.origin,
+                        };
+                        settle(&c, &counters, &tx, elem, r, attempts).await
+                    }
+                };
+                workers(ctx, &stage, &rx, stage_counters, step);
             }
             out
         })
@@ -416,23 +416,12 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
             let (tx, out) = async_channel::bounded(stage.capacity.unwrap_or(ctx.capacity));
             let counters = ctx.counters(&stage.name, kind, &rx);
             let step = Arc::new(step);
-            for _ in 0..stage.concurrency {
-                let (c, counters, step, rx, tx) = (
-                    ctx.clone(),
-                    counters.clone(),
-                    step.clone(),
-                    rx.clone(),
-                    tx.clone(),
-                );
-                ctx.spawn(&stage.name, async move {
-                    while let Ok(elem) = rx.recv().await {
-                        bump(&counters.received, 1);
-                        if !step(c.clone(), counters.clone(), elem, tx.clone()).await {
-                            return;
-                        }
-                    }
-                });
-            }
+            let (c, stage_counters) = (ctx.clone(), counters.clone());
+            let one = move |elem: Elem<T>| {
+                bump(&counters.received, 1);
+                step(c.clone(), counters.clone(), elem, tx.clone())
+            };
+            workers(ctx, &stage, &rx, stage_counters, one);
             out
         })
     }
@@ -453,10 +442,19 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         let stage = stage.into();
         let checked = stage
             .validate()
-            .and_then(|()| ConfigError::nonzero("batch size", size).map(drop));
+            .and_then(|()| ConfigError::nonzero("batch size", size).map(drop))
+            .and_then(|()| match stage.autoscale {
+                Some(s) => Err(ConfigError::new(
+                    "stage autoscale",
+                    format_args!("{}..={}", s.min, s.max),
+                    "a batch stage has one task",
+                )),
+                None => Ok(()),
+            });
         self.check(checked).then(move |ctx, rx| {
             let (tx, out) = async_channel::bounded(stage.capacity.unwrap_or(ctx.capacity));
             let counters = ctx.counters(&stage.name, StageKind::Batch, &rx);
+            counters.workers.store(1, Ordering::Relaxed);
             let clock = ctx.clock.clone();
             ctx.spawn(&stage.name, async move {
                 let mut chunks = pin!(rx.chunks_timeout_on(clock, size, max_wait));
@@ -536,6 +534,33 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
     pub fn control(&self) -> PipelineControl {
         self.control.clone()
     }
+}
+
+/// Starts a stage's workers on `rx` (fixed, or autoscaled when the stage
+/// says so; the scale-up depth defaults to half the input channel).
+fn workers<T, F, Fut>(
+    ctx: &Arc<Ctx>,
+    stage: &Stage,
+    rx: &Receiver<Elem<T>>,
+    counters: Arc<Counters>,
+    step: F,
+) where
+    T: Send + 'static,
+    F: Fn(Elem<T>) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = bool> + Send + 'static,
+{
+    let scale = stage.autoscale.map(|s| {
+        let half = rx.capacity().unwrap_or(ctx.capacity) / 2;
+        (s, s.up_at.unwrap_or(half))
+    });
+    Workers {
+        ctx: ctx.clone(),
+        counters,
+        rx: rx.clone(),
+        step,
+        scale,
+    }
+    .start(stage.concurrency);
 }
 
 impl<In, T> fmt::Debug for Pipeline<In, T> {

@@ -66,6 +66,7 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         let (src_tx, src_rx) = async_channel::bounded(self.capacity);
         let out = (self.wire)(&ctx, src_rx);
         let sink_counters = ctx.counters("sink", StageKind::Sink, &out);
+        sink_counters.workers.store(1, Ordering::Relaxed);
         let c = ctx.clone();
         let source = self.source;
         ctx.spawn("source", async move {

@@ -1,7 +1,8 @@
 //! Stage options, stage counters, and one attempt of a stage function.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_channel::Sender;
 use serde::Serialize;
@@ -18,7 +19,8 @@ use super::*;
 /// # Default
 ///
 /// Concurrency 1, unordered, no retry policy, the pipeline's channel
-/// capacity.
+/// capacity, no autoscaling (10 s idle timeout and a scale-up depth of
+/// half the input channel once it is on).
 ///
 /// # Examples
 ///
@@ -35,6 +37,16 @@ pub struct Stage {
     pub(super) ordered: bool,
     pub(super) policy: Option<Arc<Policy>>,
     pub(super) capacity: Option<usize>,
+    pub(super) autoscale: Option<StageScale>,
+}
+
+/// How an autoscaled stage's workers move (see [`Stage::with_autoscale`]).
+#[derive(Debug, Clone, Copy)]
+pub(super) struct StageScale {
+    pub(super) min: usize,
+    pub(super) max: usize,
+    pub(super) idle: Duration,
+    pub(super) up_at: Option<usize>,
 }
 
 impl Stage {
@@ -46,6 +58,7 @@ impl Stage {
             ordered: false,
             policy: None,
             capacity: None,
+            autoscale: None,
         }
     }
 
@@ -78,11 +91,64 @@ impl Stage {
         self
     }
 
+    /// Scales the stage's workers between `min` and `max` from its input
+    /// queue, like [`WorkerPool`](crate::pool::WorkerPool): a worker that
+    /// takes an item while more than the scale-up depth wait behind it
+    /// starts another (up to `max`); a worker idle for the idle timeout (on
+    /// the pipeline's clock) leaves (down to `min`). It starts with `min`
+    /// workers; the concurrency setting is not used then. `map` and
+    /// `cpu_map` (unordered), `filter` and `flat_map` scale; `min` of 0, `min`
+    /// above `max`, an ordered stage or a batch stage make
+    /// [`Pipeline::run`] fail with [`PipelineError::Config`].
+    pub fn with_autoscale(mut self, min: usize, max: usize) -> Self {
+        let scale = self.autoscale.get_or_insert(StageScale {
+            min,
+            max,
+            idle: Duration::from_secs(10),
+            up_at: None,
+        });
+        scale.min = min;
+        scale.max = max;
+        self
+    }
+
+    /// How long an autoscaled worker waits for an item before it leaves
+    /// (default 10 s; needs [`with_autoscale`](Self::with_autoscale)).
+    pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        if let Some(s) = &mut self.autoscale {
+            s.idle = idle;
+        }
+        self
+    }
+
+    /// The input queue depth above which an autoscaled stage adds a worker
+    /// (default: half its input channel; needs
+    /// [`with_autoscale`](Self::with_autoscale)).
+    pub fn with_scale_up_at(mut self, depth: usize) -> Self {
+        if let Some(s) = &mut self.autoscale {
+            s.up_at = Some(depth);
+        }
+        self
+    }
+
     /// Its settings, checked before a pipeline runs.
     pub(super) fn validate(&self) -> Result<(), ConfigError> {
         ConfigError::nonzero("stage concurrency", self.concurrency)?;
         if let Some(c) = self.capacity {
             ConfigError::nonzero("stage capacity", c)?;
+        }
+        if let Some(s) = self.autoscale {
+            ConfigError::nonzero("stage autoscale min", s.min)?;
+            if s.min > s.max {
+                return Err(ConfigError::min_above_max("stage autoscale", s.min, s.max));
+            }
+            if self.ordered {
+                return Err(ConfigError::new(
+                    "stage autoscale",
+                    format_args!("{}..={}", s.min, s.max),
+                    "an ordered stage keeps a fixed concurrency",
+                ));
+            }
         }
         Ok(())
     }
@@ -143,6 +209,8 @@ pub struct StageStats {
     pub in_flight: u64,
     /// Elements waiting in its input channel.
     pub queued: usize,
+    /// Workers running now (the sink and a batch stage: 1).
+    pub workers: usize,
 }
 
 pub(super) struct Counters {
@@ -153,6 +221,7 @@ pub(super) struct Counters {
     pub(super) dead: AtomicU64,
     pub(super) filtered: AtomicU64,
     pub(super) in_flight: AtomicU64,
+    pub(super) workers: AtomicUsize,
     pub(super) queued: Box<dyn Fn() -> usize + Send + Sync>,
 }
 
@@ -167,6 +236,7 @@ impl Counters {
             filtered: self.filtered.load(Ordering::Relaxed),
             in_flight: self.in_flight.load(Ordering::Relaxed),
             queued: (self.queued)(),
+            workers: self.workers.load(Ordering::Relaxed),
         }
     }
 }
