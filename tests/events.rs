@@ -348,6 +348,32 @@ fn zero_capacities_and_concurrency_are_refused_with_the_setting_named() {
 // every drop is counted, and no topic's values arrive out of emit order.
 
 #[test]
+fn an_emit_parked_on_a_full_subscription_gets_its_payload_back_at_shutdown() {
+    // The old code returned Ok(0) here and lost the payload.
+    within(|| {
+        smol::block_on(async {
+            let bus = Bus::<u32>::new();
+            let mut full = bus
+                .subscribe_with("t", SubscribeOptions::new().with_capacity(1))
+                .unwrap();
+            assert_eq!(bus.emit("t", 1).await.unwrap(), 1);
+            let emitting = {
+                let bus = bus.clone();
+                smol::spawn(async move { bus.emit("t", 2).await })
+            };
+            eventually("the emit waits", || bus.stats().emitted == 2);
+            bus.shutdown().await;
+            match emitting.await {
+                Err(EmitError::Closed(2)) => {}
+                other => panic!("the payload must come back, got {other:?}"),
+            }
+            assert_eq!(full.try_next().map(|e| e.payload), Some(1));
+            assert!(full.try_next().is_none());
+        })
+    });
+}
+
+#[test]
 fn an_emit_cut_short_by_shutdown_hands_the_payload_back() {
     within(|| {
         smol::block_on(async {
@@ -365,14 +391,23 @@ fn an_emit_cut_short_by_shutdown_hands_the_payload_back() {
             };
             eventually("the emit waits", || bus.stats().emitted == 2);
             bus.shutdown().await;
-            match emitting.await {
-                Err(EmitError::Closed(2)) => {}
-                other => panic!("the payload must come back, got {other:?}"),
+            // Exactly as many subscriptions hold event 2 as the emit says
+            // queued it (a shutdown closes them one by one, so the free one
+            // may or may not have taken it first); with none, the payload
+            // comes back.
+            let queued = match emitting.await {
+                Ok(n) => n,
+                Err(EmitError::Closed(2)) => 0,
+                other => panic!("expected Ok(n) or the payload back, got {other:?}"),
+            };
+            let mut holders = 0;
+            for sub in [&mut full, &mut free] {
+                while let Some(ev) = sub.try_next() {
+                    holders += usize::from(ev.payload == 2);
+                }
             }
-            // Neither subscriber has the second event.
-            assert_eq!(full.try_next().map(|e| e.payload), Some(1));
-            assert!(full.try_next().is_none());
-            assert!(free.try_next().is_none());
+            assert_eq!(holders, queued, "Ok(n) is exactly the copies queued");
+            assert!(queued <= 1, "the full subscription never took it");
         })
     });
 }

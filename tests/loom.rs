@@ -122,3 +122,27 @@ fn close_races_a_waiter_without_losing_it() {
         assert_eq!(sem.available(), 1);
     });
 }
+
+/// Issue 14 #10: two records racing must leave the semaphore at the
+/// algorithm's limit. With the resize after the state lock was released,
+/// one interleaving applied the older decision last (11 instead of 12).
+#[test]
+fn racing_adaptive_records_resize_in_decision_order() {
+    use smolkit::limit::{AdaptiveLimit, Aimd, Outcome, Sample};
+    use std::time::Duration;
+    loom::model(|| {
+        let limit = Arc::new(AdaptiveLimit::new(10, 1, 100, Aimd::new()).unwrap());
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let limit = limit.clone();
+                thread::spawn(move || {
+                    limit.record(Sample::new(Duration::ZERO, Outcome::Success, 1 << 20));
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(limit.limit(), 12);
+    });
+}

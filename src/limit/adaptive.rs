@@ -23,13 +23,16 @@
 //! flight at the old limit do not drive the limit down a second time.
 
 use std::fmt;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::error::AcquireError;
 use super::semaphore::{Semaphore, SemaphoreGuardArc};
 use crate::ConfigError;
 use crate::runtime::{Clock, SystemClock};
+// NOTE: loom's mutex under `--cfg smolkit_loom`, so the model checks the
+// state lock against the semaphore resize (tests/loom.rs).
+use crate::sync::{self, Mutex};
 
 /// How a call ended, for the limit's purposes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -447,7 +450,7 @@ impl AdaptiveLimit {
             return self.limit();
         }
         let now = self.clock.now();
-        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = sync::lock(&self.state);
         st.samples += 1;
         let decision = match &self.algorithm {
             Algorithm::Aimd(a) => a.update(st.limit, &sample),
