@@ -955,3 +955,76 @@ fn flushed_waits_for_confirmation_and_reports_what_was_lost() {
         assert!(matches!(block_on(waiting), Err(Error::Closed)));
     });
 }
+
+/// Issue 15 #4: a handshake's Retry-After was used uncapped (a day, or a
+/// date in 2100 → 26,695 days); the session caps it like the ApiClient.
+#[test]
+fn a_huge_handshake_retry_after_is_capped() {
+    within(|| {
+        let server = block_on(ChaosServer::start()).unwrap();
+        let clock = ManualClock::new();
+        for (query, cap, want) in [
+            ("retry_after=86400", None, Duration::from_secs(60)),
+            (
+                "retry_after=Fri%2C%2001%20Jan%202100%2000%3A00%3A00%20GMT",
+                Some(Duration::from_secs(5)),
+                Duration::from_secs(5),
+            ),
+        ] {
+            let url = server.ws_url(&format!("/ws?refuse=1&key=cap{}&{query}", want.as_secs()));
+            let mut builder = manual(&url, &clock).with_heartbeat(None);
+            if let Some(cap) = cap {
+                builder = builder.with_max_retry_after(cap);
+            }
+            let session = builder.start().unwrap();
+            let events = session.events();
+            match wait_event(&events, "reconnecting", |k| {
+                matches!(k, SessionEventKind::Reconnecting { .. })
+            }) {
+                SessionEventKind::Reconnecting {
+                    delay, retry_after, ..
+                } => {
+                    assert_eq!((delay, retry_after), (want, true), "{query}")
+                }
+                other => panic!("{other:?}"),
+            }
+            block_on(session.close());
+        }
+    });
+}
+
+/// Issue 15 #4: least-queued picked a session that was down whenever its
+/// queue was empty (10 of 30 sends went to it).
+#[test]
+fn least_queued_passes_over_a_session_that_is_down() {
+    within(|| {
+        let server = block_on(ChaosServer::start()).unwrap();
+        let clock = ManualClock::new();
+        // The first handshake is refused; that session waits on a clock
+        // that never moves, so it stays down.
+        let url = server.ws_url("/ws?echo=0&refuse=1&key=lq");
+        let pool = SessionPool::builder(manual(&url, &clock).with_heartbeat(None), 2)
+            .with_strategy(Strategy::LeastQueued)
+            .start()
+            .unwrap();
+        let connected = |s: &Session| s.state() == SessionState::Connected;
+        eventually("one up, one waiting to reconnect", || {
+            let states: Vec<_> = pool.sessions().iter().map(|s| s.state()).collect();
+            states.contains(&SessionState::Connected)
+                && states.contains(&SessionState::Reconnecting)
+        });
+        for i in 0..30 {
+            block_on(pool.send(format!("m{i}"))).unwrap();
+        }
+        let down = pool.sessions().iter().find(|s| !connected(s)).unwrap();
+        assert_eq!(
+            down.stats().queued,
+            0,
+            "nothing went to the session that is down"
+        );
+        let up = pool.sessions().iter().find(|s| connected(s)).unwrap();
+        block_on(up.flushed()).unwrap();
+        assert_eq!(texts(&server).len(), 30);
+        block_on(pool.close());
+    });
+}

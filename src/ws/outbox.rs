@@ -15,9 +15,12 @@ pub enum OutboxOverflow {
     /// `send` waits for room (`try_send` returns [`SendError::Full`](super::SendError::Full)).
     #[default]
     Wait,
-    /// The oldest message is dropped (counted in
+    /// The oldest message not yet written is dropped (counted in
     /// [`SessionStats::dropped`](super::SessionStats::dropped) and reported
-    /// in a [`SessionEventKind::Dropped`](super::SessionEventKind::Dropped) event).
+    /// in a [`SessionEventKind::Dropped`](super::SessionEventKind::Dropped)
+    /// event). A message already written is never dropped: when every
+    /// message in the outbox is in flight, `send` waits for room and
+    /// `try_send` returns [`SendError::Full`](super::SendError::Full).
     DropOldest,
     /// `send` returns [`SendError::Full`](super::SendError::Full) with the
     /// message.
@@ -82,6 +85,14 @@ impl Outbox {
             closed: false,
             next_number: 0,
             flush_waiters: Vec::new(),
+        }
+    }
+
+    /// Puts entries taken by a push that then failed back in front.
+    fn restore(&mut self, dropped: Vec<Entry>) {
+        for e in dropped.into_iter().rev() {
+            self.bytes += e.size();
+            self.pending.push_front(e);
         }
     }
 
@@ -152,12 +163,12 @@ impl Outbox {
             if !drop_oldest {
                 return Err(Refused::Full(entry));
             }
-            let oldest = match self.pending.pop_front() {
-                Some(e) => e,
-                None => match self.inflight.pop_front() {
-                    Some((_, e)) => e,
-                    None => break,
-                },
+            // NOTE: only unsent messages are dropped; one in flight was
+            // written and may have been read (it would be counted twice).
+            let Some(oldest) = self.pending.pop_front() else {
+                // Not enough unsent ones to drop: nothing is dropped.
+                self.restore(dropped);
+                return Err(Refused::Full(entry));
             };
             self.bytes -= oldest.size();
             dropped.push(oldest);
@@ -312,5 +323,32 @@ mod tests {
         assert_eq!(o.requeue_inflight(), 1);
         let ids: Vec<_> = o.pending.iter().map(|e| e.id.clone().unwrap()).collect();
         assert_eq!(ids, ["3", "4"]);
+    }
+
+    /// Issue 15 #4: `DropOldest` took the "oldest" from the in-flight part
+    /// when nothing waited, dropping messages already written (counted as
+    /// both received and dropped).
+    #[test]
+    fn drop_oldest_never_drops_a_written_message() {
+        let mut o = Outbox::new(2, 100);
+        o.push(entry("1"), true).ok();
+        o.push(entry("2"), true).ok();
+        let t = o.take(2, 100);
+        o.mark_written(t, 1);
+        // Both in flight: nothing may be dropped, the new one is refused.
+        assert!(matches!(o.push(entry("3"), true), Err(Refused::Full(_))));
+        assert_eq!(o.inflight.len(), 2);
+        // One confirmed: room again.
+        assert_eq!(o.confirm_through(1), 2);
+        o.push(entry("3"), true).ok().unwrap();
+        o.push(entry("4"), true).ok().unwrap();
+        let t = o.take(1, 100);
+        o.mark_written(t, 2);
+        // One in flight, one unsent: the unsent one goes.
+        let dropped = o.push(entry("5"), true).ok().unwrap();
+        assert_eq!(dropped.len(), 1);
+        assert_eq!(dropped[0].id.as_deref(), Some("4"));
+        assert_eq!(o.inflight.len(), 1);
+        assert_eq!(o.len(), 2);
     }
 }

@@ -19,8 +19,9 @@ pub enum Strategy {
     /// is connected).
     #[default]
     RoundRobin,
-    /// The session with the fewest messages in its outbox (a session
-    /// that is down keeps its queue, so it is passed over).
+    /// The connected session with the fewest messages in its outbox (any
+    /// session's, fewest first, when none is connected: a session that is
+    /// down has an empty queue too, but is passed over while one is up).
     LeastQueued,
 }
 
@@ -166,9 +167,14 @@ impl SessionPool {
             }
             Strategy::LeastQueued => {
                 let start = self.next.fetch_add(1, Ordering::Relaxed);
-                (0..n)
-                    .map(|k| &self.sessions[(start + k) % n])
+                let order = (0..n).map(|k| &self.sessions[(start + k) % n]);
+                // NOTE: a session that is down has an empty queue too; it is
+                // picked only when none is connected.
+                order
+                    .clone()
+                    .filter(|s| s.state() == SessionState::Connected)
                     .min_by_key(|s| s.queued())
+                    .or_else(|| order.min_by_key(|s| s.queued()))
                     .unwrap_or(&self.sessions[0])
             }
         }

@@ -15,7 +15,8 @@ pub(super) struct Batching {
 /// # Default
 ///
 /// - heartbeat: a ping every 20 s, dead after 10 s without its pong
-/// - reconnect: 1 s doubling to 30 s, full jitter; never gives up
+/// - reconnect: 1 s doubling to 30 s, full jitter, a handshake's
+///   `Retry-After` honoured up to 60 s; never gives up
 /// - connect timeout 10 s (TCP + TLS + upgrade); close timeout 5 s
 /// - outbox: 1024 messages and 8 MiB, [`OutboxOverflow::Wait`]
 /// - delivery confirmed by pong (at-least-once off); no batching
@@ -84,6 +85,7 @@ impl SessionBuilder {
                 give_up_after: None,
                 connect_timeout: Some(Duration::from_secs(10)),
                 close_timeout: Duration::from_secs(5),
+                max_retry_after: Duration::from_secs(60),
             },
             outbox_messages: 1024,
             outbox_bytes: 8 << 20,
@@ -151,6 +153,14 @@ impl SessionBuilder {
     /// The limit on TCP + TLS + upgrade (default 10 s; `None`: no limit).
     pub fn with_connect_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.timing.connect_timeout = timeout.into();
+        self
+    }
+
+    /// The longest a handshake's `Retry-After` may delay the next attempt
+    /// (default 60 s, as the `ApiClient`'s retry); a longer one
+    /// is cut to it.
+    pub fn with_max_retry_after(mut self, cap: Duration) -> Self {
+        self.timing.max_retry_after = cap;
         self
     }
 
@@ -449,4 +459,5 @@ pub(super) struct Timing {
     pub(super) give_up_after: Option<Duration>,
     pub(super) connect_timeout: Option<Duration>,
     pub(super) close_timeout: Duration,
+    pub(super) max_retry_after: Duration,
 }

@@ -102,7 +102,11 @@ impl Driver {
                     last: Box::new(failure),
                 });
             }
-            let server_delay = failure.retry_after();
+            // NOTE: capped, as the ApiClient caps it: a server's "come back
+            // in a day" (or a date in 2100) must not park the session.
+            let server_delay = failure
+                .retry_after()
+                .map(|d| d.min(self.config.timing.max_retry_after));
             let delay = match (server_delay, backoff.next()) {
                 (Some(d), _) => d,
                 (None, Some(d)) => d,

@@ -285,8 +285,10 @@ impl Session {
             let listener = self.shared.space.listen();
             match self.push_now(entry) {
                 Ok(()) => return Ok(()),
+                // NOTE: `DropOldest` waits too when everything in the
+                // outbox is in flight (written messages are never dropped).
                 Err(Refused::Full(back))
-                    if wait && self.shared.overflow == OutboxOverflow::Wait =>
+                    if wait && self.shared.overflow != OutboxOverflow::Error =>
                 {
                     entry = back;
                     listener.await;
