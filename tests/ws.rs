@@ -1028,3 +1028,31 @@ fn least_queued_passes_over_a_session_that_is_down() {
         block_on(pool.close());
     });
 }
+
+/// Issue 15 #4: a `Disconnected` event was emitted while `state()` still
+/// said `Connected` (and `Closed` before the state was `Closed`). Every
+/// state change is visible before the event announcing it. (The window was
+/// a few instructions wide; this checks every event of 20 drops.)
+#[test]
+fn the_state_moves_before_the_event_that_announces_it() {
+    within(|| {
+        let server = block_on(ChaosServer::start()).unwrap();
+        let session = block_on(fast(&server.ws_url("/ws")).connect()).unwrap();
+        let events = session.events();
+        for _ in 0..20 {
+            server.drop_ws_connections();
+            let ev = wait_event(&events, "disconnect", |k| {
+                matches!(k, SessionEventKind::Disconnected { .. })
+            });
+            assert_ne!(session.state(), SessionState::Connected, "{ev:?}");
+            wait_event(&events, "connected", |k| {
+                matches!(k, SessionEventKind::Connected { .. })
+            });
+        }
+        session.shutdown();
+        wait_event(&events, "closed", |k| {
+            matches!(k, SessionEventKind::Closed { .. })
+        });
+        assert_eq!(session.state(), SessionState::Closed);
+    });
+}

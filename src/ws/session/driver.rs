@@ -39,9 +39,9 @@ impl Driver {
             Some(e) => tracing::warn!(session = shared.index, error = %e, "ws session ended"),
             None => tracing::debug!(session = shared.index, "ws session closed"),
         }
-        shared.emit(SessionEventKind::Closed { error });
         *lock(&shared.report) = Some(report);
         shared.set_state(SessionState::Closed);
+        shared.emit(SessionEventKind::Closed { error });
         // NOTE: no `close()` on the incoming channel: a pool's sessions
         // share it. It ends when the last driver drops its sender.
     }
@@ -73,6 +73,10 @@ impl Driver {
                         End::Closed => return None,
                         End::Dead(error) => {
                             tracing::info!(session = shared.index, error = %error, "ws disconnected");
+                            // NOTE: the state moves before the event that
+                            // announces it, so a reader of the event never
+                            // sees a live connection in `state()`.
+                            shared.set_state(SessionState::Reconnecting);
                             shared.emit(SessionEventKind::Disconnected {
                                 error: error.clone(),
                             });
