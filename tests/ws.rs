@@ -1056,3 +1056,48 @@ fn the_state_moves_before_the_event_that_announces_it() {
         assert_eq!(session.state(), SessionState::Closed);
     });
 }
+
+/// Issue 15 #6: the backoff started over on every successful handshake, so
+/// a server that accepts and drops at once got a reconnect per first delay
+/// forever. It starts over only after a connection stable for a while.
+#[test]
+fn a_flapping_server_gets_growing_delays_until_a_connection_holds() {
+    within(|| {
+        let server = block_on(ChaosServer::start()).unwrap();
+        let clock = ManualClock::new();
+        let session = Session::builder(&server.ws_url("/ws"))
+            .with_clock(Arc::new(clock.clone()))
+            .with_connect_timeout(None)
+            .with_heartbeat(None)
+            .with_reconnect(Backoff::exponential(Duration::from_secs(1)))
+            .with_stable_after(Duration::from_secs(20))
+            .start()
+            .unwrap();
+        let events = session.events();
+        let mut delays = Vec::new();
+        let mut reconnect_after = |stay: Duration| {
+            wait_event(&events, "connected", |k| {
+                matches!(k, SessionEventKind::Connected { .. })
+            });
+            clock.advance(stay);
+            server.drop_ws_connections();
+            match wait_event(&events, "reconnecting", |k| {
+                matches!(k, SessionEventKind::Reconnecting { .. })
+            }) {
+                SessionEventKind::Reconnecting { delay, .. } => delays.push(delay),
+                other => panic!("{other:?}"),
+            }
+            block_on(clock.wait_for_sleepers(1));
+            clock.advance(*delays.last().unwrap());
+        };
+        // Dropped at once, three times: 1 s, 2 s, 4 s.
+        for _ in 0..3 {
+            reconnect_after(Duration::ZERO);
+        }
+        // A connection that held 20 s: the schedule starts over.
+        reconnect_after(Duration::from_secs(20));
+        let s = Duration::from_secs;
+        assert_eq!(delays, [s(1), s(2), s(4), s(1)]);
+        block_on(session.close());
+    });
+}

@@ -16,7 +16,8 @@ pub(super) struct Batching {
 ///
 /// - heartbeat: a ping every 20 s, dead after 10 s without its pong
 /// - reconnect: 1 s doubling to 30 s, full jitter, a handshake's
-///   `Retry-After` honoured up to 60 s; never gives up
+///   `Retry-After` honoured up to 60 s; the schedule starts over after a
+///   connection stable for 20 s; never gives up
 /// - connect timeout 10 s (TCP + TLS + upgrade); close timeout 5 s
 /// - outbox: 1024 messages and 8 MiB, [`OutboxOverflow::Wait`]
 /// - delivery confirmed by pong (at-least-once off); no batching
@@ -86,6 +87,7 @@ impl SessionBuilder {
                 connect_timeout: Some(Duration::from_secs(10)),
                 close_timeout: Duration::from_secs(5),
                 max_retry_after: Duration::from_secs(60),
+                stable_after: Duration::from_secs(20),
             },
             outbox_messages: 1024,
             outbox_bytes: 8 << 20,
@@ -153,6 +155,18 @@ impl SessionBuilder {
     /// The limit on TCP + TLS + upgrade (default 10 s; `None`: no limit).
     pub fn with_connect_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.timing.connect_timeout = timeout.into();
+        self
+    }
+
+    /// How long a connection must stay up before the reconnect schedule
+    /// starts over (default 20 s: one heartbeat interval, long enough for
+    /// a server to have accepted the session for real, past
+    /// authentication and `on_connect`). A connection that ends sooner
+    /// counts as a failed attempt: the delays keep growing, and
+    /// [`with_give_up_after_attempts`](Self::with_give_up_after_attempts)
+    /// applies.
+    pub fn with_stable_after(mut self, period: Duration) -> Self {
+        self.timing.stable_after = period;
         self
     }
 
@@ -460,4 +474,5 @@ pub(super) struct Timing {
     pub(super) connect_timeout: Option<Duration>,
     pub(super) close_timeout: Duration,
     pub(super) max_retry_after: Duration,
+    pub(super) stable_after: Duration,
 }

@@ -67,9 +67,20 @@ impl Driver {
                 Some(Ok(ws)) => {
                     let connection =
                         shared.counters.connections.fetch_add(1, Ordering::Relaxed) + 1;
-                    attempt = 0;
-                    backoff.reset();
-                    match self.serve(ws, connection).await {
+                    let opened_at = clock.now();
+                    let ended = self.serve(ws, connection).await;
+                    // NOTE: the schedule starts over only after a connection
+                    // that stayed up for the stable period; a server that
+                    // accepts and drops at once gets the growing delays
+                    // (and counts towards giving up), not a reconnect per
+                    // first delay forever.
+                    if clock.now().saturating_duration_since(opened_at)
+                        >= self.config.timing.stable_after
+                    {
+                        attempt = 0;
+                        backoff.reset();
+                    }
+                    match ended {
                         End::Closed => return None,
                         End::Dead(error) => {
                             tracing::info!(session = shared.index, error = %error, "ws disconnected");
