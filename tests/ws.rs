@@ -1101,3 +1101,50 @@ fn a_flapping_server_gets_growing_delays_until_a_connection_holds() {
         block_on(session.close());
     });
 }
+
+/// Issue 15 #7: an `on_connect` hook that hangs held the session in
+/// Connecting forever. It is bounded (by default as the connect is) and a
+/// timeout fails the attempt.
+#[test]
+fn a_hung_on_connect_hook_times_out_and_the_session_retries() {
+    within(|| {
+        let server = block_on(ChaosServer::start()).unwrap();
+        let clock = ManualClock::new();
+        let calls = Arc::new(AtomicU32::new(0));
+        let c = calls.clone();
+        let session = manual(&server.ws_url("/ws"), &clock)
+            .with_heartbeat(None)
+            .with_on_connect_timeout(Duration::from_secs(3))
+            .on_connect(move |_| {
+                let first = c.fetch_add(1, Ordering::SeqCst) == 0;
+                async move {
+                    if first {
+                        std::future::pending::<()>().await;
+                    }
+                    Ok(Vec::new())
+                }
+            })
+            .start()
+            .unwrap();
+        let events = session.events();
+        // The hook's timer is the only sleeper.
+        block_on(clock.wait_for_sleepers(1));
+        clock.advance(Duration::from_secs(3));
+        match wait_event(&events, "disconnect", |k| {
+            matches!(k, SessionEventKind::Disconnected { .. })
+        }) {
+            SessionEventKind::Disconnected {
+                error: Error::Hook { reason },
+            } => {
+                assert!(reason.contains("timed out after 3s"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        // Reconnect (1 s on this clock): the second hook returns at once.
+        block_on(clock.wait_for_sleepers(1));
+        clock.advance(Duration::from_secs(1));
+        block_on(session.wait_connected()).unwrap();
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        block_on(session.close());
+    });
+}

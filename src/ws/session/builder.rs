@@ -18,7 +18,8 @@ pub(super) struct Batching {
 /// - reconnect: 1 s doubling to 30 s, full jitter, a handshake's
 ///   `Retry-After` honoured up to 60 s; the schedule starts over after a
 ///   connection stable for 20 s; never gives up
-/// - connect timeout 10 s (TCP + TLS + upgrade); close timeout 5 s
+/// - connect timeout 10 s (TCP + TLS + upgrade), and the same for the
+///   `on_connect` hook; close timeout 5 s
 /// - outbox: 1024 messages and 8 MiB, [`OutboxOverflow::Wait`]
 /// - delivery confirmed by pong (at-least-once off); no batching
 /// - codec: [`Codec::new`]; incoming and event queues of 1024
@@ -88,6 +89,7 @@ impl SessionBuilder {
                 close_timeout: Duration::from_secs(5),
                 max_retry_after: Duration::from_secs(60),
                 stable_after: Duration::from_secs(20),
+                hook_timeout: None,
             },
             outbox_messages: 1024,
             outbox_bytes: 8 << 20,
@@ -155,6 +157,15 @@ impl SessionBuilder {
     /// The limit on TCP + TLS + upgrade (default 10 s; `None`: no limit).
     pub fn with_connect_timeout(mut self, timeout: impl Into<Option<Duration>>) -> Self {
         self.timing.connect_timeout = timeout.into();
+        self
+    }
+
+    /// The limit on the [`on_connect`](Self::on_connect) hook (default: the
+    /// connect timeout); `None` for none. A hook that takes longer fails
+    /// the attempt like a hook error ([`Error::Hook`]): the connection is
+    /// dropped and the session reconnects.
+    pub fn with_on_connect_timeout(mut self, limit: impl Into<Option<Duration>>) -> Self {
+        self.timing.hook_timeout = Some(limit.into());
         self
     }
 
@@ -475,4 +486,6 @@ pub(super) struct Timing {
     pub(super) close_timeout: Duration,
     pub(super) max_retry_after: Duration,
     pub(super) stable_after: Duration,
+    /// `None`: as the connect timeout.
+    pub(super) hook_timeout: Option<Option<Duration>>,
 }

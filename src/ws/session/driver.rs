@@ -259,8 +259,21 @@ impl Driver {
                 session: shared.index,
                 connection,
             };
-            let hooked = unless(hook(info), shared.close_requested()).await;
-            let messages = match hooked {
+            // NOTE: bounded (by default as the connect is): a hook that
+            // hangs would hold the session in Connecting forever.
+            let limit = match self.config.timing.hook_timeout {
+                Some(limit) => limit,
+                None => self.config.timing.connect_timeout,
+            };
+            let run = async {
+                match limit {
+                    Some(after) => crate::resilience::timeout_on(&*shared.clock, after, hook(info))
+                        .await
+                        .unwrap_or_else(|_| Err(format!("timed out after {after:?}").into())),
+                    None => hook(info).await,
+                }
+            };
+            let messages = match unless(run, shared.close_requested()).await {
                 None => return End::Closed,
                 Some(Ok(m)) => m,
                 Some(Err(e)) => {
