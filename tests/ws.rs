@@ -1148,3 +1148,31 @@ fn a_hung_on_connect_hook_times_out_and_the_session_retries() {
         block_on(session.close());
     });
 }
+
+/// Issue 15 #4: in at-least-once mode a raw message (no envelope id) was
+/// never released (pongs were ignored, acks match ids only), so a full
+/// outbox of them wedged every later send. Raw messages are confirmed by
+/// pong in that mode too.
+#[test]
+fn raw_messages_in_at_least_once_mode_are_confirmed_by_pong() {
+    within(|| {
+        let server = block_on(ChaosServer::start()).unwrap();
+        let session = block_on(
+            fast(&server.ws_url("/ws?ack=1&echo=0"))
+                .with_heartbeat(None)
+                .with_at_least_once(true)
+                .with_outbox(8, 1 << 20)
+                .connect(),
+        )
+        .unwrap();
+        for i in 0..20 {
+            block_on(session.send(format!("raw {i}"))).unwrap();
+            block_on(session.send_envelope(Envelope::new("env", i))).unwrap();
+        }
+        block_on(session.flushed()).unwrap();
+        let s = session.stats();
+        assert_eq!((s.queued, s.acked), (0, 20), "{s:?}");
+        assert_eq!(texts(&server).len(), 40);
+        block_on(session.close());
+    });
+}

@@ -212,16 +212,25 @@ impl Outbox {
     }
 
     /// Releases in-flight entries written at or before `seq` (a pong
-    /// confirmed them). Returns how many.
-    pub(crate) fn confirm_through(&mut self, seq: u64) -> usize {
-        let mut n = 0;
-        while self.inflight.front().is_some_and(|(s, _)| *s <= seq) {
-            if let Some((_, e)) = self.inflight.pop_front() {
-                self.bytes -= e.size();
-                n += 1;
+    /// confirmed them); with `raw_only` (at-least-once mode) only those
+    /// without an id, which no ack will ever name. Returns how many.
+    pub(crate) fn confirm_through(&mut self, seq: u64, raw_only: bool) -> usize {
+        let before = self.inflight.len();
+        let mut freed = 0;
+        self.inflight.retain(|(s, e)| {
+            let confirmed = *s <= seq && (!raw_only || e.id.is_none());
+            if confirmed {
+                freed += e.size();
             }
-        }
-        n
+            !confirmed
+        });
+        self.bytes -= freed;
+        before - self.inflight.len()
+    }
+
+    /// Whether a message without an id is in flight.
+    pub(crate) fn raw_in_flight(&self) -> bool {
+        self.inflight.iter().any(|(_, e)| e.id.is_none())
     }
 
     /// Releases the in-flight entry with this id (an ack). Acks usually
@@ -247,14 +256,24 @@ impl Outbox {
         out
     }
 
-    /// Puts every in-flight entry back in front of the pending ones, in
-    /// order (at-least-once resend). Returns how many.
-    pub(crate) fn requeue_inflight(&mut self) -> usize {
-        let n = self.inflight.len();
+    /// Puts every in-flight entry with an id back in front of the pending
+    /// ones, in order (at-least-once resend). Returns how many, and the
+    /// in-flight messages without an id, released: they are confirmed by
+    /// pong only, so a dead connection leaves them unconfirmed.
+    pub(crate) fn requeue_inflight(&mut self) -> (usize, Vec<Entry>) {
+        let mut n = 0;
+        let mut raw = Vec::new();
         while let Some((_, e)) = self.inflight.pop_back() {
-            self.pending.push_front(e);
+            if e.id.is_some() {
+                self.pending.push_front(e);
+                n += 1;
+            } else {
+                self.bytes -= e.size();
+                raw.push(e);
+            }
         }
-        n
+        raw.reverse();
+        (n, raw)
     }
 
     /// Everything left, pending first... in order; the outbox is closed.
@@ -297,7 +316,7 @@ mod tests {
         assert_eq!(taken.len(), 2);
         assert!(o.mark_written(taken, 1), "2 of 3 in flight: ask for a pong");
         assert!(matches!(o.push(entry("ccc"), false), Err(Refused::Full(_))));
-        assert_eq!(o.confirm_through(1), 2);
+        assert_eq!(o.confirm_through(1, false), 2);
         assert!(o.push(entry("ccc"), false).is_ok());
         assert!(matches!(
             o.push(entry(&"x".repeat(11)), false),
@@ -320,7 +339,7 @@ mod tests {
         let t = o.take(1, 100);
         o.mark_written(t, 2);
         o.push(entry("4"), false).ok();
-        assert_eq!(o.requeue_inflight(), 1);
+        assert_eq!(o.requeue_inflight().0, 1);
         let ids: Vec<_> = o.pending.iter().map(|e| e.id.clone().unwrap()).collect();
         assert_eq!(ids, ["3", "4"]);
     }
@@ -339,7 +358,7 @@ mod tests {
         assert!(matches!(o.push(entry("3"), true), Err(Refused::Full(_))));
         assert_eq!(o.inflight.len(), 2);
         // One confirmed: room again.
-        assert_eq!(o.confirm_through(1), 2);
+        assert_eq!(o.confirm_through(1, false), 2);
         o.push(entry("3"), true).ok().unwrap();
         o.push(entry("4"), true).ok().unwrap();
         let t = o.take(1, 100);

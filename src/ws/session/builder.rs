@@ -214,6 +214,9 @@ impl SessionBuilder {
     /// At-least-once delivery: envelopes get ids and stay in the outbox
     /// until the server answers `{"type":"ack","id":..}`; unacknowledged
     /// ones are resent after a reconnect. Acks are consumed, not delivered.
+    /// A raw message ([`Session::send`], no id) cannot be acked: it is
+    /// confirmed by a pong as in the default mode, and reported
+    /// unconfirmed (not resent) if its connection dies first.
     pub fn with_at_least_once(mut self, on: bool) -> Self {
         self.at_least_once = on;
         self

@@ -127,10 +127,10 @@ impl Conn<'_> {
         while self.marks.front().is_some_and(|(p, _)| *p <= seq) {
             through = self.marks.pop_front().map(|(_, w)| w);
         }
-        if let Some(w) = through
-            && !shared.at_least_once
-        {
-            let n = lock(&shared.outbox).confirm_through(w);
+        if let Some(w) = through {
+            // NOTE: in at-least-once mode a pong confirms only messages
+            // without an id (raw sends); the others wait for their ack.
+            let n = lock(&shared.outbox).confirm_through(w, shared.at_least_once);
             if n > 0 {
                 shared.space.notify(n);
             }
@@ -358,12 +358,17 @@ impl Conn<'_> {
     /// the outbox is half full). Returns whether a ping was queued.
     fn confirm_for_flush(&mut self) -> bool {
         let shared = &*self.driver.shared;
-        if shared.at_least_once || self.confirm_ping.is_some() {
+        if self.confirm_ping.is_some() {
             return false;
         }
         let wanted = {
             let outbox = lock(&shared.outbox);
-            outbox.wants_flush() && !outbox.inflight.is_empty()
+            let confirmable = if shared.at_least_once {
+                outbox.raw_in_flight()
+            } else {
+                !outbox.inflight.is_empty()
+            };
+            outbox.wants_flush() && confirmable
         };
         if wanted {
             self.confirm_ping = Some(self.queue_ping());
@@ -407,7 +412,10 @@ impl Conn<'_> {
         bump(&shared.counters.sent, n as u64);
         bump(&shared.counters.frames_sent, 1);
         self.needs_flush = true;
-        if half_full && !shared.at_least_once && self.confirm_ping.is_none() {
+        // NOTE: acks confirm enveloped messages in at-least-once mode; raw
+        // ones there, and everything otherwise, need a pong.
+        let by_pong = !shared.at_least_once || lock(&shared.outbox).raw_in_flight();
+        if half_full && by_pong && self.confirm_ping.is_none() {
             self.confirm_ping = Some(self.queue_ping());
         }
         None

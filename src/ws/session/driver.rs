@@ -165,31 +165,32 @@ impl Driver {
     /// again in at-least-once mode.
     pub(super) fn after_disconnect(&self) {
         let shared = &*self.shared;
-        if shared.at_least_once {
-            let n = lock(&shared.outbox).requeue_inflight();
-            if n > 0 {
-                bump(&shared.counters.resent, n as u64);
-                shared.emit(SessionEventKind::Resending { count: n });
-            }
-        } else {
-            let lost = {
-                let mut outbox = lock(&shared.outbox);
-                let lost = outbox.drain_inflight();
-                outbox.note_lost(&lost);
-                lost
+        let lost = {
+            let mut outbox = lock(&shared.outbox);
+            let lost = if shared.at_least_once {
+                let (n, raw) = outbox.requeue_inflight();
+                if n > 0 {
+                    bump(&shared.counters.resent, n as u64);
+                    shared.emit(SessionEventKind::Resending { count: n });
+                }
+                raw
+            } else {
+                outbox.drain_inflight()
             };
-            shared.space.notify(usize::MAX);
-            if !lost.is_empty() {
-                bump(&shared.counters.unconfirmed, lost.len() as u64);
-                tracing::warn!(
-                    session = shared.index,
-                    messages = lost.len(),
-                    "ws messages written to a socket that died, unconfirmed"
-                );
-                shared.emit(SessionEventKind::Unconfirmed {
-                    messages: lost.into_iter().map(|e| e.frame.into_message()).collect(),
-                });
-            }
+            outbox.note_lost(&lost);
+            lost
+        };
+        shared.space.notify(usize::MAX);
+        if !lost.is_empty() {
+            bump(&shared.counters.unconfirmed, lost.len() as u64);
+            tracing::warn!(
+                session = shared.index,
+                messages = lost.len(),
+                "ws messages written to a socket that died, unconfirmed"
+            );
+            shared.emit(SessionEventKind::Unconfirmed {
+                messages: lost.into_iter().map(|e| e.frame.into_message()).collect(),
+            });
         }
     }
 
