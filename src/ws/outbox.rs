@@ -49,6 +49,9 @@ pub(crate) struct Outbox {
     pub(crate) pending: VecDeque<Entry>,
     /// Written, waiting for confirmation: (write sequence number, entry).
     pub(crate) inflight: VecDeque<(u64, Entry)>,
+    /// Taken by the driver to be written, not yet marked in flight: still
+    /// counted, so a sender never sees room that is not there.
+    writing: usize,
     bytes: usize,
     pub(crate) max_messages: usize,
     pub(crate) max_bytes: usize,
@@ -79,6 +82,7 @@ impl Outbox {
         Outbox {
             pending: VecDeque::new(),
             inflight: VecDeque::new(),
+            writing: 0,
             bytes: 0,
             max_messages,
             max_bytes,
@@ -133,7 +137,7 @@ impl Outbox {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.pending.len() + self.inflight.len()
+        self.pending.len() + self.inflight.len() + self.writing
     }
 
     pub(crate) fn bytes(&self) -> usize {
@@ -184,6 +188,7 @@ impl Outbox {
     /// Moves taken entries to in-flight under `seq`; returns whether the
     /// outbox is now at least half full (time to ask for a confirmation).
     pub(crate) fn mark_written(&mut self, taken: Vec<Entry>, seq: u64) -> bool {
+        self.writing -= taken.len();
         for e in taken {
             self.inflight.push_back((seq, e));
         }
@@ -208,6 +213,7 @@ impl Outbox {
                 break;
             }
         }
+        self.writing += out.len();
         out
     }
 
@@ -369,5 +375,22 @@ mod tests {
         assert_eq!(dropped[0].id.as_deref(), Some("4"));
         assert_eq!(o.inflight.len(), 1);
         assert_eq!(o.len(), 2);
+    }
+
+    /// Issue 15 #4: the driver took messages out under one lock and marked
+    /// them in flight under another; a sender saw room in between and the
+    /// outbox went past its bound (33 of 32).
+    #[test]
+    fn taken_messages_still_count_until_marked_in_flight() {
+        let mut o = Outbox::new(2, 100);
+        o.push(entry("1"), false).ok().unwrap();
+        o.push(entry("2"), false).ok().unwrap();
+        let taken = o.take(2, 100);
+        assert_eq!(o.len(), 2, "taken, not yet in flight: still counted");
+        assert!(matches!(o.push(entry("3"), false), Err(Refused::Full(_))));
+        o.mark_written(taken, 1);
+        assert_eq!(o.len(), 2);
+        assert_eq!(o.confirm_through(1, false), 2);
+        assert_eq!(o.len(), 0);
     }
 }
