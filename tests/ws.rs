@@ -1176,3 +1176,39 @@ fn raw_messages_in_at_least_once_mode_are_confirmed_by_pong() {
         block_on(session.close());
     });
 }
+
+/// Issue 15 #3: a message over the size limit closed the TCP connection
+/// without a close frame, though the codec docs promise 1009. Seen from a
+/// plain async-tungstenite server.
+#[test]
+fn an_over_size_message_is_answered_with_close_1009() {
+    use async_tungstenite::tungstenite::Message as WsMessage;
+    use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use futures_lite::StreamExt;
+    within(|| {
+        let listener = block_on(async_net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            block_on(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut ws = async_tungstenite::accept_async(tcp).await.unwrap();
+                ws.send(WsMessage::text("x".repeat(4096))).await.unwrap();
+                // What the client does about it.
+                loop {
+                    match ws.next().await {
+                        Some(Ok(WsMessage::Close(frame))) => return frame.map(|f| f.code),
+                        Some(Ok(_)) => continue,
+                        _ => return None,
+                    }
+                }
+            })
+        });
+        let session = fast(&format!("ws://{addr}/ws"))
+            .with_heartbeat(None)
+            .with_codec(Codec::new().with_max_message(1024))
+            .start()
+            .unwrap();
+        assert_eq!(server.join().unwrap(), Some(CloseCode::Size));
+        session.shutdown();
+    });
+}

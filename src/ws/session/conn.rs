@@ -39,6 +39,9 @@ pub(super) struct Conn<'a> {
     pub(super) close_sent: bool,
     pub(super) server_close: Option<(u16, String)>,
     pub(super) decoded: Vec<Frame>,
+    /// The peer sent a message over the size limit: the connection ends
+    /// with a 1009 close frame.
+    pub(super) too_big: bool,
 }
 
 /// Frames read or written per poll before yielding to other tasks.
@@ -152,6 +155,7 @@ impl Conn<'_> {
                     if self.close_sent {
                         return Some(End::Closed);
                     }
+                    self.too_big = matches!(e, tungstenite::Error::Capacity(_));
                     return Some(End::Dead(Error::connection(e)));
                 }
                 Poll::Ready(Some(Ok(m))) => m,

@@ -311,8 +311,22 @@ impl Driver {
             close_sent: false,
             server_close: None,
             decoded: Vec::new(),
+            too_big: false,
         };
-        std::future::poll_fn(|cx| conn.poll(cx)).await
+        let end = std::future::poll_fn(|cx| conn.poll(cx)).await;
+        if conn.too_big {
+            // RFC 6455 §7.4.1: 1009, the message was too big to process.
+            // Bounded: a peer that does not read must not hold us here.
+            let frame = CloseFrame {
+                code: CloseCode::Size,
+                reason: Utf8Bytes::from_static("message too big"),
+            };
+            let limit = self.config.timing.close_timeout;
+            let _ =
+                crate::resilience::timeout_on(&*shared.clock, limit, conn.ws.close(Some(frame)))
+                    .await;
+        }
+        end
     }
 }
 
