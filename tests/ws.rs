@@ -1212,3 +1212,49 @@ fn an_over_size_message_is_answered_with_close_1009() {
         session.shutdown();
     });
 }
+
+/// Issue 15 #2: a peer that floods pings and never reads grew our memory
+/// without limit (every ping queued a pong in an unbounded write buffer
+/// while we kept reading). Now the session stops reading while its writes
+/// cannot be flushed, so the flood backs up into the peer's own buffers:
+/// 50 MB of pings cannot all be sent.
+#[test]
+fn a_ping_flood_from_a_peer_that_never_reads_backs_up_at_the_peer() {
+    use async_tungstenite::tungstenite::Message as WsMessage;
+    within(|| {
+        let listener = block_on(async_net::TcpListener::bind("127.0.0.1:0")).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let sent = Arc::new(AtomicU32::new(0));
+        let counted = sent.clone();
+        let _flood = std::thread::spawn(move || {
+            block_on(async move {
+                let (tcp, _) = listener.accept().await.unwrap();
+                let mut ws = async_tungstenite::accept_async(tcp).await.unwrap();
+                for _ in 0..400_000u32 {
+                    if ws
+                        .send(WsMessage::Ping(vec![7u8; 125].into()))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                    counted.fetch_add(1, Ordering::Relaxed);
+                }
+            })
+        });
+        let session = fast(&format!("ws://{addr}/ws"))
+            .with_heartbeat(None)
+            .start()
+            .unwrap();
+        block_on(session.wait_connected()).unwrap();
+        // NOTE: a bounded wait that only lets the flood run; the check is
+        // that it could not get everything through, not how fast.
+        std::thread::sleep(Duration::from_secs(3));
+        let n = sent.load(Ordering::Relaxed);
+        assert!(
+            n < 400_000,
+            "all {n} pings went through: the session kept reading"
+        );
+        session.shutdown();
+    });
+}

@@ -227,9 +227,19 @@ impl Driver {
                 }
             }
             let max = self.config.codec.max_message_size();
-            let ws_config = WebSocketConfig::default()
+            // NOTE: tungstenite's write buffer is unbounded by default; ours
+            // holds at most the outbox's bytes plus control frames, so no
+            // frame sequence from the peer can grow it past that.
+            let defaults = WebSocketConfig::default();
+            let write_cap = self
+                .shared
+                .outbox_bytes_limit()
+                .saturating_add(WRITE_HEADROOM)
+                .max(defaults.write_buffer_size * 2);
+            let ws_config = defaults
                 .max_message_size(Some(max))
-                .max_frame_size(Some(max));
+                .max_frame_size(Some(max))
+                .max_write_buffer_size(write_cap);
             let (ws, _) = async_tungstenite::client_async_with_config(request, io, Some(ws_config))
                 .await
                 .map_err(|e| handshake_error(&t.url, e))?;
@@ -329,6 +339,10 @@ impl Driver {
         end
     }
 }
+
+/// Room in the socket's write buffer beyond the outbox's bytes: frame
+/// headers, pings, pongs and a close frame.
+const WRITE_HEADROOM: usize = 64 << 10;
 
 pub(super) fn handshake_error(url: &str, e: tungstenite::Error) -> Error {
     match e {

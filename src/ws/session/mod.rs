@@ -90,6 +90,11 @@ impl Shared {
         }
     }
 
+    /// The outbox's byte limit.
+    fn outbox_bytes_limit(&self) -> usize {
+        lock(&self.outbox).max_bytes
+    }
+
     fn set_state(&self, s: SessionState) {
         self.state.store(s as u8, Ordering::Release);
         self.changed.notify(usize::MAX);
