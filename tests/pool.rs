@@ -741,7 +741,12 @@ fn crash_pipeline(dir: &Path, slow: bool) -> smolkit::pool::PipelineReport {
             .with_checkpoint(Arc::new(FileCheckpoint::new(dir.join("checkpoint.json"))))
             .with_checkpoint_interval(Duration::from_millis(5))
             .run(move |x| {
-                let written = writeln!(file, "{x}").and_then(|()| file.flush());
+                // NOTE: one write per line: `writeln!` may split a line over
+                // two writes, and a kill between them leaves a torn line
+                // that the restart's first line would join.
+                let written = file
+                    .write_all(format!("{x}\n").as_bytes())
+                    .and_then(|()| file.flush());
                 async move { written }
             }),
     )

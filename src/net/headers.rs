@@ -60,4 +60,18 @@ mod tests {
         assert!(e.ends_with('…'));
         assert!(e.len() <= 256 + '…'.len_utf8() + 3);
     }
+
+    proptest::proptest! {
+        /// Any header value (issue 15 #8): a delay, or `None`; never a panic.
+        #[test]
+        fn retry_after_never_panics(value in "\\PC{0,40}", secs in proptest::prelude::any::<u64>()) {
+            let mut h = HeaderMap::new();
+            if let Ok(v) = HeaderValue::from_str(&value) {
+                h.insert(RETRY_AFTER, v);
+                let _ = retry_after(&h);
+            }
+            h.insert(RETRY_AFTER, HeaderValue::from(secs));
+            proptest::prop_assert_eq!(retry_after(&h), Some(Duration::from_secs(secs)));
+        }
+    }
 }
