@@ -38,6 +38,9 @@ pub struct Stage {
     pub(super) policy: Option<Arc<Policy>>,
     pub(super) capacity: Option<usize>,
     pub(super) autoscale: Option<StageScale>,
+    /// Kept apart so the order of the setters does not matter.
+    scale_idle: Duration,
+    scale_up_at: Option<usize>,
 }
 
 /// How an autoscaled stage's workers move (see [`Stage::with_autoscale`]).
@@ -59,6 +62,8 @@ impl Stage {
             policy: None,
             capacity: None,
             autoscale: None,
+            scale_idle: Duration::from_secs(10),
+            scale_up_at: None,
         }
     }
 
@@ -101,20 +106,20 @@ impl Stage {
     /// above `max`, an ordered stage or a batch stage make
     /// [`Pipeline::run`] fail with [`PipelineError::Config`].
     pub fn with_autoscale(mut self, min: usize, max: usize) -> Self {
-        let scale = self.autoscale.get_or_insert(StageScale {
+        self.autoscale = Some(StageScale {
             min,
             max,
-            idle: Duration::from_secs(10),
-            up_at: None,
+            idle: self.scale_idle,
+            up_at: self.scale_up_at,
         });
-        scale.min = min;
-        scale.max = max;
         self
     }
 
     /// How long an autoscaled worker waits for an item before it leaves
-    /// (default 10 s; needs [`with_autoscale`](Self::with_autoscale)).
+    /// (default 10 s; used with [`with_autoscale`](Self::with_autoscale),
+    /// in either order).
     pub fn with_idle_timeout(mut self, idle: Duration) -> Self {
+        self.scale_idle = idle;
         if let Some(s) = &mut self.autoscale {
             s.idle = idle;
         }
@@ -122,9 +127,10 @@ impl Stage {
     }
 
     /// The input queue depth above which an autoscaled stage adds a worker
-    /// (default: half its input channel; needs
-    /// [`with_autoscale`](Self::with_autoscale)).
+    /// (default: half its input channel; used with
+    /// [`with_autoscale`](Self::with_autoscale), in either order).
     pub fn with_scale_up_at(mut self, depth: usize) -> Self {
+        self.scale_up_at = Some(depth);
         if let Some(s) = &mut self.autoscale {
             s.up_at = Some(depth);
         }
