@@ -141,21 +141,23 @@ impl Conn<'_> {
     }
 
     pub(super) fn poll_read(&mut self, cx: &mut Context<'_>) -> Option<End> {
-        // NOTE: no reading while what was written (ours, or the pongs
-        // tungstenite queues for the peer's pings) cannot be flushed: a
-        // peer that sends and never reads then fills its own buffers, not
-        // our memory. Reading resumes when the socket is writable again.
-        match Pin::new(&mut self.ws).poll_flush(cx) {
-            Poll::Pending => return None,
-            Poll::Ready(Err(e)) => {
-                if self.close_sent {
-                    return Some(End::Closed);
-                }
-                return Some(End::Dead(Error::connection(e)));
-            }
-            Poll::Ready(Ok(())) => {}
-        }
         for _ in 0..BUDGET {
+            // NOTE: no reading while what was written (ours, or the pong
+            // tungstenite queued for a ping just read) cannot be flushed: a
+            // peer that sends and never reads then fills its own buffers,
+            // not our memory. Reading resumes when the socket drains.
+            if self.needs_flush {
+                match Pin::new(&mut self.ws).poll_flush(cx) {
+                    Poll::Pending => return None,
+                    Poll::Ready(Err(e)) => {
+                        if self.close_sent {
+                            return Some(End::Closed);
+                        }
+                        return Some(End::Dead(Error::connection(e)));
+                    }
+                    Poll::Ready(Ok(())) => self.needs_flush = false,
+                }
+            }
             if let Some(stall) = &mut self.stalled {
                 match stall.as_mut().poll(cx) {
                     Poll::Ready(()) => self.stalled = None,
