@@ -230,11 +230,25 @@ async fn websocket_through_a_restart(spawner: Arc<dyn Spawn>) -> Result<(), BoxE
         session.send_envelope(Envelope::new("tick", i)).await?;
     }
     let queued = session.queued();
-    let server = ChaosServer::builder()
-        .with_addr(addr)
-        .with_spawner(spawner)
-        .start()
-        .await?;
+    // The old server's accept task lets go of the port on its own time:
+    // retry the bind for up to two seconds.
+    let mut restarted = None;
+    for _ in 0..400 {
+        let builder = ChaosServer::builder()
+            .with_addr(addr)
+            .with_spawner(spawner.clone());
+        match builder.start().await {
+            Ok(server) => {
+                restarted = Some(server);
+                break;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                smol::Timer::after(Duration::from_millis(5)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let server = restarted.ok_or("the port was not free again within 2 s")?;
     session.flushed().await?;
     seen.extend(ids(&server)?);
     let stats = session.stats();

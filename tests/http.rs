@@ -474,11 +474,7 @@ fn a_restarted_server_is_reached_on_a_new_connection() {
             first.shutdown();
             eventually("the old server closed", || first.open_connections() == 0);
             drop(first);
-            let second = ChaosServer::builder()
-                .with_addr(addr)
-                .start()
-                .await
-                .unwrap();
+            let second = common::restart_on(addr).await;
             let (status, _) = text(&client, &second.url("/status/200")).await;
             assert_eq!(status, StatusCode::OK);
             assert_eq!(second.connections(), 1);

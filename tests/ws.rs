@@ -318,7 +318,7 @@ fn server_restart_flushes_the_outbox_in_order() {
             block_on(session.send(format!("m{i}"))).unwrap();
         }
         assert_eq!(session.stats().queued, 50);
-        let server = block_on(ChaosServer::builder().with_addr(addr).start()).unwrap();
+        let server = block_on(common::restart_on(addr));
         eventually("all 50 after the restart", || texts(&server).len() == 51);
         let mut expected = vec!["subscribe #2".to_owned()];
         expected.extend((0..50).map(|i| format!("m{i}")));

@@ -37,3 +37,23 @@ pub fn fast_retry(n: u32) -> smolkit::resilience::Retry {
             Duration::from_millis(1),
         ))
 }
+
+/// A `ChaosServer` on `addr` again after the previous one shut down: its
+/// accept task lets go of the port on its own time, so the bind is retried
+/// (up to 2 s).
+pub async fn restart_on(addr: std::net::SocketAddr) -> smolkit::testing::ChaosServer {
+    for _ in 0..400 {
+        match smolkit::testing::ChaosServer::builder()
+            .with_addr(addr)
+            .start()
+            .await
+        {
+            Ok(server) => return server,
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                async_io::Timer::after(Duration::from_millis(5)).await;
+            }
+            Err(e) => panic!("restart on {addr}: {e}"),
+        }
+    }
+    panic!("{addr} was not free again within 2 s");
+}
