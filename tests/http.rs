@@ -518,7 +518,7 @@ fn tls_with_the_servers_certificate_and_without() {
             assert!(server.url("/").starts_with("https://"));
             let pem = server.certificate_pem().unwrap().as_bytes().to_vec();
             let trusted = HyperClient::builder()
-                .add_root_pem(&pem)
+                .with_root_pem(&pem)
                 .unwrap()
                 .build()
                 .unwrap();
@@ -539,7 +539,9 @@ fn tls_with_the_servers_certificate_and_without() {
                 other => panic!("expected a TLS error, got {other:?}"),
             }
             // A PEM without a certificate is refused up front.
-            let err = HyperClient::builder().add_root_pem(b"not pem").unwrap_err();
+            let err = HyperClient::builder()
+                .with_root_pem(b"not pem")
+                .unwrap_err();
             assert_eq!(
                 (err.setting, err.value.as_str()),
                 ("root certificate", "not pem")

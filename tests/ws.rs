@@ -726,7 +726,7 @@ fn wss_with_the_servers_root_and_without() {
         assert!(url.starts_with("wss://"));
         let session = block_on(
             Session::builder(&url)
-                .add_root_pem(server.certificate_pem().unwrap())
+                .with_root_pem(server.certificate_pem().unwrap())
                 .unwrap()
                 .connect(),
         )
@@ -785,7 +785,7 @@ fn bad_input_is_a_typed_error() {
         }))
     ));
     assert!(matches!(
-        Session::builder("ws://127.0.0.1/ws").add_root_pem("nothing here"),
+        Session::builder("ws://127.0.0.1/ws").with_root_pem("nothing here"),
         Err(ConfigError {
             setting: "root certificate",
             ..

@@ -587,8 +587,9 @@ impl HyperClientBuilder {
         self
     }
 
-    /// Trusts this certificate (DER) as a root, beside webpki's roots.
-    pub fn add_root_certificate(mut self, der: CertificateDer<'static>) -> Self {
+    /// Trusts this certificate (DER) as a root, beside webpki's roots (each
+    /// call adds one).
+    pub fn with_root_certificate(mut self, der: CertificateDer<'static>) -> Self {
         self.tls.add_root(der);
         self
     }
@@ -599,7 +600,7 @@ impl HyperClientBuilder {
     ///
     /// [`ConfigError`] naming `root certificate` when the PEM does not
     /// parse or holds no certificate.
-    pub fn add_root_pem(mut self, pem: impl AsRef<[u8]>) -> Result<Self, ConfigError> {
+    pub fn with_root_pem(mut self, pem: impl AsRef<[u8]>) -> Result<Self, ConfigError> {
         self.tls.add_pem(pem.as_ref())?;
         Ok(self)
     }

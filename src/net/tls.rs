@@ -68,7 +68,7 @@ pub(crate) fn tls_config(
     config
 }
 
-/// Every certificate in a PEM document, for `add_root_pem`.
+/// Every certificate in a PEM document, for `with_root_pem`.
 ///
 /// # Errors
 ///

@@ -268,8 +268,9 @@ impl SessionBuilder {
         self
     }
 
-    /// Trusts `cert` (DER) as a root for `wss://`, beside webpki's roots.
-    pub fn add_root_certificate(mut self, cert: CertificateDer<'static>) -> Self {
+    /// Trusts `cert` (DER) as a root for `wss://`, beside webpki's roots
+    /// (each call adds one).
+    pub fn with_root_certificate(mut self, cert: CertificateDer<'static>) -> Self {
         self.tls.add_root(cert);
         self
     }
@@ -280,7 +281,7 @@ impl SessionBuilder {
     ///
     /// [`ConfigError`] naming `root certificate` when the PEM does not
     /// parse or holds no certificate.
-    pub fn add_root_pem(mut self, pem: impl AsRef<[u8]>) -> Result<Self, ConfigError> {
+    pub fn with_root_pem(mut self, pem: impl AsRef<[u8]>) -> Result<Self, ConfigError> {
         self.tls.add_pem(pem.as_ref())?;
         Ok(self)
     }
