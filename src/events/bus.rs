@@ -4,14 +4,13 @@ use std::fmt;
 use std::future::Future;
 use std::marker::PhantomData;
 use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
 
 use async_channel::{Receiver, Sender, TrySendError};
-use futures_lite::{FutureExt, Stream};
+use futures_lite::FutureExt;
 
+use super::subscription::{Offer, Sub, SubscribeOptions, Subscriber};
 use super::topic::{Pattern, TopicError, validate_topic};
 use crate::ConfigError;
 use crate::limit::Semaphore;
@@ -39,64 +38,6 @@ pub enum Overflow {
     DropOldest,
     /// The new event is dropped (counted).
     DropNewest,
-}
-
-/// Options of one subscription.
-///
-/// # Default
-///
-/// The bus's capacity, [`Overflow::Wait`], concurrency 1, name
-/// `"subscriber"`.
-#[derive(Debug, Clone)]
-pub struct SubscribeOptions {
-    name: String,
-    capacity: Option<usize>,
-    overflow: Overflow,
-    concurrency: usize,
-}
-
-impl SubscribeOptions {
-    /// The defaults.
-    pub fn new() -> Self {
-        SubscribeOptions {
-            name: "subscriber".to_owned(),
-            capacity: None,
-            overflow: Overflow::Wait,
-            concurrency: 1,
-        }
-    }
-
-    /// A name for stats, logs and [`HandlerFailure`]s.
-    pub fn with_name(mut self, name: impl Into<String>) -> Self {
-        self.name = name.into();
-        self
-    }
-
-    /// Events queued for this subscription (default: the bus's). Zero is
-    /// refused when subscribing.
-    pub fn with_capacity(mut self, capacity: usize) -> Self {
-        self.capacity = Some(capacity);
-        self
-    }
-
-    /// What to do when the queue is full.
-    pub fn with_overflow(mut self, overflow: Overflow) -> Self {
-        self.overflow = overflow;
-        self
-    }
-
-    /// For handlers: calls running at once (default 1, which keeps order).
-    /// Zero is refused when subscribing.
-    pub fn with_concurrency(mut self, n: usize) -> Self {
-        self.concurrency = n;
-        self
-    }
-}
-
-impl Default for SubscribeOptions {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// A handler call that failed.
@@ -146,8 +87,7 @@ macro_rules! emit_error_impls {
             /// The payload that was not emitted.
             pub fn into_inner(self) -> E {
                 match self {
-                    $ty::Topic(_, e) $(| $ty::$var(e))* => e,
-                }
+                    $ty::Topic(_, e) $(| $ty::$var(e))* => e}
             }
         }
 
@@ -208,59 +148,6 @@ pub struct SubscriberStats {
     pub delivered: u64,
     /// Events its overflow policy dropped.
     pub dropped: u64,
-}
-
-struct Sub<E> {
-    id: u64,
-    name: String,
-    pattern: Pattern,
-    overflow: Overflow,
-    tx: Sender<Event<E>>,
-    /// Kept to drop the oldest event.
-    rx: Receiver<Event<E>>,
-    delivered: AtomicU64,
-    dropped: AtomicU64,
-}
-
-/// What [`Sub::offer`] did with an event.
-enum Offer<E> {
-    /// In the subscription's queue.
-    Queued,
-    /// Dropped by its `DropNewest` policy (counted).
-    Dropped,
-    /// Not taken: a full `Wait` subscription.
-    Full(Event<E>),
-    /// Not taken: the subscription is closed.
-    Closed(Event<E>),
-}
-
-impl<E> Sub<E> {
-    /// Queues without waiting.
-    fn offer(&self, ev: Event<E>) -> Offer<E> {
-        let mut ev = ev;
-        loop {
-            match self.tx.try_send(ev) {
-                Ok(()) => {
-                    self.delivered.fetch_add(1, Ordering::Relaxed);
-                    return Offer::Queued;
-                }
-                Err(TrySendError::Closed(back)) => return Offer::Closed(back),
-                Err(TrySendError::Full(back)) => match self.overflow {
-                    Overflow::Wait => return Offer::Full(back),
-                    Overflow::DropNewest => {
-                        self.dropped.fetch_add(1, Ordering::Relaxed);
-                        return Offer::Dropped;
-                    }
-                    Overflow::DropOldest => {
-                        if self.rx.try_recv().is_ok() {
-                            self.dropped.fetch_add(1, Ordering::Relaxed);
-                        }
-                        ev = back;
-                    }
-                },
-            }
-        }
-    }
 }
 
 type Added<E> = (Arc<Sub<E>>, Receiver<Event<E>>);
@@ -656,7 +543,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
         Ok((sub, rx))
     }
 
-    fn remove(&self, id: u64) -> Option<Arc<Sub<E>>> {
+    pub(super) fn remove(&self, id: u64) -> Option<Arc<Sub<E>>> {
         let mut subs = lock(&self.inner.subs);
         let pos = subs.list.iter().position(|s| s.id == id)?;
         let mut next: Vec<_> = subs.list.iter().cloned().collect();
@@ -882,58 +769,6 @@ async fn run_handler<E, F, Fut, HE>(
             }
             _ => return,
         }
-    }
-}
-
-/// A stream of events from [`Bus::subscribe`].
-///
-/// # Drop behavior
-///
-/// Dropping it unsubscribes.
-#[must_use = "streams do nothing unless polled"]
-pub struct Subscriber<E: Clone + Send + 'static> {
-    bus: Bus<E>,
-    id: u64,
-    rx: Pin<Box<Receiver<Event<E>>>>,
-}
-
-impl<E: Clone + Send + 'static> Subscriber<E> {
-    /// Events queued for this subscriber.
-    pub fn len(&self) -> usize {
-        self.rx.len()
-    }
-
-    /// Whether no event is queued.
-    pub fn is_empty(&self) -> bool {
-        self.rx.is_empty()
-    }
-
-    /// The next event if one is queued.
-    pub fn try_next(&mut self) -> Option<Event<E>> {
-        self.rx.try_recv().ok()
-    }
-}
-
-impl<E: Clone + Send + 'static> Stream for Subscriber<E> {
-    type Item = Event<E>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event<E>>> {
-        self.rx.as_mut().poll_next(cx)
-    }
-}
-
-impl<E: Clone + Send + 'static> Drop for Subscriber<E> {
-    fn drop(&mut self) {
-        self.bus.remove(self.id);
-    }
-}
-
-impl<E: Clone + Send + 'static> fmt::Debug for Subscriber<E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Subscriber")
-            .field("id", &self.id)
-            .field("queued", &self.rx.len())
-            .finish()
     }
 }
 

@@ -20,10 +20,12 @@
 //! (async-broadcast with overflow off). Here the policy is per subscriber.
 
 mod bus;
+mod subscription;
 mod topic;
 
 pub use bus::{
     Bus, BusBuilder, BusStats, EmitError, Event, HandlerFailure, HandlerId, Overflow,
-    SubscribeOptions, Subscriber, SubscriberStats, TryEmitError,
+    SubscriberStats, TryEmitError,
 };
+pub use subscription::{SubscribeOptions, Subscriber};
 pub use topic::TopicError;
