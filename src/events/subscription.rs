@@ -37,7 +37,7 @@ impl SubscribeOptions {
         }
     }
 
-    /// A name for stats, logs and [`HandlerFailure`]s.
+    /// A name for stats, logs and [`HandlerFailure`](super::HandlerFailure)s.
     pub fn with_name(mut self, name: impl Into<String>) -> Self {
         self.name = name.into();
         self
