@@ -14,9 +14,9 @@
 //!   restart: messages sent while the server is down wait in the outbox,
 //!   and `flushed()` confirms every one was acknowledged;
 //! - a `WorkerPool` hashes a stream of blocks, resized while it runs;
-//! - a fast producer feeds a slow consumer through a bounded channel and
-//!   `chunks_timeout`: backpressure keeps the channel within its bound,
-//!   batches come by size or by time, nothing is lost;
+//! - a producer on another task feeds a batching consumer through a
+//!   bounded channel and `chunks_timeout`: backpressure keeps the channel
+//!   within its bound, batches come by size or by time, nothing is lost;
 //! - at the end: what the server saw, the client's and the bus's counters,
 //!   and a graceful shutdown.
 //!
@@ -224,31 +224,19 @@ async fn websocket_through_a_restart(spawner: Arc<dyn Spawn>) -> Result<(), BoxE
     session.flushed().await?;
     let mut seen = ids(&server)?;
     server.shutdown();
-    drop(server);
     // The server is down: these wait in the outbox.
     for i in N / 2..N {
         session.send_envelope(Envelope::new("tick", i)).await?;
     }
     let queued = session.queued();
-    // The old server's accept task lets go of the port on its own time:
-    // retry the bind for up to two seconds.
-    let mut restarted = None;
-    for _ in 0..400 {
-        let builder = ChaosServer::builder()
-            .with_addr(addr)
-            .with_spawner(spawner.clone());
-        match builder.start().await {
-            Ok(server) => {
-                restarted = Some(server);
-                break;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                smol::Timer::after(Duration::from_millis(5)).await;
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    let server = restarted.ok_or("the port was not free again within 2 s")?;
+    // Restart on the same port once the old server has let go of it.
+    server.closed().await;
+    drop(server);
+    let server = ChaosServer::builder()
+        .with_addr(addr)
+        .with_spawner(spawner)
+        .start()
+        .await?;
     session.flushed().await?;
     seen.extend(ids(&server)?);
     let stats = session.stats();
@@ -317,8 +305,9 @@ async fn worker_pool(spawner: Arc<dyn Spawn>) -> Result<(), BoxError> {
     )
 }
 
-/// A fast producer, a slow consumer: the bounded channel holds the
-/// producer back, batches come by size or by time.
+/// A producer and a batching consumer on different tasks: the bounded
+/// channel holds the producer back whenever the consumer is behind;
+/// batches come by size or by time.
 async fn batching_with_backpressure(spawner: Arc<dyn Spawn>) -> Result<(), BoxError> {
     use smolkit::runtime::SpawnExt;
     const ITEMS: u32 = 500;
@@ -340,8 +329,6 @@ async fn batching_with_backpressure(spawner: Arc<dyn Spawn>) -> Result<(), BoxEr
         count += 1;
         full += usize::from(batch.len() == 50);
         got.extend(batch);
-        // The slow consumer.
-        smol::Timer::after(Duration::from_millis(2)).await;
     }
     producer.await?;
     let peak = peak.load(Ordering::Relaxed);

@@ -468,13 +468,11 @@ fn a_restarted_server_is_reached_on_a_new_connection() {
     within(|| {
         smol::block_on(async {
             let first = ChaosServer::start().await.unwrap();
-            let addr = first.addr();
             let client = HyperClient::new();
             text(&client, &first.url("/status/200")).await;
             first.shutdown();
             eventually("the old server closed", || first.open_connections() == 0);
-            drop(first);
-            let second = common::restart_on(addr).await;
+            let second = common::restart(first).await;
             let (status, _) = text(&client, &second.url("/status/200")).await;
             assert_eq!(status, StatusCode::OK);
             assert_eq!(second.connections(), 1);

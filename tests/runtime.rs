@@ -706,7 +706,8 @@ fn a_nested_executors_panic_is_not_the_outer_tasks() {
 /// is refused with a typed error and counted, running work finishes.
 #[test]
 fn a_cpu_pool_shuts_down_gracefully() {
-    let pool = CpuPool::new(NonZeroUsize::new(1).unwrap());
+    let clock = ManualClock::new();
+    let pool = CpuPool::new(NonZeroUsize::new(1).unwrap()).with_clock(Arc::new(clock.clone()));
     let (release_tx, release_rx) = mpsc::channel::<()>();
     let (started_tx, started_rx) = mpsc::channel::<()>();
     let busy = {
@@ -726,15 +727,24 @@ fn a_cpu_pool_shuts_down_gracefully() {
         let pool = pool.clone();
         std::thread::spawn(move || smol::block_on(pool.run(|| 8)))
     };
-    // Zero grace: reports the running closure without waiting for it.
-    let report = smol::block_on(pool.shutdown(Duration::ZERO));
+    // The grace period runs out on the clock with the closure still
+    // running: reported, not waited for.
+    let shutdown = {
+        let pool = pool.clone();
+        std::thread::spawn(move || smol::block_on(pool.shutdown(Duration::from_secs(5))))
+    };
+    smol::block_on(clock.wait_for_sleepers(1));
+    clock.advance(Duration::from_secs(5));
+    let report = shutdown.join().unwrap();
     assert_eq!((report.drained, report.running), (false, 1));
     assert!(pool.is_closed());
     assert_eq!(smol::block_on(pool.run(|| 9)), Err(OffloadError::Closed));
     release_tx.send(()).unwrap();
     assert_eq!(busy.join().unwrap(), Ok(7), "running work finishes");
     assert_eq!(waiting.join().unwrap(), Err(OffloadError::Closed));
+    // Drained: returns before any time passes.
     let report = smol::block_on(pool.shutdown(Duration::from_secs(30)));
     assert!(report.drained);
+    assert_eq!(clock.elapsed(), Duration::from_secs(5));
     assert_eq!((report.running, report.refused), (0, 2));
 }

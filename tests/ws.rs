@@ -285,7 +285,6 @@ fn heartbeat_finds_a_dead_peer_on_the_manual_clock() {
 fn server_restart_flushes_the_outbox_in_order() {
     within(|| {
         let server = block_on(ChaosServer::start()).unwrap();
-        let addr = server.addr();
         let hooked = Arc::new(AtomicU32::new(0));
         let h = hooked.clone();
         let session = block_on(
@@ -313,12 +312,11 @@ fn server_restart_flushes_the_outbox_in_order() {
             }
             other => panic!("{other:?}"),
         }
-        drop(server);
         for i in 0..50 {
             block_on(session.send(format!("m{i}"))).unwrap();
         }
         assert_eq!(session.stats().queued, 50);
-        let server = block_on(common::restart_on(addr));
+        let server = block_on(common::restart(server));
         eventually("all 50 after the restart", || texts(&server).len() == 51);
         let mut expected = vec!["subscribe #2".to_owned()];
         expected.extend((0..50).map(|i| format!("m{i}")));

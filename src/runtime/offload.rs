@@ -31,6 +31,7 @@ use std::time::Duration;
 use async_lock::Semaphore;
 
 use super::join::panic_message;
+use super::{Clock, SystemClock};
 
 /// Why offloaded work did not return a value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -130,6 +131,7 @@ pub struct CpuPool {
     permits: Arc<Semaphore>,
     limit: usize,
     state: Arc<PoolState>,
+    clock: Arc<dyn Clock>,
 }
 
 #[derive(Default)]
@@ -171,6 +173,7 @@ impl CpuPool {
             permits: Arc::new(Semaphore::new(limit.get())),
             limit: limit.get(),
             state: Arc::default(),
+            clock: Arc::new(SystemClock),
         }
     }
 
@@ -186,6 +189,13 @@ impl CpuPool {
     /// The most closures that run at once.
     pub fn limit(&self) -> usize {
         self.limit
+    }
+
+    /// The clock of [`shutdown`](Self::shutdown)'s grace period (default
+    /// [`SystemClock`]).
+    pub fn with_clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
+        self
     }
 
     /// Closures running now.
@@ -233,10 +243,9 @@ impl CpuPool {
         let idle = crate::sync::wait_for(&state.finished, || {
             state.running.load(Ordering::Acquire) == 0
         });
-        let timer = async {
-            async_io::Timer::after(grace).await;
-        };
-        let drained = crate::sync::unless(idle, timer).await.is_some();
+        let drained = crate::sync::unless(idle, self.clock.sleep(grace))
+            .await
+            .is_some();
         let running = self.running();
         CpuShutdown {
             drained: drained || running == 0,

@@ -38,22 +38,16 @@ pub fn fast_retry(n: u32) -> smolkit::resilience::Retry {
         ))
 }
 
-/// A `ChaosServer` on `addr` again after the previous one shut down: its
-/// accept task lets go of the port on its own time, so the bind is retried
-/// (up to 2 s).
-pub async fn restart_on(addr: std::net::SocketAddr) -> smolkit::testing::ChaosServer {
-    for _ in 0..400 {
-        match smolkit::testing::ChaosServer::builder()
-            .with_addr(addr)
-            .start()
-            .await
-        {
-            Ok(server) => return server,
-            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
-                async_io::Timer::after(Duration::from_millis(5)).await;
-            }
-            Err(e) => panic!("restart on {addr}: {e}"),
-        }
-    }
-    panic!("{addr} was not free again within 2 s");
+/// Shuts `old` down and starts a `ChaosServer` on its address again, once
+/// the old one has let go of the port.
+pub async fn restart(old: smolkit::testing::ChaosServer) -> smolkit::testing::ChaosServer {
+    let addr = old.addr();
+    old.shutdown();
+    old.closed().await;
+    drop(old);
+    smolkit::testing::ChaosServer::builder()
+        .with_addr(addr)
+        .start()
+        .await
+        .unwrap_or_else(|e| panic!("restart on {addr}: {e}"))
 }

@@ -118,6 +118,9 @@ pub(crate) struct State {
     max_open: AtomicUsize,
     pub(crate) stop: Event,
     pub(crate) stopped: std::sync::atomic::AtomicBool,
+    /// The listening socket is closed (after a shutdown): the port is free.
+    port_released: std::sync::atomic::AtomicBool,
+    port_event: Event,
     started: SystemTime,
     pub(crate) spawner: Arc<dyn Spawn>,
     pub(crate) ws: WsState,
@@ -223,6 +226,8 @@ impl ChaosBuilder {
             max_open: AtomicUsize::new(0),
             stop: Event::new(),
             stopped: std::sync::atomic::AtomicBool::new(false),
+            port_released: std::sync::atomic::AtomicBool::new(false),
+            port_event: Event::new(),
             started: SystemTime::now(),
             spawner: self.spawner.clone(),
             ws: WsState::new(self.ws_log_limit),
@@ -349,10 +354,26 @@ impl ChaosServer {
         self.state.max_open.load(Ordering::Acquire)
     }
 
-    /// Stops accepting and closes every connection (also on drop).
+    /// Stops accepting and closes every connection (also on drop). The
+    /// port is free once [`closed`](Self::closed) returns.
     pub fn shutdown(&self) {
         self.state.stopped.store(true, Ordering::Release);
         self.state.stop.notify(usize::MAX);
+    }
+
+    /// Waits until the server has stopped listening after
+    /// [`shutdown`](Self::shutdown): a new server can then bind the same
+    /// address (to restart on the same port).
+    ///
+    /// # Cancel safety
+    ///
+    /// Cancel-safe: it only watches.
+    pub async fn closed(&self) {
+        let state = &*self.state;
+        crate::sync::wait_for(&state.port_event, || {
+            state.port_released.load(Ordering::Acquire)
+        })
+        .await
     }
 }
 
@@ -395,6 +416,18 @@ async fn accept_loop(
     listener: TcpListener,
     acceptor: Option<futures_rustls::TlsAcceptor>,
     state: Arc<State>,
+    spawner: Arc<dyn Spawn>,
+) {
+    accept_until_stopped(&listener, acceptor, &state, spawner).await;
+    drop(listener);
+    state.port_released.store(true, Ordering::Release);
+    state.port_event.notify(usize::MAX);
+}
+
+async fn accept_until_stopped(
+    listener: &TcpListener,
+    acceptor: Option<futures_rustls::TlsAcceptor>,
+    state: &Arc<State>,
     spawner: Arc<dyn Spawn>,
 ) {
     loop {
