@@ -17,7 +17,6 @@ use ::http::{Request, Response, Uri};
 use event_listener::Event;
 use hyper::client::conn::http1::SendRequest;
 use rustls::pki_types::CertificateDer;
-use smol_hyper::rt::FuturesIo;
 
 use super::body::Body;
 use super::client::{self, Client, Redirects, ResponseFuture, SendOnce};
@@ -351,12 +350,14 @@ impl HyperClient {
                         source,
                     },
                 })?;
-            let (sender, conn) = hyper::client::conn::http1::handshake(FuturesIo::new(io))
-                .await
-                .map_err(|e| Error::Transport {
-                    url: addr.clone(),
-                    source: e.into(),
-                })?;
+            let plain = io.is_plain();
+            let (sender, conn) =
+                hyper::client::conn::http1::handshake(net::HyperIo::new(io, plain))
+                    .await
+                    .map_err(|e| Error::Transport {
+                        url: addr.clone(),
+                        source: e.into(),
+                    })?;
             let peer = addr.clone();
             self.inner.spawner.spawn_named_boxed(
                 "smolkit-http-conn",

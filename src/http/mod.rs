@@ -16,6 +16,9 @@
 pub(crate) mod api;
 mod body;
 mod client;
+#[cfg(feature = "download")]
+#[cfg_attr(docsrs, doc(cfg(feature = "download")))]
+pub mod download;
 pub(crate) mod error;
 pub(crate) mod hyper;
 #[cfg(feature = "surf")]

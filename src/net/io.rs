@@ -14,6 +14,14 @@ pub(crate) enum MaybeTls<T> {
     Tls(Box<T>),
 }
 
+impl<T> MaybeTls<T> {
+    /// A plain TCP socket: its vectored writes are real `writev`s.
+    #[cfg(feature = "http")]
+    pub(crate) fn is_plain(&self) -> bool {
+        matches!(self, MaybeTls::Plain(_))
+    }
+}
+
 impl<T: AsyncRead + Unpin> AsyncRead for MaybeTls<T> {
     fn poll_read(
         self: Pin<&mut Self>,

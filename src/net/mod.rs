@@ -5,6 +5,8 @@
 
 mod dial;
 mod headers;
+#[cfg(feature = "http")]
+mod hyper_io;
 mod io;
 mod tls;
 
@@ -12,5 +14,7 @@ mod tls;
 pub(crate) use dial::ClientIo;
 pub(crate) use dial::{DialError, dial};
 pub(crate) use headers::{excerpt, retry_after};
+#[cfg(feature = "http")]
+pub(crate) use hyper_io::{AsyncIoTimer, HyperIo};
 pub(crate) use io::MaybeTls;
 pub(crate) use tls::TlsOptions;

@@ -7,12 +7,17 @@ use std::time::{Duration, Instant};
 /// Runs `f` on a thread and fails the test if it takes over 30 s (a hang
 /// must fail, not stall CI).
 pub fn within<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+    within_for(Duration::from_secs(30), f)
+}
+
+/// [`within`] with another bound, for tests that move a lot of data.
+pub fn within_for<T: Send + 'static>(bound: Duration, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(f());
     });
-    rx.recv_timeout(Duration::from_secs(30))
-        .expect("test body hung for 30 s")
+    rx.recv_timeout(bound)
+        .unwrap_or_else(|_| panic!("test body hung for {bound:?}"))
 }
 
 /// Waits (bounded: 20 s of 1 ms naps) until `cond` holds, for state that

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::io;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime};
 
 use ::http::header::{
@@ -76,14 +77,20 @@ pub(super) async fn route(
             None => text(400, "bad count"),
         },
         ("redirect-to", _) => redirect_to(&q),
-        ("files", Some(name)) => file(&req, name, state).await,
+        ("files", Some(name)) => file(&req, name, &q, state, raw).await,
+        ("robots.txt", None) => file(&req, "robots.txt", &q, state, raw).await,
         _ => text(404, "no such route"),
     }
 }
 
 /// Logs the request for [`ChaosServer::requests`](super::ChaosServer::requests).
 fn record(req: &Request<hyper::body::Incoming>, state: &State, connection: u64) {
-    lock(&state.log).push(RequestRecord {
+    state.requests.fetch_add(1, Ordering::AcqRel);
+    let mut log = lock(&state.log);
+    if log.len() >= state.log_limit {
+        return;
+    }
+    log.push(RequestRecord {
         method: req.method().clone(),
         path: req
             .uri()
@@ -171,38 +178,13 @@ pub(super) async fn echo(req: Request<hyper::body::Incoming>) -> Response<Body> 
 }
 
 pub(super) fn flaky(key: &str, q: &HashMap<String, String>, state: &State) -> Response<Body> {
-    let calls = {
-        let mut flaky = lock(&state.flaky);
-        let n = flaky.entry(key.to_owned()).or_insert(0);
-        *n += 1;
-        *n
-    };
+    let calls = count_call(state, key.to_owned());
     let fail = q
         .get("fail")
         .and_then(|v| v.parse::<u64>().ok())
         .unwrap_or(2);
     if calls <= fail {
-        let status = q
-            .get("status")
-            .and_then(|v| v.parse::<u16>().ok())
-            .unwrap_or(503);
-        let mut r = text(
-            status,
-            format!("flaky {key}: call {calls} of {fail} failing"),
-        );
-        if let Some(ra) = q.get("retry_after") {
-            let value = match ra.strip_prefix("date:") {
-                Some(secs) => {
-                    let secs = secs.parse::<u64>().unwrap_or(0);
-                    httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(secs))
-                }
-                None => ra.clone(),
-            };
-            if let Ok(v) = HeaderValue::from_str(&value) {
-                r.headers_mut().insert(RETRY_AFTER, v);
-            }
-        }
-        return r;
+        return flaky_answer(key, calls, fail, q);
     }
     let mut r = text(
         200,
@@ -210,6 +192,32 @@ pub(super) fn flaky(key: &str, q: &HashMap<String, String>, state: &State) -> Re
     );
     r.headers_mut()
         .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    r
+}
+
+/// A failing answer of `/flaky` (and `/files?fail=`): `status` (default
+/// 503) with the `retry_after` asked for.
+fn flaky_answer(key: &str, calls: u64, fail: u64, q: &HashMap<String, String>) -> Response<Body> {
+    let status = q
+        .get("status")
+        .and_then(|v| v.parse::<u16>().ok())
+        .unwrap_or(503);
+    let mut r = text(
+        status,
+        format!("flaky {key}: call {calls} of {fail} failing"),
+    );
+    if let Some(ra) = q.get("retry_after") {
+        let value = match ra.strip_prefix("date:") {
+            Some(secs) => {
+                let secs = secs.parse::<u64>().unwrap_or(0);
+                httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(secs))
+            }
+            None => ra.clone(),
+        };
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            r.headers_mut().insert(RETRY_AFTER, v);
+        }
+    }
     r
 }
 
@@ -272,45 +280,74 @@ pub fn pattern(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i % 251) as u8).collect()
 }
 
+/// The file's bytes and modification time, from the files added or the
+/// folder served.
+async fn file_bytes(name: &str, state: &State) -> Option<(Bytes, SystemTime)> {
+    if let Some(b) = state.files.get(name) {
+        return Some((b.clone(), state.started));
+    }
+    let dir = state.dir.as_ref()?;
+    if name.contains('/') || name.contains('\\') || name == ".." || name.is_empty() {
+        return None;
+    }
+    let path = dir.join(name);
+    let b = smol::fs::read(&path).await.ok()?;
+    let modified = smol::fs::metadata(&path)
+        .await
+        .and_then(|m| m.modified())
+        .unwrap_or(state.started);
+    Some((Bytes::from(b), modified))
+}
+
+/// Counts a call of the fault key `key` (per route family) and returns
+/// its number, 1 for the first.
+fn count_call(state: &State, key: String) -> u64 {
+    let mut calls = lock(&state.flaky);
+    let n = calls.entry(key).or_insert(0);
+    *n += 1;
+    *n
+}
+
+/// `/files/{name}` with its fault options (see the route table).
 pub(super) async fn file(
     req: &Request<hyper::body::Incoming>,
     name: &str,
+    q: &HashMap<String, String>,
     state: &State,
+    raw: &TcpStream,
 ) -> Response<Body> {
-    let (bytes, modified) = match state.files.get(name) {
-        Some(b) => (b.clone(), state.started),
-        None => {
-            let Some(dir) = &state.dir else {
-                return text(404, "no such file");
-            };
-            if name.contains('/') || name.contains('\\') || name == ".." || name.is_empty() {
-                return text(404, "no such file");
-            }
-            let path = dir.join(name);
-            match smol::fs::read(&path).await {
-                Ok(b) => {
-                    let modified = smol::fs::metadata(&path)
-                        .await
-                        .and_then(|m| m.modified())
-                        .unwrap_or(state.started);
-                    (Bytes::from(b), modified)
-                }
-                Err(_) => return text(404, "no such file"),
-            }
-        }
+    let Some((mut bytes, modified)) = file_bytes(name, state).await else {
+        return text(404, "no such file");
     };
+    let num = |k: &str| q.get(k).and_then(|v| v.parse::<u64>().ok());
+    let key = q.get("key").cloned().unwrap_or_else(|| name.to_owned());
+    let call = count_call(state, format!("files:{key}"));
+    if let Some(fail) = num("fail")
+        && call <= fail
+    {
+        return flaky_answer(&key, call, fail, q);
+    }
+    let mut version = 1;
+    if num("version_after").is_some_and(|n| call > n) {
+        // The resource changed: other bytes, another validator.
+        let mut v: Vec<u8> = bytes.to_vec();
+        v.reverse();
+        bytes = Bytes::from(v);
+        version = 2;
+    }
     let len = bytes.len() as u64;
     let secs = modified
         .duration_since(SystemTime::UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    let etag = format!("\"{len:x}-{secs:x}\"");
-    let last_modified = httpdate::fmt_http_date(modified);
+    let etag = format!("\"{len:x}-{secs:x}-v{version}\"");
+    let last_modified = httpdate::fmt_http_date(modified + Duration::from_secs(version - 1));
     let mut range = req
         .headers()
         .get(RANGE)
         .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
+        .map(str::to_owned)
+        .filter(|_| q.get("ignore_range").is_none_or(|v| v == "0"));
     if let Some(if_range) = req.headers().get(IF_RANGE).and_then(|v| v.to_str().ok()) {
         let fresh = if if_range.starts_with('"') || if_range.starts_with("W/") {
             if_range == etag
@@ -322,23 +359,9 @@ pub(super) async fn file(
         }
     }
     let head = req.method() == Method::HEAD;
-    let mut r = match range.map(|r| parse_range(&r, len)) {
-        None => {
-            let mut r = text(200, if head { Bytes::new() } else { bytes });
-            r.headers_mut()
-                .insert(CONTENT_LENGTH, HeaderValue::from(len));
-            r
-        }
-        Some(Some((start, end))) => {
-            let part = bytes.slice(start as usize..=end as usize);
-            let mut r = text(206, if head { Bytes::new() } else { part });
-            let h = r.headers_mut();
-            h.insert(CONTENT_LENGTH, HeaderValue::from(end - start + 1));
-            if let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}")) {
-                h.insert(CONTENT_RANGE, v);
-            }
-            r
-        }
+    let (status, body) = match range.map(|r| parse_range(&r, len)) {
+        None => (200, bytes),
+        Some(Some((start, end))) => (206, bytes.slice(start as usize..=end as usize)),
         Some(None) => {
             let mut r = text(416, "");
             if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
@@ -347,12 +370,45 @@ pub(super) async fn file(
             return r;
         }
     };
+    let body_len = body.len() as u64;
+    let cut = num("cut").filter(|_| call <= num("cuts").unwrap_or(1));
+    let mut r = if head {
+        text(status, Bytes::new())
+    } else if let Some(cut) = cut {
+        if q.get("reset").is_some_and(|v| v != "0")
+            && let Err(e) = socket2::SockRef::from(raw).set_linger(Some(Duration::ZERO))
+        {
+            tracing::warn!(error = %e, "chaos server cannot set SO_LINGER");
+        }
+        cut_body(body, cut)
+    } else if let Some(bps) = num("bps") {
+        paced_body(body, bps.max(10))
+    } else {
+        text(status, body)
+    };
+    *r.status_mut() = ::http::StatusCode::from_u16(status).unwrap_or(::http::StatusCode::OK);
     let h = r.headers_mut();
+    h.insert(CONTENT_LENGTH, HeaderValue::from(body_len));
+    if status == 206
+        && let Some((start, end)) = req
+            .headers()
+            .get(RANGE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|r| parse_range(r, len))
+        && let Ok(v) = HeaderValue::from_str(&format!("bytes {start}-{end}/{len}"))
+    {
+        h.insert(CONTENT_RANGE, v);
+    }
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(ETAG, v);
     }
     if let Ok(v) = HeaderValue::from_str(&last_modified) {
         h.insert(LAST_MODIFIED, v);
+    }
+    if let Some(cd) = q.get("disposition")
+        && let Ok(v) = HeaderValue::from_str(cd)
+    {
+        h.insert(::http::header::CONTENT_DISPOSITION, v);
     }
     h.insert(
         ::http::header::ACCEPT_RANGES,
@@ -363,6 +419,41 @@ pub(super) async fn file(
         HeaderValue::from_static("application/octet-stream"),
     );
     r
+}
+
+/// `body` with its full length promised, cut off after `cut` bytes.
+fn cut_body(body: Bytes, cut: u64) -> Response<Body> {
+    let total = body.len() as u64;
+    let sent = body.slice(..cut.min(total) as usize);
+    let stream = futures_lite::StreamExt::chain(
+        futures_lite::stream::iter([Ok::<_, HttpError>(sent)]),
+        futures_lite::stream::once_future(async {
+            // A `Pending` first so hyper flushes the sent bytes (see
+            // `pattern_body`).
+            futures_lite::future::yield_now().await;
+            let e = io::Error::new(io::ErrorKind::ConnectionAborted, "chaos: cut off");
+            Err(HttpError::Body { source: e.into() })
+        }),
+    );
+    Response::new(Body::from_stream(stream, Some(total)))
+}
+
+/// `body` at `bps` bytes per second, in tenth-of-a-second chunks.
+fn paced_body(body: Bytes, bps: u64) -> Response<Body> {
+    let total = body.len() as u64;
+    let chunk = (bps / 10).max(1) as usize;
+    let stream = futures_lite::stream::unfold(0usize, move |at| {
+        let body = body.clone();
+        async move {
+            if at >= body.len() {
+                return None;
+            }
+            async_io::Timer::after(Duration::from_millis(100)).await;
+            let end = (at + chunk).min(body.len());
+            Some((Ok(body.slice(at..end)), end))
+        }
+    });
+    Response::new(Body::from_stream(stream, Some(total)))
 }
 
 /// `bytes=a-b`, `bytes=a-` or `bytes=-n` against `len`: the inclusive

@@ -19,7 +19,6 @@ use async_net::{TcpListener, TcpStream};
 use bytes::Bytes;
 use event_listener::Event;
 use futures_lite::FutureExt;
-use smol_hyper::rt::{FuturesIo, SmolTimer};
 
 use crate::http::Body;
 use crate::net::MaybeTls;
@@ -49,7 +48,7 @@ pub struct RequestRecord {
 /// A real HTTP/1.1 server on a loopback port with fault-injecting routes.
 ///
 /// Runs hyper on smol (any [`Spawn`]), with hyper's header-read timer on
-/// [`SmolTimer`]. Optional TLS with a certificate generated at start
+/// `async-io`. Optional TLS with a certificate generated at start
 /// ([`certificate_pem`](ChaosServer::certificate_pem) gives it to a client
 /// as a root). Every request is logged ([`requests`](ChaosServer::requests)),
 /// and connections are counted as the server sees them
@@ -61,6 +60,13 @@ pub struct RequestRecord {
 /// | route | what it does |
 /// | --- | --- |
 /// | `GET/HEAD /files/{name}` | a file added with [`ChaosBuilder::with_file`] or found in [`ChaosBuilder::with_dir`], with `ETag`, `Last-Modified`, `Accept-Ranges`; `Range: bytes=a-b`, `a-` or `-n` gives 206 with `Content-Range`, an unsatisfiable range 416; `If-Range` with a stale ETag or date gives the whole file (200) |
+/// | `/files/{name}?fail=N&status=S&retry_after=R&key=K` | the first `N` requests per key (default: the name) answer `S` (default 503) with `Retry-After: R` |
+/// | `/files/{name}?cut=M&cuts=C&reset=1` | the first `C` requests per key (default 1) promise the whole (range's) length and send only `M` bytes, then close (with `reset=1`, by a TCP RST) |
+/// | `/files/{name}?ignore_range=1` | `Range` is ignored: always 200 with the whole file |
+/// | `/files/{name}?version_after=N` | after `N` requests per key the file changes: its bytes reversed, a new `ETag` and `Last-Modified` |
+/// | `/files/{name}?bps=B` | the body at `B` bytes per second |
+/// | `/files/{name}?disposition=V` | adds `Content-Disposition: V` |
+/// | `GET /robots.txt` | the file named `robots.txt`, if one was added (404 otherwise) |
 /// | `ANY /echo` | JSON: `method`, `path`, `headers` (lower-case names), `body` (parsed JSON, else text) |
 /// | `ANY /status/{code}` | that status, body `status {code}`; `?retry_after=N` adds the header |
 /// | `ANY /delay/{ms}` | answers 200 `delayed` after `ms` milliseconds (real time) |
@@ -112,6 +118,8 @@ pub(crate) struct State {
     files: HashMap<String, Bytes>,
     dir: Option<PathBuf>,
     log: Mutex<Vec<RequestRecord>>,
+    log_limit: usize,
+    requests: AtomicU64,
     flaky: Mutex<HashMap<String, u64>>,
     accepted: AtomicU64,
     open: AtomicUsize,
@@ -138,6 +146,7 @@ pub struct ChaosBuilder {
     tls: bool,
     addr: SocketAddr,
     spawner: Arc<dyn Spawn>,
+    log_limit: usize,
     ws_log_limit: usize,
 }
 
@@ -177,6 +186,14 @@ impl ChaosBuilder {
     /// on the port a client knows).
     pub fn with_addr(mut self, addr: SocketAddr) -> Self {
         self.addr = addr;
+        self
+    }
+
+    /// How many requests [`ChaosServer::requests`] keeps (default: all;
+    /// later ones are not logged, [`ChaosServer::request_count`] still
+    /// counts them). Long runs set a bound.
+    pub fn with_request_log_limit(mut self, n: usize) -> Self {
+        self.log_limit = n;
         self
     }
 
@@ -220,6 +237,8 @@ impl ChaosBuilder {
             files: self.files,
             dir: self.dir,
             log: Mutex::new(Vec::new()),
+            log_limit: self.log_limit,
+            requests: AtomicU64::new(0),
             flaky: Mutex::new(HashMap::new()),
             accepted: AtomicU64::new(0),
             open: AtomicUsize::new(0),
@@ -259,6 +278,7 @@ impl ChaosServer {
             tls: false,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             spawner: default_spawner(),
+            log_limit: usize::MAX,
             ws_log_limit: 100_000,
         }
     }
@@ -298,10 +318,17 @@ impl ChaosServer {
         lock(&self.state.log).clone()
     }
 
+    /// Requests received since the start (or the last
+    /// [`reset`](ChaosServer::reset)), logged or not.
+    pub fn request_count(&self) -> u64 {
+        self.state.requests.load(Ordering::Acquire)
+    }
+
     /// Forgets the request log, the flaky routes' counts, the WebSocket
     /// message log and its refusal and drop counts.
     pub fn reset(&self) {
         lock(&self.state.log).clear();
+        self.state.requests.store(0, Ordering::Release);
         lock(&self.state.flaky).clear();
         self.state.ws.clear();
     }
@@ -486,14 +513,15 @@ async fn accept_until_stopped(
 
 async fn serve_connection(io: ServerIo, state: Arc<State>, id: u64, raw: TcpStream) {
     let raw = Arc::new(raw);
+    let vectored = io.is_plain();
     let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
         let (state, raw) = (state.clone(), raw.clone());
         async move { Ok::<_, std::convert::Infallible>(route(req, &state, id, &raw).await) }
     });
     let result = hyper::server::conn::http1::Builder::new()
-        .timer(SmolTimer::new())
+        .timer(crate::net::AsyncIoTimer)
         .keep_alive(true)
-        .serve_connection(FuturesIo::new(io), service)
+        .serve_connection(crate::net::HyperIo::new(io, vectored), service)
         .with_upgrades()
         .await;
     if let Err(e) = result {

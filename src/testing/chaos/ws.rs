@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use crate::net::HyperIo;
 use ::http::header::{CONNECTION, RETRY_AFTER, SEC_WEBSOCKET_ACCEPT, SEC_WEBSOCKET_KEY, UPGRADE};
 use ::http::{HeaderValue, Request, Response, StatusCode};
 use async_tungstenite::WebSocketStream;
@@ -14,7 +15,6 @@ use async_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use async_tungstenite::tungstenite::protocol::{CloseFrame, Role};
 use async_tungstenite::tungstenite::{Message as WsMessage, Utf8Bytes};
 use futures_lite::{FutureExt, StreamExt};
-use smol_hyper::rt::FuturesIo;
 
 use super::{ServerIo, State, text};
 use crate::http::Body;
@@ -209,7 +209,7 @@ pub(crate) fn upgrade(
                     return;
                 }
             };
-            let parts = match upgraded.downcast::<FuturesIo<ServerIo>>() {
+            let parts = match upgraded.downcast::<HyperIo<ServerIo>>() {
                 Ok(p) => p,
                 Err(_) => {
                     tracing::warn!("chaos ws: unexpected upgraded I/O type");
