@@ -691,3 +691,40 @@ fn memory_stays_bounded_on_a_big_body() {
         })
     });
 }
+
+#[test]
+fn without_resume_old_parts_go_but_retries_still_resume() {
+    within(|| {
+        smol::block_on(async {
+            let server = server().await;
+            let dir = tempfile::tempdir().unwrap();
+            let url = server.url("/files/a.bin?cut=70000&cuts=2");
+            // An earlier run that gave up, leaving a resumable part.
+            let once = Downloader::builder(dir.path())
+                .with_retry(fast_retry(1))
+                .build()
+                .unwrap();
+            let first = once.run([url.clone()]).await;
+            assert_eq!(first.results[0].status, DownloadStatus::Failed);
+            assert_eq!(first.results[0].bytes, 70_000, "the part is kept");
+            let dl = Downloader::builder(dir.path())
+                .with_retry(fast_retry(3))
+                .with_resume(false)
+                .build()
+                .unwrap();
+            let report = dl.run([url]).await;
+            let r = &report.results[0];
+            // The old part was dropped (no range asked), and the second cut
+            // was resumed from this run's own bytes.
+            assert_eq!(
+                ranges(&server, "/files/a.bin"),
+                [None, None, Some("bytes=70000-".into())]
+            );
+            assert_eq!(
+                (r.status, r.resumed_from),
+                (DownloadStatus::Resumed, 70_000)
+            );
+            assert_eq!(std::fs::read(dir.path().join("a.bin")).unwrap(), data());
+        })
+    });
+}

@@ -425,6 +425,53 @@ fn connections_per_host_never_exceed_the_cap() {
     });
 }
 
+/// Two connections freed back to back must wake two waiters: a
+/// notification that a woken-but-not-yet-run waiter absorbs (`notify(1)`
+/// is not additive) left the second waiter asleep with a free slot (the
+/// soak's stalled big-body loop).
+#[test]
+fn two_slots_freed_at_once_wake_two_waiters() {
+    within(|| {
+        smol::block_on(async {
+            let server = ChaosServer::start().await.unwrap();
+            let client = HyperClient::builder()
+                .with_max_connections_per_host(2)
+                .with_keep_alive(false)
+                .build()
+                .unwrap();
+            let get = |path: &str| {
+                let (client, url) = (client.clone(), server.url(path));
+                async move {
+                    client
+                        .send(Request::get(&url).body(Body::empty()).unwrap())
+                        .await
+                        .unwrap()
+                }
+            };
+            // Two responses whose bodies are not read hold both slots.
+            let held = [get("/bytes/10000000").await, get("/bytes/10000000").await];
+            // Each waiter, once served, holds its slot too (body unread),
+            // so a lost wake-up is not hidden by the other's release.
+            let waiters: Vec<_> = (0..2)
+                .map(|_| smol::spawn(get("/bytes/10000000")))
+                .collect();
+            eventually("two waiters", || client.stats().waiting == 2);
+            // Both slots come back with no await in between.
+            drop(held);
+            let mut served = Vec::new();
+            for w in waiters {
+                let response = smolkit::resilience::timeout(Duration::from_secs(10), w)
+                    .await
+                    .expect("a waiter was never woken although a slot was free");
+                assert_eq!(response.status(), StatusCode::OK);
+                served.push(response);
+            }
+            assert_eq!(client.stats().waiting, 0);
+            assert_eq!(client.stats().open, 2);
+        })
+    });
+}
+
 #[test]
 fn idle_connections_expire_on_the_clock() {
     within(|| {

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use ::http::header::{HOST, HeaderValue, USER_AGENT};
 use ::http::{Request, Response, Uri};
-use event_listener::Event;
+use event_listener::{Event, IntoNotification};
 use hyper::client::conn::http1::SendRequest;
 use rustls::pki_types::CertificateDer;
 
@@ -116,6 +116,7 @@ struct Counters {
     opened: AtomicU64,
     reused: AtomicU64,
     retried_stale: AtomicU64,
+    waiting: AtomicUsize,
 }
 
 /// A snapshot of a [`HyperClient`]'s pool.
@@ -134,6 +135,8 @@ pub struct ClientStats {
     pub open: usize,
     /// Idle connections now, all hosts.
     pub idle: usize,
+    /// Requests waiting for a connection now (the per-host cap is reached).
+    pub waiting: usize,
 }
 
 /// The pool of one `(scheme, host, port)`.
@@ -153,7 +156,10 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         self.host.open.fetch_sub(1, Ordering::AcqRel);
-        self.host.event.notify(1);
+        // NOTE: additional: each freed slot must wake its own waiter. A
+        // plain `notify(1)` is absorbed by a waiter woken but not yet run,
+        // and the second of two slots freed back to back woke nobody.
+        self.host.event.notify(1.additional());
     }
 }
 
@@ -161,6 +167,15 @@ struct Pooled {
     sender: SendRequest<Body>,
     idle_since: Instant,
     slot: Slot,
+}
+
+/// Decrements a gauge when dropped (a cancelled wait included).
+struct Decrement<'a>(&'a AtomicUsize);
+
+impl Drop for Decrement<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Default for HyperClient {
@@ -235,6 +250,7 @@ impl HyperClient {
             stale_retries: s.retried_stale.load(Ordering::Relaxed),
             open,
             idle,
+            waiting: s.waiting.load(Ordering::Acquire),
         }
     }
 
@@ -322,6 +338,8 @@ impl HyperClient {
             if host.open.load(Ordering::Acquire) < self.inner.max_per_host {
                 continue;
             }
+            self.inner.stats.waiting.fetch_add(1, Ordering::AcqRel);
+            let _waiting = Decrement(&self.inner.stats.waiting);
             listener.await;
         }
     }
@@ -475,7 +493,7 @@ impl HyperClient {
             pooled.idle_since = clock.now();
             let host = pooled.slot.host.clone();
             lock(&host.idle).push(pooled);
-            host.event.notify(1);
+            host.event.notify(1.additional());
         };
         let body = if hyper::body::Body::is_end_stream(&incoming) {
             give_back();

@@ -621,7 +621,9 @@ impl DownloaderBuilder {
         self
     }
 
-    /// Continues part files (default on). Off: part files are discarded.
+    /// Continues part files left by earlier runs (default on). Off: they
+    /// are discarded when their URL comes up; the retries of this run
+    /// still resume from what they received.
     pub fn with_resume(mut self, on: bool) -> Self {
         self.resume = on;
         self

@@ -333,6 +333,10 @@ fn prepare(shared: &Shared, request: DownloadRequest) -> Result<Prepared, Downlo
         Some(e) if e.path == wanted => wanted,
         _ => lock(&shared.names).claim(&wanted, &request.url),
     };
+    if !shared.settings.resume {
+        // Parts of earlier runs go; this run's own retries still resume.
+        transfer::discard(dir, &name);
+    }
     Ok(Prepared::Job(Job {
         request,
         url,

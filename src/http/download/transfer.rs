@@ -95,7 +95,7 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DownloadError + '_ {
 }
 
 /// Removes the part file and its meta; a missing file is fine.
-fn discard(dir: &Path, name: &str) {
+pub(super) fn discard(dir: &Path, name: &str) {
     for p in [part_path(dir, name), meta_path(dir, name)] {
         if let Err(e) = fs::remove_file(&p)
             && e.kind() != io::ErrorKind::NotFound
@@ -121,11 +121,7 @@ pub(super) async fn attempt(ctx: &Ctx, job: &Job) -> Result<Complete, DownloadEr
     let s = &*ctx.settings;
     let dir = s.dir.as_path();
     let name = job.name.as_str();
-    let (have, saved) = if s.resume {
-        blocking_io(dir.to_owned(), name.to_owned(), job.url.to_string()).await
-    } else {
-        (0, None)
-    };
+    let (have, saved) = blocking_io(dir.to_owned(), name.to_owned(), job.url.to_string()).await;
     let validator = saved
         .as_ref()
         .and_then(PartMeta::if_range)

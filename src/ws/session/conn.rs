@@ -2,6 +2,7 @@
 //! one place by the driver.
 
 use super::*;
+use event_listener::IntoNotification;
 
 #[derive(Deserialize)]
 pub(super) struct AckIn {
@@ -135,7 +136,7 @@ impl Conn<'_> {
             // without an id (raw sends); the others wait for their ack.
             let n = lock(&shared.outbox).confirm_through(w, shared.at_least_once);
             if n > 0 {
-                shared.space.notify(n);
+                shared.space.notify(n.additional());
             }
         }
     }
@@ -249,7 +250,7 @@ impl Conn<'_> {
             };
             if lock(&shared.outbox).ack(&id) {
                 bump(&shared.counters.acked, 1);
-                shared.space.notify(1);
+                shared.space.notify(1.additional());
             }
             return;
         }
