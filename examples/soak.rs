@@ -50,6 +50,9 @@ struct Args {
     /// `smol::Executor`, each big body read by a `smol::block_on` of its own
     /// on a plain thread).
     smol: bool,
+    /// Which side runs on smol in `smol` mode (`both`, `server`, `client`);
+    /// the other side stays on smolkit's runtimes.
+    smol_side: &'static str,
 }
 
 impl Args {
@@ -62,6 +65,7 @@ impl Args {
             drop_every: Duration::from_millis(1500),
             stall: Duration::from_secs(15),
             smol: false,
+            smol_side: "both",
         };
         let mut it = std::env::args().skip(1);
         while let Some(flag) = it.next() {
@@ -80,7 +84,13 @@ impl Args {
                 "--executor" => match value.as_str() {
                     "smolkit" => args.smol = false,
                     "smol" => args.smol = true,
-                    _ => return Err(format!("--executor: `{value}` is not smolkit or smol")),
+                    "smol-server" => (args.smol, args.smol_side) = (true, "server"),
+                    "smol-client" => (args.smol, args.smol_side) = (true, "client"),
+                    _ => {
+                        return Err(format!(
+                            "--executor: `{value}` is not smolkit, smol, smol-server or smol-client"
+                        ));
+                    }
                 },
                 _ => return Err(format!("unknown flag {flag}")),
             }
@@ -94,6 +104,9 @@ impl Args {
 struct Counters {
     big_bodies: AtomicU64,
     big_bytes: AtomicU64,
+    /// Per big-body loop: its phase (0 idle, 1 sending, 2 reading the body)
+    /// and the bytes of the current body, for the stall report.
+    big_state: [(AtomicU64, AtomicU64); 16],
     small: AtomicU64,
     ws_sent: AtomicU64,
     ws_echoes: AtomicU64,
@@ -107,7 +120,7 @@ fn main() -> ExitCode {
             eprintln!("soak: {e}");
             eprintln!(
                 "usage: soak [--seconds N] [--big BYTES] [--big-tasks N] [--small N] \
-                 [--drop-every MS] [--stall SECONDS] [--executor smolkit|smol]"
+                 [--drop-every MS] [--stall SECONDS] [--executor smolkit|smol|smol-server|smol-client]"
             );
             return ExitCode::from(64);
         }
@@ -156,13 +169,15 @@ fn run(args: Args) -> Result<(), BoxError> {
                 smol::block_on(ex.run(futures_lite::future::pending::<()>()))
             });
         }
-        smol::block_on(load(
-            &args,
-            Arc::new(smolkit::runtime::SmolGlobal),
-            ex,
-            &counters,
-            &stop,
-        ))
+        let server: Arc<dyn Spawn> = match args.smol_side {
+            "client" => server_rt.spawner(),
+            _ => Arc::new(smolkit::runtime::SmolGlobal),
+        };
+        let client: Arc<dyn Spawn> = match args.smol_side {
+            "server" => client_rt.spawner(),
+            _ => ex,
+        };
+        smol::block_on(load(&args, server, client, &counters, &stop))
     } else {
         client_rt.block_on(load(
             &args,
@@ -264,6 +279,20 @@ fn watch(
             );
         }
         report(c, Duration::from_secs(1));
+        for (i, (phase, bytes)) in c.big_state.iter().enumerate() {
+            let phase = phase.load(Ordering::Relaxed);
+            if phase != 0 {
+                let what = if phase == 1 {
+                    "waiting for the response"
+                } else {
+                    "reading the body"
+                };
+                eprintln!(
+                    "  big #{i}: {what}, {} bytes of this body so far",
+                    bytes.load(Ordering::Relaxed)
+                );
+            }
+        }
         for (name, rt) in [("server", server), ("client", client)] {
             eprintln!("{name} runtime: {:?}", rt.stats());
             for t in rt.tasks() {
@@ -406,6 +435,9 @@ async fn big_body(
     want: u64,
     c: &Counters,
 ) -> Result<(), String> {
+    let state = &c.big_state[i % 16];
+    state.0.store(1, Ordering::Relaxed);
+    state.1.store(0, Ordering::Relaxed);
     {
         let response = client
             .send(
@@ -416,10 +448,12 @@ async fn big_body(
             .await
             .map_err(|e| format!("big #{i}: {e}"))?;
         let mut body = response.into_body();
+        state.0.store(2, Ordering::Relaxed);
         let mut n = 0u64;
         while let Some(chunk) = body.next().await {
             let chunk = chunk.map_err(|e| format!("big #{i} body after {n} bytes: {e}"))?;
             n += chunk.len() as u64;
+            state.1.store(n, Ordering::Relaxed);
             c.big_bytes.fetch_add(chunk.len() as u64, Ordering::Relaxed);
         }
         if n != want {
@@ -427,6 +461,7 @@ async fn big_body(
         }
         c.big_bodies.fetch_add(1, Ordering::Relaxed);
     }
+    state.0.store(0, Ordering::Relaxed);
     Ok(())
 }
 

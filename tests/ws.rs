@@ -92,6 +92,8 @@ fn echo_text_binary_and_envelopes() {
         block_on(session.send_envelope(sent.clone())).unwrap();
         let back: Envelope<serde_json::Value> = recv(&session).envelope().unwrap();
         assert_eq!(back, sent);
+        // Echoed, so written: nothing waits to be written.
+        assert_eq!(session.stats().unflushed_bytes, 0);
         let report = block_on(session.close());
         assert!(report.error.is_none(), "{report:?}");
         assert!(report.unsent.is_empty() && report.unconfirmed.is_empty());
@@ -1253,6 +1255,11 @@ fn a_ping_flood_from_a_peer_that_never_reads_backs_up_at_the_peer() {
             n < 400_000,
             "all {n} pings went through: the session kept reading"
         );
+        // What waits to be written (the pong the peer will not read) is
+        // visible, and within the cap.
+        let stats = session.stats();
+        assert!(stats.unflushed_bytes > 0, "{stats:?}");
+        assert!(stats.unflushed_bytes <= (8 << 20) + (64 << 10), "{stats:?}");
         session.shutdown();
     });
 }

@@ -107,6 +107,21 @@ impl Conn<'_> {
         None
     }
 
+    /// Counts a frame of `payload` bytes handed to the connection.
+    fn queued_wire(&self, payload: usize) {
+        let c = &self.driver.shared.counters;
+        c.wire_queued
+            .fetch_add(super::event::wire_len(payload), Ordering::AcqRel);
+    }
+
+    /// Everything handed over is on the socket now.
+    fn flushed(&mut self) {
+        self.needs_flush = false;
+        let c = &self.driver.shared.counters;
+        c.wire_queued
+            .store(c.wire_written.load(Ordering::Acquire), Ordering::Release);
+    }
+
     pub(super) fn queue_ping(&mut self) -> u64 {
         self.ping_seq += 1;
         self.ping_queue.push_back(self.ping_seq);
@@ -156,7 +171,7 @@ impl Conn<'_> {
                         }
                         return Some(End::Dead(Error::connection(e)));
                     }
-                    Poll::Ready(Ok(())) => self.needs_flush = false,
+                    Poll::Ready(Ok(())) => self.flushed(),
                 }
             }
             if let Some(stall) = &mut self.stalled {
@@ -190,12 +205,19 @@ impl Conn<'_> {
                     self.on_pong(&p);
                     continue;
                 }
-                WsMessage::Ping(_) => {
+                WsMessage::Ping(payload) => {
                     // tungstenite queued the pong; make sure it is flushed.
+                    // (No more reading until it is: one pong at a time, so
+                    // none is coalesced away from this count.)
+                    self.queued_wire(payload.len());
                     self.needs_flush = true;
                     continue;
                 }
                 WsMessage::Close(frame) => {
+                    // tungstenite answers with a close frame of its own.
+                    if !self.close_sent {
+                        self.queued_wire(2);
+                    }
                     self.server_close = Some(frame.map_or((1005, String::new()), |f| {
                         (u16::from(f.code), f.reason.as_str().to_owned())
                     }));
@@ -310,6 +332,7 @@ impl Conn<'_> {
             if let Some(seq) = self.ping_queue.pop_front() {
                 bump(&shared.counters.pings, 1);
                 let ping = WsMessage::Ping(Bytes::copy_from_slice(&seq.to_be_bytes()));
+                self.queued_wire(8);
                 if let Err(e) = Pin::new(&mut self.ws).start_send(ping) {
                     return Some(End::Dead(Error::connection(e)));
                 }
@@ -404,6 +427,7 @@ impl Conn<'_> {
             code: CloseCode::Normal,
             reason: Utf8Bytes::from_static("closed by the application"),
         }));
+        self.queued_wire(2 + "closed by the application".len());
         if let Err(e) = Pin::new(&mut self.ws).start_send(close) {
             tracing::debug!(error = %e, "ws close frame not sent");
             return Some(End::Closed);
@@ -427,6 +451,7 @@ impl Conn<'_> {
         let frame = self.driver.config.codec.encode_frame(frame);
         self.write_seq += 1;
         let half_full = lock(&shared.outbox).mark_written(taken, self.write_seq);
+        self.queued_wire(frame.data.len());
         if let Err(e) = Pin::new(&mut self.ws).start_send(to_ws(frame)) {
             return Some(End::Dead(Error::connection(e)));
         }
@@ -446,7 +471,7 @@ impl Conn<'_> {
     fn flush(&mut self, cx: &mut Context<'_>) -> Option<End> {
         if self.needs_flush {
             match Pin::new(&mut self.ws).poll_flush(cx) {
-                Poll::Ready(Ok(())) => self.needs_flush = false,
+                Poll::Ready(Ok(())) => self.flushed(),
                 Poll::Ready(Err(e)) => {
                     if self.close_sent {
                         return Some(End::Closed);

@@ -240,9 +240,19 @@ impl Driver {
                 .max_message_size(Some(max))
                 .max_frame_size(Some(max))
                 .max_write_buffer_size(write_cap);
+            let counters = &self.shared.counters;
+            let io = Counted {
+                io,
+                written: counters.wire_written.clone(),
+            };
             let (ws, _) = async_tungstenite::client_async_with_config(request, io, Some(ws_config))
                 .await
                 .map_err(|e| handshake_error(&t.url, e))?;
+            // A new connection: nothing of it is waiting to be written.
+            counters.wire_queued.store(
+                counters.wire_written.load(Ordering::Acquire),
+                Ordering::Release,
+            );
             Ok(ws)
         };
         match self.config.timing.connect_timeout {

@@ -155,6 +155,11 @@ pub struct SessionStats {
     pub queued: usize,
     /// Bytes in the outbox now.
     pub queued_bytes: usize,
+    /// Bytes handed to the connection (frames with their headers, and the
+    /// pongs and close replies the WebSocket layer queues by itself) that
+    /// the socket has not taken yet: what a peer that stops reading leaves
+    /// in our memory. Bounded by the outbox's byte limit plus 64 KiB.
+    pub unflushed_bytes: u64,
 }
 
 #[derive(Default)]
@@ -171,6 +176,21 @@ pub(super) struct Counters {
     pub(super) pings: AtomicU64,
     pub(super) pongs: AtomicU64,
     pub(super) events_dropped: AtomicU64,
+    /// Wire bytes handed to the current connection.
+    pub(super) wire_queued: AtomicU64,
+    /// Wire bytes the current connection's socket took.
+    pub(super) wire_written: std::sync::Arc<AtomicU64>,
+}
+
+/// The bytes a client frame with `payload` bytes takes on the wire: the
+/// header (2 bytes, the extended length, the 4-byte mask) and the payload.
+pub(super) fn wire_len(payload: usize) -> u64 {
+    let ext = match payload {
+        0..=125 => 0,
+        126..=65535 => 2,
+        _ => 8,
+    };
+    (2 + ext + 4 + payload) as u64
 }
 
 pub(super) fn bump(c: &AtomicU64, n: u64) {

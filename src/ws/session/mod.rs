@@ -49,7 +49,46 @@ pub use event::{
 };
 use event::{Counters, bump};
 
-type WsStream = WebSocketStream<ClientIo>;
+type WsStream = WebSocketStream<Counted<ClientIo>>;
+
+/// The socket, counting the bytes it takes (for
+/// [`SessionStats::unflushed_bytes`]).
+struct Counted<T> {
+    io: T,
+    written: Arc<AtomicU64>,
+}
+
+impl<T: futures_lite::AsyncRead + Unpin> futures_lite::AsyncRead for Counted<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<T: futures_lite::AsyncWrite + Unpin> futures_lite::AsyncWrite for Counted<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let r = Pin::new(&mut self.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = &r {
+            self.written.fetch_add(*n as u64, Ordering::AcqRel);
+        }
+        r
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.io).poll_close(cx)
+    }
+}
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Hook = Arc<
     dyn Fn(ConnectInfo) -> Pin<Box<dyn Future<Output = Result<Vec<Message>, BoxError>> + Send>>
@@ -444,6 +483,10 @@ impl Session {
             events_dropped: c.events_dropped.load(Ordering::Relaxed),
             queued,
             queued_bytes,
+            unflushed_bytes: c
+                .wire_queued
+                .load(Ordering::Acquire)
+                .saturating_sub(c.wire_written.load(Ordering::Acquire)),
         }
     }
 
