@@ -99,6 +99,16 @@ impl Args {
     }
 }
 
+const STEPS: [&str; 7] = [
+    "running",
+    "joining the task loops",
+    "joining the WebSocket task",
+    "joining the big-body threads",
+    "checking the server's count",
+    "waiting for the server to close",
+    "done",
+];
+
 /// What the load tasks did (the watchdog samples them).
 #[derive(Default)]
 struct Counters {
@@ -107,6 +117,8 @@ struct Counters {
     /// Per big-body loop: its phase (0 idle, 1 sending, 2 reading the body)
     /// and the bytes of the current body, for the stall report.
     big_state: [(AtomicU64, AtomicU64); 16],
+    /// Where the wind-down is (an index into `STEPS`).
+    step: AtomicU64,
     small: AtomicU64,
     ws_sent: AtomicU64,
     ws_echoes: AtomicU64,
@@ -265,8 +277,9 @@ fn watch(
                 continue;
             }
             eprintln!(
-                "soak STALLED: still winding down {:.1} s after the stop",
-                at.elapsed().as_secs_f64()
+                "soak STALLED: still winding down {:.1} s after the stop ({})",
+                at.elapsed().as_secs_f64(),
+                STEPS[c.step.load(Ordering::Relaxed) as usize % STEPS.len()],
             );
         } else {
             let Some(i) = (0..3).find(|&i| since[i].elapsed() >= stall) else {
@@ -385,12 +398,15 @@ async fn load(
 
     async_io::Timer::after(Duration::from_secs(args.seconds)).await;
     stop.store(true, Ordering::Release);
+    let step = |n: u64| c.step.store(n, Ordering::Relaxed);
+    step(1);
     let mut first_error = None;
     for t in tasks {
         if let Err(e) = t.await.map_err(|e| format!("task: {e}")).and_then(|r| r) {
             first_error.get_or_insert(e);
         }
     }
+    step(2);
     if let Err(e) = ws
         .await
         .map_err(|e| format!("ws task: {e}"))
@@ -398,6 +414,7 @@ async fn load(
     {
         first_error.get_or_insert(e);
     }
+    step(3);
     for t in threads {
         let joined = blocking::unblock(move || t.join()).await;
         if let Err(e) = joined
@@ -410,6 +427,7 @@ async fn load(
     if let Some(e) = first_error {
         return Err(e.into());
     }
+    step(4);
     let sent = c.big_bodies.load(Ordering::Relaxed) + c.small.load(Ordering::Relaxed);
     let counted = server.request_count();
     // The WebSocket upgrades are HTTP requests too.
@@ -423,8 +441,18 @@ async fn load(
     big_client.close();
     small_client.close();
     server.shutdown();
+    step(5);
     server.closed().await;
+    step(6);
     Ok(())
+}
+
+/// `GET url`.
+async fn get(client: &HyperClient, url: &str) -> Result<http::Response<Body>, String> {
+    let request = http::Request::get(url)
+        .body(Body::empty())
+        .map_err(|e| e.to_string())?;
+    client.send(request).await.map_err(|e| e.to_string())
 }
 
 /// One big body, every byte counted.
@@ -439,12 +467,7 @@ async fn big_body(
     state.0.store(1, Ordering::Relaxed);
     state.1.store(0, Ordering::Relaxed);
     {
-        let response = client
-            .send(
-                http::Request::get(url)
-                    .body(Body::empty())
-                    .map_err(|e| e.to_string())?,
-            )
+        let response = get(client, url)
             .await
             .map_err(|e| format!("big #{i}: {e}"))?;
         let mut body = response.into_body();
@@ -473,12 +496,7 @@ async fn small_loop(
     stop: &AtomicBool,
 ) -> Result<(), String> {
     while !stop.load(Ordering::Acquire) {
-        let response = client
-            .send(
-                http::Request::get(url)
-                    .body(Body::empty())
-                    .map_err(|e| e.to_string())?,
-            )
+        let response = get(client, url)
             .await
             .map_err(|e| format!("small {url}: {e}"))?;
         if response.status() != 200 {

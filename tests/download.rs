@@ -46,6 +46,14 @@ fn downloader(dir: &Path) -> Downloader {
         .unwrap()
 }
 
+/// A downloader on `clock`, with no idle timeout (nothing else waits on
+/// the clock but what the test watches).
+fn on_clock(dir: &Path, clock: &Arc<ManualClock>) -> smolkit::http::download::DownloaderBuilder {
+    Downloader::builder(dir)
+        .with_clock(clock.clone())
+        .with_idle_timeout(None)
+}
+
 async fn server() -> ChaosServer {
     ChaosServer::builder()
         .with_file("a.bin", data())
@@ -229,11 +237,7 @@ fn a_503_with_retry_after_waits_on_the_clock_then_succeeds() {
             let server = server().await;
             let dir = tempfile::tempdir().unwrap();
             let clock = Arc::new(ManualClock::new());
-            let dl = Downloader::builder(dir.path())
-                .with_clock(clock.clone())
-                .with_idle_timeout(None)
-                .build()
-                .unwrap();
+            let dl = on_clock(dir.path(), &clock).build().unwrap();
             let run = dl.start([server.url("/files/b.txt?fail=1&retry_after=7")]);
             // The retry waits for exactly the server's 7 s.
             clock.wait_for_sleepers(1).await;
@@ -437,10 +441,8 @@ fn the_interval_spaces_requests_to_one_host_on_the_clock() {
             let server = server().await;
             let dir = tempfile::tempdir().unwrap();
             let clock = Arc::new(ManualClock::new());
-            let dl = Downloader::builder(dir.path())
-                .with_clock(clock.clone())
+            let dl = on_clock(dir.path(), &clock)
                 .with_interval(Duration::from_secs(5))
-                .with_idle_timeout(None)
                 .build()
                 .unwrap();
             let run = dl.start([server.url("/files/b.txt"), server.url("/files/c.txt")]);

@@ -284,16 +284,7 @@ async fn stream_body(
             actual: received,
         });
     }
-    let sha256: [u8; 32] = hasher.finalize().into();
-    if let Some(want) = job.request.sha256
-        && want != sha256
-    {
-        discard(&dir, &name);
-        return Err(DownloadError::Checksum {
-            expected: super::hex(&want),
-            actual: super::hex(&sha256),
-        });
-    }
+    let sha256 = verify(job, hasher, &dir)?;
     Ok(Complete {
         bytes: received,
         sha256,
@@ -344,6 +335,22 @@ fn open_part(
     Ok((f, hasher))
 }
 
+/// The digest of the whole file, checked against the expected one (a
+/// mismatch discards the part: its bytes are wrong, not short).
+fn verify(job: &Job, hasher: Sha256, dir: &Path) -> Result<[u8; 32], DownloadError> {
+    let sha256: [u8; 32] = hasher.finalize().into();
+    if let Some(want) = job.request.sha256
+        && want != sha256
+    {
+        discard(dir, &job.name);
+        return Err(DownloadError::Checksum {
+            expected: super::hex(&want),
+            actual: super::hex(&sha256),
+        });
+    }
+    Ok(sha256)
+}
+
 /// A `416` said the part is already whole: hash and check it.
 async fn complete_from_disk(
     ctx: &Ctx,
@@ -357,16 +364,7 @@ async fn complete_from_disk(
         let (dir, name, meta) = (dir.clone(), name.clone(), meta.clone());
         blocking::unblock(move || open_part(&dir, &name, have, &meta)).await?
     };
-    let sha256: [u8; 32] = hasher.finalize().into();
-    if let Some(want) = job.request.sha256
-        && want != sha256
-    {
-        discard(&dir, &name);
-        return Err(DownloadError::Checksum {
-            expected: super::hex(&want),
-            actual: super::hex(&sha256),
-        });
-    }
+    let sha256 = verify(job, hasher, &dir)?;
     Ok(Complete {
         bytes: have,
         sha256,
