@@ -310,10 +310,11 @@ fn watch(
             eprintln!("{name} runtime: {:?}", rt.stats());
             for t in rt.tasks() {
                 eprintln!(
-                    "  #{:<6} {:<24} age {:>8.1} s  polls {:>9}  busy {:>8.3} s  longest poll {:?}",
+                    "  #{:<6} {:<24} age {:>8.1} s  last poll {:>7.2} s ago  polls {:>9}  busy {:>8.3} s  longest poll {:?}",
                     t.id,
                     t.name.as_deref().unwrap_or("-"),
                     t.age().as_secs_f64(),
+                    t.since_last_poll().as_secs_f64(),
                     t.polls,
                     t.busy.as_secs_f64(),
                     t.longest_poll,

@@ -304,6 +304,12 @@ fn tasks_lists_live_tasks_by_name_and_empties_after_completion() {
     let names: Vec<_> = tasks.iter().map(|t| t.name.as_deref().unwrap()).collect();
     assert_eq!(names, ["alpha", "beta", "gamma"]);
     assert!(tasks.windows(2).all(|w| w[0].id < w[1].id));
+    // Each was polled: its last poll ended after its spawn, not after now.
+    for t in &tasks {
+        let last = t.last_poll.expect("polled");
+        assert!(last >= t.spawned_at && last <= std::time::Instant::now(), "{t:?}");
+        assert!(t.since_last_poll() <= t.age());
+    }
     assert_eq!(rt.stats().live, 3);
 
     for _ in 0..3 {

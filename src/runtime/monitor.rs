@@ -47,12 +47,20 @@ pub struct TaskInfo {
     pub busy: Duration,
     /// The longest single poll.
     pub longest_poll: Duration,
+    /// When its last poll ended (`None` before the first): with
+    /// [`age`](TaskInfo::age), what a stalled task was last doing.
+    pub last_poll: Option<Instant>,
 }
 
 impl TaskInfo {
     /// Time since the task was spawned.
     pub fn age(&self) -> Duration {
         self.spawned_at.elapsed()
+    }
+
+    /// Time since its last poll ended (its age when never polled).
+    pub fn since_last_poll(&self) -> Duration {
+        self.last_poll.unwrap_or(self.spawned_at).elapsed()
     }
 }
 
@@ -65,6 +73,8 @@ struct TaskMeta {
     polls: AtomicU64,
     busy_ns: AtomicU64,
     longest_ns: AtomicU64,
+    /// When the last poll ended, in ns after `spawned_at` (0: never).
+    last_poll_ns: AtomicU64,
 }
 
 pub(crate) struct Monitor {
@@ -138,6 +148,10 @@ impl Monitor {
                 polls: m.polls.load(Ordering::Relaxed),
                 busy: Duration::from_nanos(m.busy_ns.load(Ordering::Relaxed)),
                 longest_poll: Duration::from_nanos(m.longest_ns.load(Ordering::Relaxed)),
+                last_poll: match m.last_poll_ns.load(Ordering::Relaxed) {
+                    0 => None,
+                    ns => m.spawned_at.checked_add(Duration::from_nanos(ns)),
+                },
             }));
         }
         out.sort_by_key(|t| t.id);
@@ -157,6 +171,7 @@ impl Monitor {
                 polls: AtomicU64::new(0),
                 busy_ns: AtomicU64::new(0),
                 longest_ns: AtomicU64::new(0),
+                last_poll_ns: AtomicU64::new(0),
             });
             registry.shards[id as usize % SHARDS]
                 .lock()
@@ -222,6 +237,9 @@ impl<F: Future> Future for Instrumented<F> {
                 meta.polls.fetch_add(1, Ordering::Relaxed);
                 meta.busy_ns.fetch_add(ns, Ordering::Relaxed);
                 meta.longest_ns.fetch_max(ns, Ordering::Relaxed);
+                let end = (start + took).saturating_duration_since(meta.spawned_at);
+                let end_ns = u64::try_from(end.as_nanos()).unwrap_or(u64::MAX).max(1);
+                meta.last_poll_ns.store(end_ns, Ordering::Relaxed);
                 if let Some(registry) = &this.monitor.registry
                     && took > registry.slow_poll
                 {
