@@ -29,8 +29,13 @@ const RUNS: usize = 3;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--role") {
-        // --role smolkit <concurrency> <out> <urls-file>
-        smolkit_child(args[3].parse().unwrap(), Path::new(&args[4]), Path::new(&args[5]));
+        // --role smolkit <concurrency> <out> <urls-file> <durable|plain>
+        smolkit_child(
+            args[3].parse().unwrap(),
+            Path::new(&args[4]),
+            Path::new(&args[5]),
+            args[6] == "durable",
+        );
         return;
     }
     if args.iter().any(|a| a == "--list") {
@@ -57,7 +62,7 @@ fn main() {
     for tool in Tool::ALL {
         row(&format!("{LARGE} × 256 MiB, c=64"), tool, 64, &large, work.path());
     }
-    for tool in [Tool::Smolkit, Tool::CurlSingle] {
+    for tool in [Tool::Smolkit, Tool::SmolkitPlain, Tool::CurlSingle] {
         row("1 × 256 MiB, one stream", tool, 1, &large[..1], work.path());
     }
     drop(nginx);
@@ -65,7 +70,10 @@ fn main() {
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Tool {
+    /// Defaults: every file fsynced, a manifest line with its SHA-256.
     Smolkit,
+    /// No fsync, no manifest, no hashing: what curl and wget2 promise.
+    SmolkitPlain,
     Wget2,
     Curl,
     Aria2c,
@@ -73,11 +81,12 @@ enum Tool {
 }
 
 impl Tool {
-    const ALL: [Tool; 4] = [Tool::Smolkit, Tool::Wget2, Tool::Curl, Tool::Aria2c];
+    const ALL: [Tool; 5] = [Tool::Smolkit, Tool::SmolkitPlain, Tool::Wget2, Tool::Curl, Tool::Aria2c];
 
     fn name(self) -> &'static str {
         match self {
-            Tool::Smolkit => "smolkit",
+            Tool::Smolkit => "smolkit (fsync + manifest + SHA-256)",
+            Tool::SmolkitPlain => "smolkit (no fsync, no manifest)",
             Tool::Wget2 => "wget2",
             Tool::Curl => "curl --parallel",
             Tool::Aria2c => "aria2c",
@@ -87,7 +96,7 @@ impl Tool {
 
     fn program(self) -> &'static str {
         match self {
-            Tool::Smolkit => "smolkit",
+            Tool::Smolkit | Tool::SmolkitPlain => "smolkit",
             Tool::Wget2 => "wget2",
             Tool::Curl | Tool::CurlSingle => "curl",
             Tool::Aria2c => "aria2c",
@@ -99,11 +108,13 @@ impl Tool {
         let mut c = Command::new("/usr/bin/time");
         c.args(["-f", "%M"]);
         match self {
-            Tool::Smolkit => {
+            Tool::Smolkit | Tool::SmolkitPlain => {
+                let mode = if self == Tool::Smolkit { "durable" } else { "plain" };
                 c.arg(std::env::current_exe().unwrap())
                     .args(["--role", "smolkit", &concurrency.to_string()])
                     .arg(out)
-                    .arg(list);
+                    .arg(list)
+                    .arg(mode);
             }
             Tool::Wget2 => {
                 c.args(["wget2", "-q", "--no-config", "--max-threads", &concurrency.to_string(), "-P"])
@@ -211,13 +222,14 @@ fn check_out(out: &Path, files: usize, bytes: u64) {
 }
 
 /// The bench's own downloader process.
-fn smolkit_child(concurrency: usize, out: &Path, list: &Path) {
+fn smolkit_child(concurrency: usize, out: &Path, list: &Path, durable: bool) {
     let urls: Vec<String> = std::fs::read_to_string(list).unwrap().lines().map(str::to_owned).collect();
     let rt = Runtime::builder().with_threads(2).build().unwrap();
     let downloader = Downloader::builder(out)
         .with_concurrency(concurrency)
         .with_per_host(concurrency)
-        .with_manifest(false)
+        .with_manifest(durable)
+        .with_sync(durable)
         .with_spawner(rt.spawner())
         .build()
         .unwrap();

@@ -307,7 +307,10 @@ fn tasks_lists_live_tasks_by_name_and_empties_after_completion() {
     // Each was polled: its last poll ended after its spawn, not after now.
     for t in &tasks {
         let last = t.last_poll.expect("polled");
-        assert!(last >= t.spawned_at && last <= std::time::Instant::now(), "{t:?}");
+        assert!(
+            last >= t.spawned_at && last <= std::time::Instant::now(),
+            "{t:?}"
+        );
         assert!(t.since_last_poll() <= t.age());
     }
     assert_eq!(rt.stats().live, 3);

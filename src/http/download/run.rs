@@ -478,7 +478,7 @@ async fn fetch(ctx: &Ctx, job: &Job) -> DownloadResult {
             bytes: done.bytes,
             resumed_from: done.resumed_from,
             attempts,
-            sha256: Some(super::hex(&done.sha256)),
+            sha256: done.sha256.map(|d| super::hex(&d)),
             error: None,
         },
         Err(e) => failed(&job.request, e, attempts, None),

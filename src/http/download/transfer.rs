@@ -7,7 +7,7 @@ use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use futures_lite::{AsyncWriteExt, StreamExt};
+use futures_lite::StreamExt;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -19,8 +19,12 @@ use crate::resilience::timeout_on;
 
 /// Bytes between two [`DownloadEvent::Bytes`] of one file.
 const PROGRESS_EVERY: u64 = 256 * 1024;
-/// The write pipe between the task and the file's blocking thread.
-const WRITE_BUFFER: usize = 256 * 1024;
+/// Bytes handed to the file's blocking thread at once (one thread hop per
+/// batch; the next batch is received while this one is written and hashed).
+const BATCH: usize = 1024 * 1024;
+/// Bodies up to this size restart whole rather than resume: their
+/// validators are not saved beside the part (one file less per small file).
+const RESUME_MIN: u64 = 256 * 1024;
 
 /// What is saved beside a part file, to resume it safely.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,7 +76,8 @@ impl PartMeta {
 #[derive(Debug)]
 pub(super) struct Complete {
     pub bytes: u64,
-    pub sha256: [u8; 32],
+    /// When hashed (an expected digest, or the manifest on).
+    pub sha256: Option<[u8; 32]>,
     pub meta: PartMeta,
     pub resumed_from: u64,
     /// The `Content-Disposition` file name, unsanitized.
@@ -220,12 +225,12 @@ async fn stream_body(
     let (dir, name) = (s.dir.clone(), job.name.clone());
     let part = part_path(&dir, &name);
     let total = meta.total;
+    let hash = hashing(ctx, job);
     let (file, hasher) = {
         let (dir, name, meta) = (dir.clone(), name.clone(), meta.clone());
-        blocking::unblock(move || open_part(&dir, &name, start, &meta)).await?
+        blocking::unblock(move || open_part(&dir, &name, start, &meta, hash)).await?
     };
-    let mut file = blocking::Unblock::with_capacity(WRITE_BUFFER, file);
-    let mut hasher = hasher;
+    let mut writer = Writer::new(file, hasher);
     ctx.events.emit(DownloadEvent::Started {
         url: job.request.url.clone(),
         part: part.clone(),
@@ -237,11 +242,11 @@ async fn stream_body(
     let streamed: Result<(), DownloadError> = async {
         while let Some(chunk) = idle(s, body.next()).await? {
             let chunk = chunk.map_err(DownloadError::Http)?;
-            file.write_all(&chunk).await.map_err(io_err(&part))?;
-            hasher.update(&chunk);
-            received += chunk.len() as u64;
+            let n = chunk.len() as u64;
+            writer.push(chunk).await.map_err(io_err(&part))?;
+            received += n;
             ctx.written
-                .fetch_add(chunk.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                .fetch_add(n, std::sync::atomic::Ordering::Relaxed);
             if total.is_some_and(|t| received > t) {
                 break;
             }
@@ -258,14 +263,9 @@ async fn stream_body(
     }
     .await;
     // Whatever happened, what was received is kept on disk for a resume.
-    let synced = async {
-        file.flush().await?;
-        file.with_mut(|f| f.sync_all()).await
-    }
-    .await
-    .map_err(io_err(&part));
+    let finished = writer.finish(s.sync).await.map_err(io_err(&part));
     streamed?;
-    synced?;
+    let hasher = finished?;
     if reported != received {
         ctx.events.emit(DownloadEvent::Bytes {
             url: job.request.url.clone(),
@@ -294,6 +294,87 @@ async fn stream_body(
     })
 }
 
+/// Whether the file is hashed: an expected digest, or the manifest (which
+/// records it).
+fn hashing(ctx: &Ctx, job: &Job) -> bool {
+    job.request.sha256.is_some() || ctx.manifest.is_some()
+}
+
+/// The part file's writer: chunks are batched (no copy) and each batch is
+/// written, and hashed, on a blocking thread while the next one arrives.
+/// At most two batches are held: the one filling and the one writing.
+struct Writer {
+    /// The file and hasher, back from the last batch (`None` while one is
+    /// being written).
+    idle: Option<FileState>,
+    writing: Option<blocking::Task<io::Result<FileState>>>,
+    batch: Vec<bytes::Bytes>,
+    batch_len: usize,
+}
+
+/// The part file and its running digest (when hashing).
+type FileState = (File, Option<Sha256>);
+
+impl Writer {
+    fn new(file: File, hasher: Option<Sha256>) -> Writer {
+        Writer {
+            idle: Some((file, hasher)),
+            writing: None,
+            batch: Vec::new(),
+            batch_len: 0,
+        }
+    }
+
+    async fn push(&mut self, chunk: bytes::Bytes) -> io::Result<()> {
+        self.batch_len += chunk.len();
+        self.batch.push(chunk);
+        if self.batch_len >= BATCH {
+            self.submit().await?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the batch being written, then hands over the next one.
+    async fn submit(&mut self) -> io::Result<()> {
+        if let Some(task) = self.writing.take() {
+            self.idle = Some(task.await?);
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.batch_len = 0;
+        let Some((mut file, mut hasher)) = self.idle.take() else {
+            return Err(io::Error::other("the part file's writer lost its file"));
+        };
+        self.writing = Some(blocking::unblock(move || {
+            for chunk in &batch {
+                io::Write::write_all(&mut file, chunk)?;
+                if let Some(h) = &mut hasher {
+                    h.update(chunk);
+                }
+            }
+            Ok((file, hasher))
+        }));
+        Ok(())
+    }
+
+    /// Writes what is left, syncs the file when asked, and returns the
+    /// hasher.
+    async fn finish(mut self, sync: bool) -> io::Result<Option<Sha256>> {
+        if !self.batch.is_empty() {
+            self.submit().await?;
+        }
+        if let Some(task) = self.writing.take() {
+            self.idle = Some(task.await?);
+        }
+        let Some((file, hasher)) = self.idle.take() else {
+            return Err(io::Error::other("the part file's writer lost its file"));
+        };
+        if sync {
+            blocking::unblock(move || file.sync_all()).await?;
+        }
+        Ok(hasher)
+    }
+}
+
 /// Opens the part file for writing from `start` (truncating at 0), saves
 /// the validators beside it, and hashes the bytes already there.
 fn open_part(
@@ -301,13 +382,17 @@ fn open_part(
     name: &str,
     start: u64,
     meta: &PartMeta,
-) -> Result<(File, Sha256), DownloadError> {
+    hash: bool,
+) -> Result<(File, Option<Sha256>), DownloadError> {
     let part = part_path(dir, name);
     let meta_file = meta_path(dir, name);
-    let mut hasher = Sha256::new();
+    let mut hasher = hash.then(Sha256::new);
     if start == 0 {
-        let json = serde_json::to_vec(meta).map_err(|e| io_err(&meta_file)(io::Error::other(e)))?;
-        fs::write(&meta_file, json).map_err(io_err(&meta_file))?;
+        if meta.total.is_none_or(|t| t > RESUME_MIN) {
+            let json =
+                serde_json::to_vec(meta).map_err(|e| io_err(&meta_file)(io::Error::other(e)))?;
+            fs::write(&meta_file, json).map_err(io_err(&meta_file))?;
+        }
         let f = OpenOptions::new()
             .create(true)
             .write(true)
@@ -316,14 +401,16 @@ fn open_part(
             .map_err(io_err(&part))?;
         return Ok((f, hasher));
     }
-    let mut existing = File::open(&part).map_err(io_err(&part))?.take(start);
-    let mut buf = vec![0u8; 256 * 1024];
-    loop {
-        let n = existing.read(&mut buf).map_err(io_err(&part))?;
-        if n == 0 {
-            break;
+    if let Some(hasher) = &mut hasher {
+        let mut existing = File::open(&part).map_err(io_err(&part))?.take(start);
+        let mut buf = vec![0u8; 256 * 1024];
+        loop {
+            let n = existing.read(&mut buf).map_err(io_err(&part))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
         }
-        hasher.update(&buf[..n]);
     }
     let f = OpenOptions::new()
         .write(true)
@@ -337,7 +424,14 @@ fn open_part(
 
 /// The digest of the whole file, checked against the expected one (a
 /// mismatch discards the part: its bytes are wrong, not short).
-fn verify(job: &Job, hasher: Sha256, dir: &Path) -> Result<[u8; 32], DownloadError> {
+fn verify(
+    job: &Job,
+    hasher: Option<Sha256>,
+    dir: &Path,
+) -> Result<Option<[u8; 32]>, DownloadError> {
+    let Some(hasher) = hasher else {
+        return Ok(None);
+    };
     let sha256: [u8; 32] = hasher.finalize().into();
     if let Some(want) = job.request.sha256
         && want != sha256
@@ -348,7 +442,7 @@ fn verify(job: &Job, hasher: Sha256, dir: &Path) -> Result<[u8; 32], DownloadErr
             actual: super::hex(&sha256),
         });
     }
-    Ok(sha256)
+    Ok(Some(sha256))
 }
 
 /// A `416` said the part is already whole: hash and check it.
@@ -360,9 +454,10 @@ async fn complete_from_disk(
     disposition: Option<String>,
 ) -> Result<Complete, DownloadError> {
     let (dir, name) = (ctx.settings.dir.clone(), job.name.clone());
+    let hash = hashing(ctx, job);
     let (_, hasher) = {
         let (dir, name, meta) = (dir.clone(), name.clone(), meta.clone());
-        blocking::unblock(move || open_part(&dir, &name, have, &meta)).await?
+        blocking::unblock(move || open_part(&dir, &name, have, &meta, hash)).await?
     };
     let sha256 = verify(job, hasher, &dir)?;
     Ok(Complete {
@@ -392,7 +487,7 @@ pub(super) async fn finish(
                 url: job.request.url.clone(),
                 path: final_name.to_owned(),
                 bytes: done.bytes,
-                sha256: super::hex(&done.sha256),
+                sha256: done.sha256.map(|d| super::hex(&d)).unwrap_or_default(),
                 etag: done.meta.etag.clone(),
                 last_modified: done.meta.last_modified.clone(),
             })
