@@ -168,9 +168,18 @@ fn run(args: Args) -> Result<(), BoxError> {
         let (server_rt, client_rt) = (server_rt.clone(), client_rt.clone());
         let (counters, stop, done, stall) =
             (counters.clone(), stop.clone(), done.clone(), args.stall);
+        let running = [args.big_tasks > 0, args.small_tasks > 0, true];
         std::thread::Builder::new()
             .name("soak-watchdog".into())
-            .spawn(move || watch((&server_rt, &client_rt), &counters, (&stop, &done), stall))?
+            .spawn(move || {
+                watch(
+                    (&server_rt, &client_rt),
+                    &counters,
+                    (&stop, &done),
+                    stall,
+                    running,
+                )
+            })?
     };
     let started = Instant::now();
     let result = if args.smol {
@@ -250,6 +259,7 @@ fn watch(
     c: &Counters,
     (stop, done): (&AtomicBool, &AtomicBool),
     stall: Duration,
+    running: [bool; 3],
 ) {
     let sample = |c: &Counters| {
         [
@@ -282,7 +292,7 @@ fn watch(
                 STEPS[c.step.load(Ordering::Relaxed) as usize % STEPS.len()],
             );
         } else {
-            let Some(i) = (0..3).find(|&i| since[i].elapsed() >= stall) else {
+            let Some(i) = (0..3).find(|&i| running[i] && since[i].elapsed() >= stall) else {
                 continue;
             };
             let name = ["big bodies", "small requests", "WebSocket messages"][i];
@@ -565,7 +575,8 @@ async fn ws_load(
         }
         async_io::Timer::after(Duration::from_millis(50)).await;
     }
-    let _ = dropper.await;
+    // The dropper may be asleep for a whole interval: stop it now.
+    let _ = dropper.cancel().await;
     session
         .flushed()
         .await

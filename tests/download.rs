@@ -730,3 +730,52 @@ fn without_resume_old_parts_go_but_retries_still_resume() {
         })
     });
 }
+
+#[test]
+fn a_redirect_is_followed_and_a_slow_body_arrives_whole() {
+    within(|| {
+        smol::block_on(async {
+            let server = server().await;
+            let dir = tempfile::tempdir().unwrap();
+            let target = server.url("/files/b.txt");
+            let q: String = url::form_urlencoded::byte_serialize(target.as_bytes()).collect();
+            let redirected = DownloadRequest::new(server.url(&format!("/redirect-to?url={q}")))
+                .with_name("via-redirect.txt");
+            let slow = server.url("/files/c.txt?bps=30");
+            let report = downloader(dir.path()).run([redirected, slow.into()]).await;
+            assert_eq!(report.summary.succeeded, 2, "{report:?}");
+            assert_eq!(
+                std::fs::read(dir.path().join("via-redirect.txt")).unwrap(),
+                b"bee"
+            );
+            assert_eq!(std::fs::read(dir.path().join("c.txt")).unwrap(), b"sea");
+            let paths: Vec<String> = server.requests().into_iter().map(|r| r.path).collect();
+            assert!(paths.iter().any(|p| p == "/files/b.txt"), "{paths:?}");
+        })
+    });
+}
+
+/// Any `http::Client` works: the same download through surf.
+#[cfg(feature = "surf")]
+#[test]
+fn a_surf_client_downloads_and_resumes_too() {
+    within(|| {
+        smol::block_on(async {
+            let server = server().await;
+            let dir = tempfile::tempdir().unwrap();
+            let dl = Downloader::builder(dir.path())
+                .with_client(Arc::new(smolkit::http::SurfClient::default()))
+                .with_retry(fast_retry(3))
+                .build()
+                .unwrap();
+            let report = dl.run([server.url("/files/a.bin?cut=100000")]).await;
+            let r = &report.results[0];
+            assert_eq!(
+                (r.status, r.resumed_from),
+                (DownloadStatus::Resumed, 100_000),
+                "{r:?}"
+            );
+            assert_eq!(std::fs::read(dir.path().join("a.bin")).unwrap(), data());
+        })
+    });
+}
