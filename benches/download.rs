@@ -50,17 +50,33 @@ fn main() {
         println!("nginx is not installed: nothing to measure (apt-get install nginx)");
         return;
     };
-    let small: Vec<String> = (0..SMALL).map(|i| format!("{}/small/f{i:04}.bin", nginx.url)).collect();
-    let large: Vec<String> = (0..LARGE).map(|i| format!("{}/large/big{i}.bin", nginx.url)).collect();
+    let small: Vec<String> = (0..SMALL)
+        .map(|i| format!("{}/small/f{i:04}.bin", nginx.url))
+        .collect();
+    let large: Vec<String> = (0..LARGE)
+        .map(|i| format!("{}/large/big{i}.bin", nginx.url))
+        .collect();
     println!("| workload | tool | files/s | MB/s | peak RSS (MiB) |");
     println!("|---|---|---:|---:|---:|");
     for concurrency in [16, 64] {
         for tool in Tool::ALL {
-            row(&format!("{SMALL} × 64 KiB, c={concurrency}"), tool, concurrency, &small, work.path());
+            row(
+                &format!("{SMALL} × 64 KiB, c={concurrency}"),
+                tool,
+                concurrency,
+                &small,
+                work.path(),
+            );
         }
     }
     for tool in Tool::ALL {
-        row(&format!("{LARGE} × 256 MiB, c=64"), tool, 64, &large, work.path());
+        row(
+            &format!("{LARGE} × 256 MiB, c=64"),
+            tool,
+            64,
+            &large,
+            work.path(),
+        );
     }
     for tool in [Tool::Smolkit, Tool::SmolkitPlain, Tool::CurlSingle] {
         row("1 × 256 MiB, one stream", tool, 1, &large[..1], work.path());
@@ -81,7 +97,13 @@ enum Tool {
 }
 
 impl Tool {
-    const ALL: [Tool; 5] = [Tool::Smolkit, Tool::SmolkitPlain, Tool::Wget2, Tool::Curl, Tool::Aria2c];
+    const ALL: [Tool; 5] = [
+        Tool::Smolkit,
+        Tool::SmolkitPlain,
+        Tool::Wget2,
+        Tool::Curl,
+        Tool::Aria2c,
+    ];
 
     fn name(self) -> &'static str {
         match self {
@@ -109,7 +131,11 @@ impl Tool {
         c.args(["-f", "%M"]);
         match self {
             Tool::Smolkit | Tool::SmolkitPlain => {
-                let mode = if self == Tool::Smolkit { "durable" } else { "plain" };
+                let mode = if self == Tool::Smolkit {
+                    "durable"
+                } else {
+                    "plain"
+                };
                 c.arg(std::env::current_exe().unwrap())
                     .args(["--role", "smolkit", &concurrency.to_string()])
                     .arg(out)
@@ -117,20 +143,36 @@ impl Tool {
                     .arg(mode);
             }
             Tool::Wget2 => {
-                c.args(["wget2", "-q", "--no-config", "--max-threads", &concurrency.to_string(), "-P"])
-                    .arg(out)
-                    .arg("-i")
-                    .arg(list);
+                c.args([
+                    "wget2",
+                    "-q",
+                    "--no-config",
+                    "--max-threads",
+                    &concurrency.to_string(),
+                    "-P",
+                ])
+                .arg(out)
+                .arg("-i")
+                .arg(list);
             }
             Tool::Curl => {
-                c.args(["curl", "-s", "--fail", "--parallel", "--parallel-max", &concurrency.to_string()])
-                    .arg("--output-dir")
-                    .arg(out)
-                    .arg("--remote-name-all")
-                    .args(urls);
+                c.args([
+                    "curl",
+                    "-s",
+                    "--fail",
+                    "--parallel",
+                    "--parallel-max",
+                    &concurrency.to_string(),
+                ])
+                .arg("--output-dir")
+                .arg(out)
+                .arg("--remote-name-all")
+                .args(urls);
             }
             Tool::CurlSingle => {
-                c.args(["curl", "-s", "--fail", "-o"]).arg(out.join("single.bin")).arg(&urls[0]);
+                c.args(["curl", "-s", "--fail", "-o"])
+                    .arg(out.join("single.bin"))
+                    .arg(&urls[0]);
             }
             Tool::Aria2c => {
                 c.args([
@@ -167,7 +209,11 @@ fn have(program: &str) -> bool {
 /// Runs `tool` `RUNS` times and prints the median row.
 fn row(workload: &str, tool: Tool, concurrency: usize, urls: &[String], work: &Path) {
     if !have(tool.program()) || !Path::new("/usr/bin/time").exists() {
-        println!("| {workload} | {} | skipped: `{}` or /usr/bin/time not installed | | |", tool.name(), tool.program());
+        println!(
+            "| {workload} | {} | skipped: `{}` or /usr/bin/time not installed | | |",
+            tool.name(),
+            tool.program()
+        );
         return;
     }
     let list = work.join("urls.txt");
@@ -182,10 +228,17 @@ fn row(workload: &str, tool: Tool, concurrency: usize, urls: &[String], work: &P
         let _ = std::fs::remove_dir_all(&out);
         std::fs::create_dir_all(&out).unwrap();
         let started = Instant::now();
-        let result = tool.command(concurrency, &out, &list, urls).output().unwrap();
+        let result = tool
+            .command(concurrency, &out, &list, urls)
+            .output()
+            .unwrap();
         let elapsed = started.elapsed();
         let stderr = String::from_utf8_lossy(&result.stderr);
-        let peak_kib: u64 = stderr.lines().last().and_then(|l| l.trim().parse().ok()).unwrap_or(0);
+        let peak_kib: u64 = stderr
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse().ok())
+            .unwrap_or(0);
         assert!(result.status.success(), "{} failed: {stderr}", tool.name());
         check_out(&out, urls.len(), bytes);
         samples.push((elapsed, peak_kib));
@@ -218,12 +271,21 @@ fn check_out(out: &Path, files: usize, bytes: u64) {
         n += 1;
         total += e.metadata().unwrap().len();
     }
-    assert_eq!((n, total), (files, bytes), "files and bytes in {}", out.display());
+    assert_eq!(
+        (n, total),
+        (files, bytes),
+        "files and bytes in {}",
+        out.display()
+    );
 }
 
 /// The bench's own downloader process.
 fn smolkit_child(concurrency: usize, out: &Path, list: &Path, durable: bool) {
-    let urls: Vec<String> = std::fs::read_to_string(list).unwrap().lines().map(str::to_owned).collect();
+    let urls: Vec<String> = std::fs::read_to_string(list)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
     let rt = Runtime::builder().with_threads(2).build().unwrap();
     let downloader = Downloader::builder(out)
         .with_concurrency(concurrency)
@@ -234,7 +296,12 @@ fn smolkit_child(concurrency: usize, out: &Path, list: &Path, durable: bool) {
         .build()
         .unwrap();
     let report = rt.block_on(downloader.run(urls));
-    assert_eq!(report.summary.failed, 0, "{:?}", report.results.iter().find(|r| r.error.is_some()));
+    assert_eq!(
+        report.summary.failed,
+        0,
+        "{:?}",
+        report.results.iter().find(|r| r.error.is_some())
+    );
     drop(rt);
 }
 
@@ -263,7 +330,11 @@ impl Nginx {
         if !have("nginx") {
             return None;
         }
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let pid_file = work.join("nginx.pid");
         let conf = work.join("nginx.conf");
         std::fs::write(

@@ -196,20 +196,9 @@ async fn demo_server() -> Result<(ChaosServer, Vec<String>), BoxError> {
     urls[3].push_str("?cut=30000&reset=1"); // a reset mid-body: resumed
     urls[7].push_str("?fail=1&retry_after=1"); // a 503 with Retry-After
     let target = urls[11].clone();
-    let q: String = url_encode(&target);
+    let q: String = url::form_urlencoded::byte_serialize(target.as_bytes()).collect();
     urls[11] = server.url(&format!("/redirect-to?url={q}")); // a redirect
     Ok((server, urls))
-}
-
-fn url_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 fn read_sums(path: &PathBuf) -> Result<HashMap<String, String>, BoxError> {
