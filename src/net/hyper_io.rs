@@ -11,14 +11,15 @@
 //! the bytes read, no zeroing; writes say they are vectored when the
 //! socket is.
 
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
-use std::time::{Duration, Instant};
 
 use futures_lite::{AsyncRead, AsyncWrite};
-use hyper::rt::{ReadBufCursor, Sleep, Timer};
+use hyper::rt::ReadBufCursor;
+
+#[cfg(feature = "testing")]
+pub(crate) use timer::AsyncIoTimer;
 
 /// The largest single read (and the scratch buffer's largest size).
 pub(crate) const SCRATCH: usize = 64 * 1024;
@@ -43,6 +44,7 @@ impl<T> HyperIo<T> {
         }
     }
 
+    #[cfg(feature = "testing")]
     pub(crate) fn into_inner(self) -> T {
         self.inner
     }
@@ -96,29 +98,40 @@ impl<T: AsyncWrite + Unpin> hyper::rt::Write for HyperIo<T> {
     }
 }
 
-/// hyper's timer on `async-io` (the server's header-read timeout).
-#[derive(Debug, Clone, Copy, Default)]
-pub(crate) struct AsyncIoTimer;
+/// hyper's timer on `async-io`, for the ChaosServer's server side.
+#[cfg(feature = "testing")]
+mod timer {
+    use std::future::Future;
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+    use std::time::{Duration, Instant};
 
-struct TimerSleep(async_io::Timer);
+    use hyper::rt::{Sleep, Timer};
 
-impl Future for TimerSleep {
-    type Output = ();
+    /// hyper's timer on `async-io` (the server's header-read timeout).
+    #[derive(Debug, Clone, Copy, Default)]
+    pub(crate) struct AsyncIoTimer;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        Pin::new(&mut self.0).poll(cx).map(|_| ())
+    struct TimerSleep(async_io::Timer);
+
+    impl Future for TimerSleep {
+        type Output = ();
+
+        fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            Pin::new(&mut self.0).poll(cx).map(|_| ())
+        }
     }
-}
 
-impl Sleep for TimerSleep {}
+    impl Sleep for TimerSleep {}
 
-impl Timer for AsyncIoTimer {
-    fn sleep(&self, duration: Duration) -> Pin<Box<dyn Sleep>> {
-        Box::pin(TimerSleep(async_io::Timer::after(duration)))
-    }
+    impl Timer for AsyncIoTimer {
+        fn sleep(&self, duration: Duration) -> Pin<Box<dyn Sleep>> {
+            Box::pin(TimerSleep(async_io::Timer::after(duration)))
+        }
 
-    fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
-        Box::pin(TimerSleep(async_io::Timer::at(deadline)))
+        fn sleep_until(&self, deadline: Instant) -> Pin<Box<dyn Sleep>> {
+            Box::pin(TimerSleep(async_io::Timer::at(deadline)))
+        }
     }
 }
 

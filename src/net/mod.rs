@@ -14,7 +14,9 @@ mod tls;
 pub(crate) use dial::ClientIo;
 pub(crate) use dial::{DialError, dial};
 pub(crate) use headers::{excerpt, retry_after};
+#[cfg(feature = "testing")]
+pub(crate) use hyper_io::AsyncIoTimer;
 #[cfg(feature = "http")]
-pub(crate) use hyper_io::{AsyncIoTimer, HyperIo};
+pub(crate) use hyper_io::HyperIo;
 pub(crate) use io::MaybeTls;
 pub(crate) use tls::TlsOptions;
