@@ -50,8 +50,9 @@ struct Args {
     /// `smol::Executor`, each big body read by a `smol::block_on` of its own
     /// on a plain thread).
     smol: bool,
-    /// Which side runs on smol in `smol` mode (`both`, `server`, `client`);
-    /// the other side stays on smolkit's runtimes.
+    /// Which side runs on smol in `smol` mode (`both`, `server`, `client`;
+    /// `thread`: the server on a thread per connection, no executor at
+    /// all); the other side stays on smolkit's runtimes.
     smol_side: &'static str,
 }
 
@@ -86,9 +87,10 @@ impl Args {
                     "smol" => args.smol = true,
                     "smol-server" => (args.smol, args.smol_side) = (true, "server"),
                     "smol-client" => (args.smol, args.smol_side) = (true, "client"),
+                    "thread-server" => (args.smol, args.smol_side) = (true, "thread"),
                     _ => {
                         return Err(format!(
-                            "--executor: `{value}` is not smolkit, smol, smol-server or smol-client"
+                            "--executor: `{value}` is not smolkit, smol, smol-server, smol-client or thread-server"
                         ));
                     }
                 },
@@ -132,7 +134,7 @@ fn main() -> ExitCode {
             eprintln!("soak: {e}");
             eprintln!(
                 "usage: soak [--seconds N] [--big BYTES] [--big-tasks N] [--small N] \
-                 [--drop-every MS] [--stall SECONDS] [--executor smolkit|smol|smol-server|smol-client]"
+                 [--drop-every MS] [--stall SECONDS] [--executor smolkit|smol|smol-server|smol-client|thread-server]"
             );
             return ExitCode::from(64);
         }
@@ -192,10 +194,11 @@ fn run(args: Args) -> Result<(), BoxError> {
         }
         let server: Arc<dyn Spawn> = match args.smol_side {
             "client" => server_rt.spawner(),
+            "thread" => Arc::new(ThreadPerTask),
             _ => Arc::new(smolkit::runtime::SmolGlobal),
         };
         let client: Arc<dyn Spawn> = match args.smol_side {
-            "server" => client_rt.spawner(),
+            "server" | "thread" => client_rt.spawner(),
             _ => ex,
         };
         smol::block_on(load(&args, server, client, &counters, &stop))
@@ -617,4 +620,14 @@ async fn ws_load(
         stats.reconnects, stats.resent
     );
     Ok(())
+}
+
+/// A thread per task, each `async_io::block_on` of its future: no
+/// executor, no async-task (an experiment for the open stall).
+struct ThreadPerTask;
+
+impl Spawn for ThreadPerTask {
+    fn spawn_boxed(&self, fut: smolkit::runtime::BoxFuture) {
+        std::thread::spawn(move || async_io::block_on(fut));
+    }
 }
