@@ -139,14 +139,19 @@ impl Host {
     }
 }
 
-/// What each file task shares.
+/// What a file task works with: the run's shared state (through `Deref`)
+/// and its host.
 pub(super) struct Ctx {
-    pub settings: Arc<Settings>,
+    shared: Arc<Shared>,
     pub host: Arc<Host>,
-    pub events: Arc<Events>,
-    pub manifest: Option<Arc<Manifest>>,
-    pub names: Arc<Mutex<Names>>,
-    pub written: Arc<AtomicU64>,
+}
+
+impl std::ops::Deref for Ctx {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
 }
 
 /// One file to fetch.
@@ -159,12 +164,14 @@ pub(super) struct Job {
     pub named: bool,
 }
 
-struct Shared {
-    settings: Arc<Settings>,
-    events: Arc<Events>,
-    manifest: Option<Arc<Manifest>>,
-    names: Arc<Mutex<Names>>,
-    written: Arc<AtomicU64>,
+/// The run's state, shared by its file tasks.
+pub(super) struct Shared {
+    pub settings: Arc<Settings>,
+    pub events: Events,
+    pub manifest: Option<Arc<Manifest>>,
+    pub names: Mutex<Names>,
+    /// Bytes written in this run.
+    pub written: AtomicU64,
     hosts: Mutex<HashMap<String, Arc<Host>>>,
     active: AtomicUsize,
     done: AtomicUsize,
@@ -177,10 +184,10 @@ async fn drive(
     tx: Sender<DownloadEvent>,
 ) -> Report {
     let started = settings.clock.now();
-    let events = Arc::new(Events {
+    let events = Events {
         tx,
         dropped: AtomicU64::new(0),
-    });
+    };
     let manifest = open_manifest(&settings).await;
     let mut names = Names::default();
     if let Ok(Some(m)) = &manifest {
@@ -192,8 +199,8 @@ async fn drive(
         settings: settings.clone(),
         events,
         manifest: manifest.as_ref().ok().cloned().flatten(),
-        names: Arc::new(Mutex::new(names)),
-        written: Arc::new(AtomicU64::new(0)),
+        names: Mutex::new(names),
+        written: AtomicU64::new(0),
         hosts: Mutex::new(HashMap::new()),
         active: AtomicUsize::new(0),
         done: AtomicUsize::new(0),
@@ -204,7 +211,7 @@ async fn drive(
         None => Arc::new(Semaphore::new(settings.concurrency)),
     };
     let mut results: Vec<Option<DownloadResult>> = Vec::new();
-    let mut tasks: Vec<(usize, JoinHandle<DownloadResult>)> = Vec::new();
+    let mut tasks: Vec<(usize, DownloadRequest, JoinHandle<DownloadResult>)> = Vec::new();
     while let Some(request) = requests.next().await {
         let index = results.len();
         results.push(None);
@@ -238,26 +245,18 @@ async fn drive(
             .spawner
             .spawn_named("smolkit-download-file", async move {
                 let _permit = permit;
-                run_file(&shared2, job).await
+                run_file(shared2, job).await
             });
-        tasks.push((index, task));
+        tasks.push((index, request, task));
     }
-    for (index, task) in tasks {
+    for (index, request, task) in tasks {
         let result = match task.await {
             Ok(r) => r,
-            Err(e) => DownloadResult {
-                url: String::new(),
-                path: None,
-                status: DownloadStatus::Failed,
-                bytes: 0,
-                resumed_from: 0,
-                attempts: 0,
-                sha256: None,
-                error: Some(Arc::new(DownloadError::Io {
-                    path: settings.dir.clone(),
-                    source: std::io::Error::other(format!("the file's task ended: {e}")),
-                })),
-            },
+            Err(e) => {
+                let source = std::io::Error::other(format!("the file's task ended: {e}"));
+                let path = settings.dir.clone();
+                failed(&request, DownloadError::Io { path, source }, 0, None)
+            }
         };
         results[index] = Some(result);
     }
@@ -389,15 +388,11 @@ impl Shared {
 }
 
 /// One file from start to end, as a result.
-async fn run_file(shared: &Shared, job: Job) -> DownloadResult {
+async fn run_file(shared: Arc<Shared>, job: Job) -> DownloadResult {
     let host = shared.host(&job.url);
     let ctx = Ctx {
-        settings: shared.settings.clone(),
+        shared: shared.clone(),
         host: host.clone(),
-        events: shared.events.clone(),
-        manifest: shared.manifest.clone(),
-        names: shared.names.clone(),
-        written: shared.written.clone(),
     };
     let result = if !allowed(&ctx, &job).await {
         DownloadResult {
@@ -457,7 +452,7 @@ async fn fetch(ctx: &Ctx, job: &Job) -> DownloadResult {
         Ok(done) => done,
         Err(e) => {
             let error = policy_error(e, s.file_timeout);
-            feed_adaptive(s, started, Outcome::from_error(&error), 0);
+            feed_adaptive(s, started, load_outcome(&error), 0);
             let kept =
                 std::fs::metadata(transfer::part_path(&s.dir, &job.name)).map_or(0, |m| m.len());
             let part = (kept > 0).then(|| transfer::part_path(&s.dir, &job.name));
@@ -485,26 +480,20 @@ async fn fetch(ctx: &Ctx, job: &Job) -> DownloadResult {
     }
 }
 
-trait FromError {
-    fn from_error(e: &DownloadError) -> Outcome;
-}
-
-impl FromError for Outcome {
-    /// Network trouble says the concurrency may be too high; a 404 says
-    /// nothing about load.
-    fn from_error(e: &DownloadError) -> Outcome {
-        match e {
-            DownloadError::Http(_)
-            | DownloadError::IdleTimeout { .. }
-            | DownloadError::TotalTimeout { .. }
-            | DownloadError::Length { .. } => Outcome::Dropped,
-            DownloadError::Status { status, .. }
-                if *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() =>
-            {
-                Outcome::Dropped
-            }
-            _ => Outcome::Ignore,
+/// What a failure says about load: network trouble says the concurrency
+/// may be too high; a 404 says nothing.
+fn load_outcome(e: &DownloadError) -> Outcome {
+    match e {
+        DownloadError::Http(_)
+        | DownloadError::IdleTimeout { .. }
+        | DownloadError::TotalTimeout { .. }
+        | DownloadError::Length { .. } => Outcome::Dropped,
+        DownloadError::Status { status, .. }
+            if *status == StatusCode::TOO_MANY_REQUESTS || status.is_server_error() =>
+        {
+            Outcome::Dropped
         }
+        _ => Outcome::Ignore,
     }
 }
 
