@@ -10,6 +10,9 @@
 //! (at most [`SCRATCH`]), and is copied out with `put_slice`: one copy of
 //! the bytes read, no zeroing; writes say they are vectored when the
 //! socket is.
+//!
+//! It also mends a lost wake-up in hyper 1.12's h1 dispatcher (see
+//! [`HyperIo`]'s `write_blocked`).
 
 use std::io;
 use std::pin::Pin;
@@ -30,6 +33,17 @@ pub(crate) struct HyperIo<T> {
     inner: T,
     scratch: Vec<u8>,
     vectored: bool,
+    /// A write returned `Pending` since the last completed flush.
+    ///
+    /// hyper 1.12's `poll_loop` (the write re-check of hyper#4143) can
+    /// flush its whole buffer right after a write that would block and
+    /// then yield with the body still ready. With smol's sockets the
+    /// successful write drops the writable registration the blocked one
+    /// made, so nothing wakes the connection again: a big body stops
+    /// mid-body, both sockets empty (the soak's stall). So a flush that
+    /// completes after a blocked write wakes the task itself: at most one
+    /// extra poll per episode of back-pressure.
+    write_blocked: bool,
 }
 
 impl<T> HyperIo<T> {
@@ -41,6 +55,7 @@ impl<T> HyperIo<T> {
             inner,
             scratch: Vec::new(),
             vectored,
+            write_blocked: false,
         }
     }
 
@@ -74,11 +89,19 @@ impl<T: AsyncWrite + Unpin> hyper::rt::Write for HyperIo<T> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write(cx, buf);
+        this.write_blocked |= polled.is_pending();
+        polled
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        ready!(Pin::new(&mut this.inner).poll_flush(cx))?;
+        if std::mem::take(&mut this.write_blocked) {
+            cx.waker().wake_by_ref();
+        }
+        Poll::Ready(Ok(()))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -94,7 +117,10 @@ impl<T: AsyncWrite + Unpin> hyper::rt::Write for HyperIo<T> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
+        this.write_blocked |= polled.is_pending();
+        polled
     }
 }
 
@@ -166,5 +192,136 @@ mod tests {
         assert!(io.scratch.len() <= SCRATCH);
         assert!(!io.is_write_vectored());
         assert!(HyperIo::new(futures_lite::io::Cursor::new(Vec::new()), true).is_write_vectored());
+    }
+
+    /// A socket with async-net's readiness semantics: a write that would
+    /// block stores the task's waker (the reactor wakes it when the socket
+    /// turns writable), and a write that then succeeds drops that
+    /// registration. Writes alternate between would-block and taking
+    /// everything; reads hand over one request and then wait forever.
+    struct ScriptedSocket {
+        request: Option<Vec<u8>>,
+        wire: std::sync::Arc<std::sync::Mutex<Wire>>,
+    }
+
+    #[derive(Default)]
+    struct Wire {
+        writes: usize,
+        written: usize,
+        write_waker: Option<std::task::Waker>,
+    }
+
+    impl futures_lite::AsyncRead for ScriptedSocket {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            match self.request.take() {
+                Some(r) => {
+                    buf[..r.len()].copy_from_slice(&r);
+                    Poll::Ready(Ok(r.len()))
+                }
+                // No more bytes will ever come.
+                None => Poll::Pending,
+            }
+        }
+    }
+
+    impl futures_lite::AsyncWrite for ScriptedSocket {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.poll_write_vectored(cx, &[io::IoSlice::new(buf)])
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            cx: &mut Context<'_>,
+            bufs: &[io::IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut wire = self.wire.lock().unwrap();
+            wire.writes += 1;
+            if wire.writes % 2 == 1 {
+                wire.write_waker = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
+            wire.write_waker = None;
+            let n: usize = bufs.iter().map(|b| b.len()).sum();
+            wire.written += n;
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[derive(Default)]
+    struct Flag(std::sync::atomic::AtomicBool);
+
+    impl std::task::Wake for Flag {
+        fn wake(self: std::sync::Arc<Self>) {
+            self.0.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    /// hyper 1.12's h1 dispatcher (the write re-check of its `poll_loop`,
+    /// hyper#4143) can flush its whole buffer right after a write that
+    /// would block, and then yield: the successful write dropped the
+    /// socket's writable registration, the body is ready, and nothing is
+    /// left to wake the connection. It stalled big bodies mid-body (the
+    /// soak's open stall). The adapter wakes the task itself when a flush
+    /// completes after a write that would block.
+    #[test]
+    fn a_flush_completed_after_a_blocked_write_leaves_a_wake_up() {
+        const TOTAL: usize = 4 << 20;
+        let chunks = (0..TOTAL / 65536).map(|_| Ok(bytes::Bytes::from(vec![7u8; 65536])));
+        let service = hyper::service::service_fn(move |_req| {
+            let chunks = chunks.clone();
+            async move {
+                let body = crate::http::Body::from_stream(
+                    futures_lite::stream::iter(chunks),
+                    Some(TOTAL as u64),
+                );
+                Ok::<_, std::convert::Infallible>(hyper::Response::new(body))
+            }
+        });
+        let wire = std::sync::Arc::new(std::sync::Mutex::new(Wire::default()));
+        let socket = ScriptedSocket {
+            request: Some(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n".to_vec()),
+            wire: wire.clone(),
+        };
+        let mut conn = hyper::server::conn::http1::Builder::new()
+            .header_read_timeout(None)
+            .serve_connection(HyperIo::new(socket, true), service);
+        let flag = std::sync::Arc::new(Flag::default());
+        let waker = std::task::Waker::from(flag.clone());
+        let mut cx = Context::from_waker(&waker);
+        for _ in 0..10_000 {
+            let _ = std::future::Future::poll(Pin::new(&mut conn), &mut cx);
+            let mut socket = wire.lock().unwrap();
+            if socket.written > TOTAL {
+                return;
+            }
+            if flag.0.swap(false, std::sync::atomic::Ordering::SeqCst) {
+                continue;
+            }
+            // The reactor: the socket turned writable.
+            match socket.write_waker.take() {
+                Some(w) => w.wake(),
+                None => panic!(
+                    "stalled: pending with no wake-up armed after {} of {TOTAL} bytes",
+                    socket.written
+                ),
+            }
+        }
+        panic!("not done after 10 000 polls");
     }
 }
