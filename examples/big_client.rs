@@ -1,5 +1,5 @@
 //! With `chaos_serve`, the cross-process reproduction of the big-body
-//! stall (BENCHMARKS.md, "Open problem"): three tasks on a two-thread
+//! stall (BENCHMARKS.md, "The big-body stall", now mended): three tasks on a two-thread
 //! smolkit `Runtime` loop `GET` on one URL (a 256 MiB `/bytes` route)
 //! through one `HyperClient`, and a watchdog reports (exit 2) when one of
 //! them received no byte for 10 s. Watch the sockets with `ss -tn` meanwhile.

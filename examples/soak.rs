@@ -623,7 +623,7 @@ async fn ws_load(
 }
 
 /// A thread per task, each `async_io::block_on` of its future: no
-/// executor, no async-task (an experiment for the open stall).
+/// executor, no async-task (the experiment that ruled the executor out of the big-body stall).
 struct ThreadPerTask;
 
 impl Spawn for ThreadPerTask {

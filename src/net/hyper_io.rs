@@ -277,7 +277,7 @@ mod tests {
     /// would block, and then yield: the successful write dropped the
     /// socket's writable registration, the body is ready, and nothing is
     /// left to wake the connection. It stalled big bodies mid-body (the
-    /// soak's open stall). The adapter wakes the task itself when a flush
+    /// soak's big-body stall). The adapter wakes the task itself when a flush
     /// completes after a write that would block.
     #[test]
     fn a_flush_completed_after_a_blocked_write_leaves_a_wake_up() {
