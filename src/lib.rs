@@ -17,6 +17,9 @@ pub mod limit;
 #[cfg(any(feature = "http", feature = "ws"))]
 mod net;
 pub mod pool;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 pub mod resilience;
 pub mod runtime;
 pub mod stream;

@@ -283,6 +283,23 @@ fn an_expired_lease_is_delivered_again_until_the_delivery_limit() {
     });
 }
 
+/// The queue contract every `Queue` keeps (tests/redis.rs runs it on
+/// `RedisQueue`).
+#[test]
+fn memory_queue_keeps_the_queue_contract() {
+    within(|| {
+        smol::block_on(async {
+            common::queue_contract::settles_each_delivery_once(&MemoryQueue::new()).await;
+            let q = MemoryQueue::new().with_max_deliveries(3);
+            common::queue_contract::retries_stop_at_the_delivery_limit(&q, 3).await;
+            assert_eq!(q.take_dead_letters()[0].deliveries, 3);
+            let q = MemoryQueue::new().with_capacity(4);
+            common::queue_contract::push_waits_for_room(&q, 4).await;
+            common::queue_contract::feeds_a_pipeline(Arc::new(MemoryQueue::new())).await;
+        })
+    });
+}
+
 #[test]
 fn nack_retries_or_dead_letters_and_ack_settles() {
     smol::block_on(async {

@@ -33,6 +33,22 @@ pub fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
+/// [`eventually`] for state read by an async call (20 s of 5 ms naps).
+pub async fn eventually_async<F, Fut>(what: &str, cond: F)
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !cond().await {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "timed out waiting for {what}"
+        );
+        async_io::Timer::after(Duration::from_millis(5)).await;
+    }
+}
+
 /// A retry of `n` attempts, 1 ms apart (HTTP tests on real servers).
 #[cfg(feature = "http")]
 pub fn fast_retry(n: u32) -> smolkit::resilience::Retry {
@@ -56,3 +72,8 @@ pub async fn restart(old: smolkit::testing::ChaosServer) -> smolkit::testing::Ch
         .await
         .unwrap_or_else(|e| panic!("restart on {addr}: {e}"))
 }
+
+#[cfg(feature = "redis")]
+pub mod redis_server;
+
+pub mod queue_contract;

@@ -1,0 +1,1136 @@
+//! [`RedisQueue`]: the [`Queue`] trait on a Redis Stream.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::{Script, Value};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+use super::{RedisLink, StoreError, value_int, value_text};
+use crate::ConfigError;
+use crate::pool::{BoxFut, Delivery, Nack, PushError, Queue, QueueError};
+use crate::runtime::{Spawn, SpawnExt, default_spawner};
+use crate::sync::lock_std as lock;
+
+/// `KEYS`: stream, closed marker. `ARGV`: capacity, payload.
+/// 1 queued, 0 full, -1 closed.
+const PUSH: &str = r"
+if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('XADD', KEYS[1], '*', 'item', ARGV[2])
+return 1
+";
+
+/// Reads an entry's `item` and `prior` (deliveries before it was queued
+/// again) fields; shared by the scripts below.
+const FIELDS: &str = r"
+local function fields(f)
+  local item, prior = '', 0
+  if type(f) ~= 'table' then return item, prior end
+  for i = 1, #f, 2 do
+    if f[i] == 'item' then item = f[i + 1]
+    elseif f[i] == 'prior' then prior = tonumber(f[i + 1]) end
+  end
+  return item, prior
+end
+";
+
+/// Settles one delivery, atomically. `KEYS`: stream, dead-letter stream.
+/// `ARGV`: group, consumer, entry id, delivery count, mode (`ack`,
+/// `retry`, `dead`), max deliveries, reason. 1 settled, 0 the lease is no
+/// longer this delivery's (expired and claimed again), -1 not pending.
+const SETTLE: &str = r"
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if #p == 0 then return -1 end
+if p[1][2] ~= ARGV[2] or p[1][4] ~= tonumber(ARGV[4]) then return 0 end
+local mode = ARGV[5]
+if mode ~= 'ack' then
+  local e = redis.call('XRANGE', KEYS[1], ARGV[3], ARGV[3])
+  local item, prior = '', 0
+  if #e > 0 then item, prior = fields(e[1][2]) end
+  local delivered = prior + p[1][4]
+  if mode == 'retry' and delivered < tonumber(ARGV[6]) then
+    redis.call('XADD', KEYS[1], '*', 'item', item, 'prior', delivered)
+  else
+    local reason = ARGV[7]
+    if mode == 'retry' then reason = 'nacked; delivered ' .. delivered .. ' times' end
+    redis.call('XADD', KEYS[2], '*', 'item', item, 'reason', reason,
+      'deliveries', delivered, 'source', ARGV[3])
+  end
+end
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('XDEL', KEYS[1], ARGV[3])
+return 1
+";
+
+/// Claims one entry idle for longer than the lease (its consumer died or
+/// hung), or dead-letters it at the delivery limit. `KEYS`: stream,
+/// dead-letter stream. `ARGV`: group, consumer, min idle (ms), cursor, max
+/// deliveries. `{cursor}` when nothing was due, `{cursor, id, 'dead',
+/// deliveries}` or `{cursor, id, 'item', item, count, prior}`.
+const RECLAIM: &str = r"
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', 1)
+local cursor = r[1]
+local entries = r[2]
+if #entries == 0 then return {cursor} end
+local id = entries[1][1]
+if type(entries[1][2]) ~= 'table' then
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  return {cursor}
+end
+local item, prior = fields(entries[1][2])
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+local count = p[1][4]
+local delivered = prior + count - 1
+if delivered >= tonumber(ARGV[5]) then
+  redis.call('XADD', KEYS[2], '*', 'item', item,
+    'reason', 'lease expired; delivered ' .. delivered .. ' times',
+    'deliveries', delivered, 'source', id)
+  redis.call('XACK', KEYS[1], ARGV[1], id)
+  redis.call('XDEL', KEYS[1], id)
+  return {cursor, id, 'dead', delivered}
+end
+return {cursor, id, 'item', item, count, prior}
+";
+
+/// Renews the leases of deliveries this consumer still holds (XCLAIM
+/// JUSTID resets the idle time without counting a delivery). `KEYS`:
+/// stream. `ARGV`: group, consumer, then (entry id, delivery count)
+/// pairs. Returns the ids whose lease is no longer theirs.
+const EXTEND: &str = r"
+local lost = {}
+for i = 3, #ARGV, 2 do
+  local id = ARGV[i]
+  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+  if #p == 0 or p[1][2] ~= ARGV[2] or p[1][4] ~= tonumber(ARGV[i + 1]) then
+    table.insert(lost, id)
+  else
+    redis.call('XCLAIM', KEYS[1], ARGV[1], ARGV[2], 0, id, 'JUSTID')
+  end
+end
+return lost
+";
+
+struct Scripts {
+    push: Script,
+    settle: Script,
+    reclaim: Script,
+    extend: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Scripts {
+            push: Script::new(PUSH),
+            settle: Script::new(&format!("{FIELDS}{SETTLE}")),
+            reclaim: Script::new(&format!("{FIELDS}{RECLAIM}")),
+            extend: Script::new(EXTEND),
+        }
+    }
+}
+
+/// Settings for a [`RedisQueue`]; [`connect`](Self::connect) makes it.
+pub struct RedisQueueBuilder<T> {
+    link: RedisLink,
+    name: String,
+    group: String,
+    consumer: Option<String>,
+    capacity: u64,
+    lease: Duration,
+    max_deliveries: u32,
+    block: Duration,
+    spawner: Option<Arc<dyn Spawn>>,
+    _item: PhantomData<fn() -> T>,
+}
+
+impl<T> fmt::Debug for RedisQueueBuilder<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisQueueBuilder")
+            .field("name", &self.name)
+            .field("group", &self.group)
+            .field("capacity", &self.capacity)
+            .field("lease", &self.lease)
+            .field("max_deliveries", &self.max_deliveries)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T> RedisQueueBuilder<T>
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Entries in the stream (queued plus leased) before `push` waits.
+    pub fn with_capacity(mut self, capacity: u64) -> Self {
+        self.capacity = capacity;
+        self
+    }
+
+    /// How long a delivery may go without its lease being renewed before
+    /// another consumer may take it. Renewed automatically (every third
+    /// of it) while this process holds the delivery, so only the work of
+    /// a consumer that died or hung is delivered again.
+    pub fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// Deliveries before an item goes to the dead-letter stream.
+    pub fn with_max_deliveries(mut self, n: u32) -> Self {
+        self.max_deliveries = n;
+        self
+    }
+
+    /// The consumer group (one per kind of worker sharing the stream).
+    pub fn with_group(mut self, group: impl Into<String>) -> Self {
+        self.group = group.into();
+        self
+    }
+
+    /// This consumer's name in the group. The default is unique per
+    /// process and per queue: `<host>-<pid>-<start time>-<n>`. Two
+    /// consumers alive at once must not share a name.
+    pub fn with_consumer(mut self, name: impl Into<String>) -> Self {
+        self.consumer = Some(name.into());
+        self
+    }
+
+    /// How long one blocking read waits on the server before `pull`
+    /// checks for reclaimable work and for the close marker again.
+    pub fn with_block(mut self, block: Duration) -> Self {
+        self.block = block;
+        self
+    }
+
+    /// Where the lease keeper and [`Queue::close`]'s marker write run.
+    pub fn with_spawner(mut self, spawner: impl Spawn + 'static) -> Self {
+        self.spawner = Some(Arc::new(spawner));
+        self
+    }
+
+    /// Checks the settings, creates the consumer group (and the stream)
+    /// if missing, and starts the lease keeper.
+    ///
+    /// # Errors
+    ///
+    /// [`StoreError::Config`] naming an empty name or group, a zero
+    /// capacity, max deliveries or block time, or a lease under 100 ms;
+    /// [`StoreError::Redis`] if the server cannot be reached (after the
+    /// link's reconnect attempts) or refuses the group.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future leaves at most the group created.
+    pub async fn connect(self) -> Result<RedisQueue<T>, StoreError> {
+        if self.name.is_empty() {
+            return Err(ConfigError::new("name", "", "must not be empty").into());
+        }
+        if self.group.is_empty() {
+            return Err(ConfigError::new("group", "", "must not be empty").into());
+        }
+        if self.capacity == 0 {
+            return Err(ConfigError::zero("capacity").into());
+        }
+        if self.max_deliveries == 0 {
+            return Err(ConfigError::zero("max_deliveries").into());
+        }
+        if self.block < Duration::from_millis(1) {
+            return Err(ConfigError::new("block", self.block, "must be at least 1 ms").into());
+        }
+        if self.lease < Duration::from_millis(100) {
+            return Err(ConfigError::new("lease", self.lease, "must be at least 100 ms").into());
+        }
+        let consumer = self.consumer.unwrap_or_else(unique_consumer);
+        let (name, group) = (self.name.clone(), self.group.clone());
+        self.link
+            .run("XGROUP CREATE", |mut c, _| {
+                let (name, group, consumer) = (name.clone(), group.clone(), consumer.clone());
+                async move {
+                    let created: ::redis::RedisResult<Value> = ::redis::cmd("XGROUP")
+                        .arg("CREATE")
+                        .arg(&name)
+                        .arg(&group)
+                        .arg("0")
+                        .arg("MKSTREAM")
+                        .query_async(&mut c)
+                        .await;
+                    match created {
+                        Err(e) if e.code() != Some("BUSYGROUP") => return Err(e),
+                        _ => {}
+                    }
+                    // Listed in `XINFO CONSUMERS` from the start (a read
+                    // that finds nothing does not create it).
+                    ::redis::cmd("XGROUP")
+                        .arg("CREATECONSUMER")
+                        .arg(&name)
+                        .arg(&group)
+                        .arg(&consumer)
+                        .query_async::<()>(&mut c)
+                        .await
+                }
+            })
+            .await?;
+        let spawner = self.spawner.unwrap_or_else(default_spawner);
+        let inner = Arc::new(Inner {
+            dead: format!("{}:dead", self.name),
+            closed_key: format!("{}:closed", self.name),
+            stream: self.name,
+            group: self.group,
+            consumer,
+            capacity: self.capacity,
+            lease: self.lease,
+            max_deliveries: self.max_deliveries,
+            block: self.block,
+            scripts: Scripts::new(),
+            held: Mutex::new(HashMap::new()),
+            closed: AtomicBool::new(false),
+            reclaim: Mutex::new(Reclaim {
+                cursor: "0-0".to_owned(),
+                next: self.link.clock().now(),
+            }),
+            readers: Mutex::new(Vec::new()),
+            spawner: spawner.clone(),
+            link: self.link,
+            _item: PhantomData,
+        });
+        let keeper = keep_leases(Arc::downgrade(&inner));
+        spawner
+            .spawn_named("smolkit-redis-lease-keeper", keeper)
+            .detach();
+        tracing::debug!(
+            stream = %inner.stream,
+            group = %inner.group,
+            consumer = %inner.consumer,
+            "redis queue connected"
+        );
+        Ok(RedisQueue { inner })
+    }
+}
+
+fn unique_consumer() -> String {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "host".to_owned());
+    let started = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    format!(
+        "{host}-{}-{started}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+struct Reclaim {
+    cursor: String,
+    next: Instant,
+}
+
+struct Inner<T> {
+    link: RedisLink,
+    stream: String,
+    dead: String,
+    closed_key: String,
+    group: String,
+    consumer: String,
+    capacity: u64,
+    lease: Duration,
+    max_deliveries: u32,
+    block: Duration,
+    scripts: Scripts,
+    /// Deliveries this consumer holds: entry id → delivery count.
+    held: Mutex<HashMap<String, u32>>,
+    /// `close` was called here (the marker may still be on its way).
+    closed: AtomicBool,
+    reclaim: Mutex<Reclaim>,
+    /// Idle connections for blocking reads, one per concurrent `pull`.
+    readers: Mutex<Vec<MultiplexedConnection>>,
+    spawner: Arc<dyn Spawn>,
+    _item: PhantomData<fn() -> T>,
+}
+
+/// A [`Queue`] on a Redis Stream and its consumer group: processes on
+/// many machines push to and pull from one queue, with the guarantees of
+/// [`MemoryQueue`](crate::pool::MemoryQueue).
+///
+/// - `push` = `XADD` of the item as JSON, waiting (polling from 5 ms up
+///   to 100 ms) while the stream holds `capacity` entries (queued plus
+///   leased), refused once the queue is closed.
+/// - `pull` = `XREADGROUP … BLOCK` on a connection of its own whose
+///   response timeout exceeds the block time (a shared connection's
+///   timeout would abandon the read while the server still delivers to
+///   it). Before reading new entries it claims, with `XAUTOCLAIM` at
+///   min-idle = lease, entries whose consumer stopped renewing them.
+/// - Leases: while this process holds a delivery, a keeper task renews it
+///   every third of the lease (`XCLAIM … JUSTID`, which resets the idle
+///   time without counting a delivery), so a long job is never taken
+///   from a live worker; [`extend`](Queue::extend) renews at once.
+/// - `ack` = `XACK` + `XDEL` in one script: a settled entry leaves the
+///   stream, so it does not grow forever and its length is the queued
+///   plus leased count. `nack(Retry)` queues the item again at the tail
+///   (FIFO like `MemoryQueue`), counting its deliveries; at the limit, or
+///   on `Nack::DeadLetter`, the entry moves to the stream `<name>:dead`
+///   with its reason and deliveries, atomically with its ack.
+/// - An entry whose item does not decode as `T` is dead-lettered with the
+///   decoding error, not handed out and not lost.
+/// - `attempt` = deliveries so far, from the group's delivery counter
+///   plus the deliveries before a retry.
+/// - `close` sets the marker key `<name>:closed` that every process sees:
+///   pushes are refused and pulls end once the stream is empty.
+///   [`reopen`](Self::reopen) removes it.
+///
+/// Delivery ids are `<entry id>/<delivery count>`; only the consumer that
+/// holds the delivery can settle it (another gets
+/// [`QueueError::UnknownDelivery`]).
+///
+/// # Default
+///
+/// Group `smolkit`, capacity 10 000, lease 30 s, 5 deliveries, 1 s block.
+///
+/// # Examples
+///
+/// ```no_run
+/// use smolkit::pool::Queue;
+/// use smolkit::redis::{RedisLink, RedisQueue};
+///
+/// # smol::block_on(async {
+/// let link = RedisLink::open("redis://127.0.0.1:6379/")?;
+/// let q = RedisQueue::<String>::builder(link, "jobs").connect().await?;
+/// q.push("resize image 7".to_owned()).await?;
+/// let d = q.pull().await?.expect("not closed");
+/// q.ack(&d.id).await?;
+/// # Ok::<_, Box<dyn std::error::Error>>(())
+/// # });
+/// ```
+pub struct RedisQueue<T> {
+    inner: Arc<Inner<T>>,
+}
+
+impl<T> Clone for RedisQueue<T> {
+    fn clone(&self) -> Self {
+        RedisQueue {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<T> fmt::Debug for RedisQueue<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisQueue")
+            .field("stream", &self.inner.stream)
+            .field("group", &self.inner.group)
+            .field("consumer", &self.inner.consumer)
+            .field("held", &lock(&self.inner.held).len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Counts of a [`RedisQueue`], read from the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub struct RedisQueueStats {
+    /// Entries in the stream: queued plus leased.
+    pub length: u64,
+    /// Entries leased to some consumer (the group's pending entries).
+    pub leased: u64,
+    /// Entries in the dead-letter stream.
+    pub dead: u64,
+    /// The close marker is set.
+    pub closed: bool,
+}
+
+/// An entry of a [`RedisQueue`]'s dead-letter stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RedisDeadLetter<T> {
+    /// Its id in the dead-letter stream (for
+    /// [`remove_dead_letters`](RedisQueue::remove_dead_letters)).
+    pub id: String,
+    /// The item, if it decodes as `T`.
+    pub item: Option<T>,
+    /// The item as stored (JSON).
+    pub raw: String,
+    /// Why: the nack's reason, the delivery limit, or the decoding error.
+    pub reason: String,
+    /// How many times it was delivered.
+    pub deliveries: u32,
+    /// Its entry id in the queue's stream.
+    pub source: String,
+}
+
+/// What a `pull` found.
+enum Found<T> {
+    Delivery(Delivery<T>),
+    /// An entry that was dead-lettered instead (limit or undecodable).
+    Skipped,
+    Nothing,
+}
+
+impl<T> RedisQueue<T>
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+{
+    /// Settings for the queue on the stream `name`.
+    pub fn builder(link: RedisLink, name: impl Into<String>) -> RedisQueueBuilder<T> {
+        RedisQueueBuilder {
+            link,
+            name: name.into(),
+            group: "smolkit".to_owned(),
+            consumer: None,
+            capacity: 10_000,
+            lease: Duration::from_secs(30),
+            max_deliveries: 5,
+            block: Duration::from_secs(1),
+            spawner: None,
+            _item: PhantomData,
+        }
+    }
+
+    /// This consumer's name in the group (as `XINFO CONSUMERS` shows it).
+    pub fn consumer(&self) -> &str {
+        &self.inner.consumer
+    }
+
+    /// The stream's key.
+    pub fn name(&self) -> &str {
+        &self.inner.stream
+    }
+
+    /// Deliveries this process holds (pulled, not yet settled).
+    pub fn held(&self) -> usize {
+        lock(&self.inner.held).len()
+    }
+
+    /// Counts read from the server.
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Backend`] if Redis cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Read-only.
+    pub async fn stats(&self) -> Result<RedisQueueStats, QueueError> {
+        let i = &self.inner;
+        let (length, summary, dead, closed): (u64, Value, u64, bool) = i
+            .link
+            .run("stats", |mut c, _| async move {
+                ::redis::pipe()
+                    .cmd("XLEN")
+                    .arg(&i.stream)
+                    .cmd("XPENDING")
+                    .arg(&i.stream)
+                    .arg(&i.group)
+                    .cmd("XLEN")
+                    .arg(&i.dead)
+                    .cmd("EXISTS")
+                    .arg(&i.closed_key)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(backend)?;
+        let leased = match &summary {
+            Value::Array(v) => v.first().and_then(value_int).unwrap_or(0),
+            _ => 0,
+        };
+        Ok(RedisQueueStats {
+            length,
+            leased: u64::try_from(leased).unwrap_or(0),
+            dead,
+            closed,
+        })
+    }
+
+    /// Sets the close marker now, for every process, and waits until it
+    /// is stored ([`Queue::close`] does the same in the background).
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Backend`] if Redis cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// The local side is closed at once; the marker may or may not be set.
+    pub async fn close_everywhere(&self) -> Result<(), QueueError> {
+        self.inner.closed.store(true, Ordering::Release);
+        set_closed(&self.inner.link, &self.inner.closed_key).await
+    }
+
+    /// Removes the close marker, so the queue takes pushes again (in this
+    /// process and every other).
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Backend`] if Redis cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// If dropped, the marker may still be set.
+    pub async fn reopen(&self) -> Result<(), QueueError> {
+        let key = &self.inner.closed_key;
+        self.inner
+            .link
+            .run("DEL", |mut c, _| async move {
+                ::redis::cmd("DEL").arg(key).query_async::<()>(&mut c).await
+            })
+            .await
+            .map_err(backend)?;
+        self.inner.closed.store(false, Ordering::Release);
+        Ok(())
+    }
+
+    /// Up to `max` dead letters, oldest first (they stay in the stream).
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Backend`] if Redis cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// Read-only.
+    pub async fn dead_letters(&self, max: usize) -> Result<Vec<RedisDeadLetter<T>>, QueueError> {
+        let key = &self.inner.dead;
+        let v: Value = self
+            .inner
+            .link
+            .run("XRANGE", |mut c, _| async move {
+                ::redis::cmd("XRANGE")
+                    .arg(key)
+                    .arg("-")
+                    .arg("+")
+                    .arg("COUNT")
+                    .arg(max)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(backend)?;
+        let Value::Array(entries) = v else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .iter()
+            .filter_map(|e| {
+                let (id, f) = entry(e)?;
+                let raw = f.get("item").cloned().unwrap_or_default();
+                Some(RedisDeadLetter {
+                    item: serde_json::from_str(&raw).ok(),
+                    raw,
+                    reason: f.get("reason").cloned().unwrap_or_default(),
+                    deliveries: f
+                        .get("deliveries")
+                        .and_then(|d| d.parse().ok())
+                        .unwrap_or(0),
+                    source: f.get("source").cloned().unwrap_or_default(),
+                    id,
+                })
+            })
+            .collect())
+    }
+
+    /// Deletes dead letters by their ids; returns how many were there.
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Backend`] if Redis cannot be reached.
+    ///
+    /// # Cancel safety
+    ///
+    /// If dropped, they may or may not be deleted.
+    pub async fn remove_dead_letters(&self, ids: &[String]) -> Result<u64, QueueError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let key = &self.inner.dead;
+        self.inner
+            .link
+            .run("XDEL", |mut c, _| async move {
+                ::redis::cmd("XDEL")
+                    .arg(key)
+                    .arg(ids)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(backend)
+    }
+
+    async fn push_inner(&self, item: T) -> Result<(), PushError<T>> {
+        let i = &self.inner;
+        let payload = match serde_json::to_string(&item) {
+            Ok(p) => p,
+            Err(e) => {
+                return Err(PushError {
+                    error: QueueError::Backend(format!("item does not encode as JSON: {e}")),
+                    item,
+                });
+            }
+        };
+        let mut wait = Duration::from_millis(5);
+        loop {
+            if i.closed.load(Ordering::Acquire) {
+                return Err(PushError {
+                    error: QueueError::Closed,
+                    item,
+                });
+            }
+            let payload = &payload;
+            let pushed: Result<i64, StoreError> = i
+                .link
+                .run("XADD", |mut c, _| async move {
+                    i.scripts
+                        .push
+                        .key(&i.stream)
+                        .key(&i.closed_key)
+                        .arg(i.capacity)
+                        .arg(payload)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await;
+            match pushed {
+                Ok(1) => return Ok(()),
+                Ok(-1) => {
+                    i.closed.store(true, Ordering::Release);
+                    return Err(PushError {
+                        error: QueueError::Closed,
+                        item,
+                    });
+                }
+                Ok(_) => {
+                    // Full: wait for room.
+                    i.link.clock().sleep(wait).await;
+                    wait = (wait * 2).min(Duration::from_millis(100));
+                }
+                Err(e) => {
+                    return Err(PushError {
+                        error: backend(e),
+                        item,
+                    });
+                }
+            }
+        }
+    }
+
+    async fn pull_inner(&self) -> Result<Option<Delivery<T>>, QueueError> {
+        let mut conn = lock(&self.inner.readers).pop();
+        let pulled = self.pull_on(&mut conn).await;
+        if let Some(c) = conn {
+            lock(&self.inner.readers).push(c);
+        }
+        pulled
+    }
+
+    async fn pull_on(
+        &self,
+        conn: &mut Option<MultiplexedConnection>,
+    ) -> Result<Option<Delivery<T>>, QueueError> {
+        let i = &self.inner;
+        loop {
+            let due = {
+                let r = lock(&i.reclaim);
+                (r.next <= i.link.clock().now()).then(|| r.cursor.clone())
+            };
+            if let Some(cursor) = due {
+                match self.reclaim(cursor).await? {
+                    Found::Delivery(d) => return Ok(Some(d)),
+                    Found::Skipped => continue,
+                    Found::Nothing => {}
+                }
+            }
+            let until_reclaim = lock(&i.reclaim)
+                .next
+                .saturating_duration_since(i.link.clock().now());
+            let block = i.block.min(until_reclaim).max(Duration::from_millis(1));
+            match self.read_new(conn, block).await? {
+                Found::Delivery(d) => return Ok(Some(d)),
+                Found::Skipped => continue,
+                Found::Nothing => {}
+            }
+            if self.drained().await? {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// Claims one entry whose lease ran out, if any.
+    async fn reclaim(&self, cursor: String) -> Result<Found<T>, QueueError> {
+        let i = &self.inner;
+        let lease_ms = u64::try_from(i.lease.as_millis()).unwrap_or(u64::MAX);
+        let cursor = &cursor;
+        let v: Value = i
+            .link
+            .run("XAUTOCLAIM", |mut c, _| async move {
+                i.scripts
+                    .reclaim
+                    .key(&i.stream)
+                    .key(&i.dead)
+                    .arg(&i.group)
+                    .arg(&i.consumer)
+                    .arg(lease_ms)
+                    .arg(cursor)
+                    .arg(i.max_deliveries)
+                    .invoke_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(backend)?;
+        let Value::Array(parts) = v else {
+            return Err(backend(StoreError::unexpected("a reclaim reply", v)));
+        };
+        let next_cursor = parts
+            .first()
+            .and_then(value_text)
+            .unwrap_or_else(|| "0-0".into());
+        let found = match parts.get(2).and_then(value_text).as_deref() {
+            Some("dead") => {
+                tracing::warn!(
+                    stream = %i.stream,
+                    id = ?parts.get(1).and_then(value_text),
+                    deliveries = ?parts.get(3).and_then(value_int),
+                    "queue item dead-lettered at the delivery limit (lease expired)"
+                );
+                Found::Skipped
+            }
+            Some("item") => {
+                let id = parts.get(1).and_then(value_text).unwrap_or_default();
+                let raw = parts.get(3).and_then(value_text).unwrap_or_default();
+                let count = parts.get(4).and_then(value_int).unwrap_or(1);
+                let prior = parts.get(5).and_then(value_int).unwrap_or(0);
+                tracing::debug!(stream = %i.stream, %id, "queue lease expired; delivering again");
+                self.deliver(id, &raw, count, prior).await?
+            }
+            _ => Found::Nothing,
+        };
+        let mut r = lock(&i.reclaim);
+        // A wrapped cursor with nothing found: the whole pending list was
+        // scanned; look again in a while. Otherwise keep scanning.
+        r.next = if matches!(found, Found::Nothing) && next_cursor == "0-0" {
+            i.link.clock().now() + reclaim_every(i.lease)
+        } else {
+            i.link.clock().now()
+        };
+        r.cursor = next_cursor;
+        Ok(found)
+    }
+
+    /// Reads one new entry, waiting up to `block` for it.
+    async fn read_new(
+        &self,
+        conn: &mut Option<MultiplexedConnection>,
+        block: Duration,
+    ) -> Result<Found<T>, QueueError> {
+        let i = &self.inner;
+        let block_ms = u64::try_from(block.as_millis()).unwrap_or(u64::MAX).max(1);
+        // The read's own connection waits for the answer well past the
+        // block time, so it never abandons a read the server still serves.
+        let response = block + Duration::from_secs(5);
+        let v: Value = i
+            .link
+            .run_blocking("XREADGROUP", conn, response, |mut c| async move {
+                ::redis::cmd("XREADGROUP")
+                    .arg("GROUP")
+                    .arg(&i.group)
+                    .arg(&i.consumer)
+                    .arg("COUNT")
+                    .arg(1)
+                    .arg("BLOCK")
+                    .arg(block_ms)
+                    .arg("STREAMS")
+                    .arg(&i.stream)
+                    .arg(">")
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(backend)?;
+        let first = match &v {
+            Value::Nil => None,
+            Value::Array(streams) => streams
+                .first()
+                .and_then(|s| match s {
+                    Value::Array(kv) => kv.get(1),
+                    _ => None,
+                })
+                .and_then(|entries| match entries {
+                    Value::Array(e) => e.first(),
+                    _ => None,
+                }),
+            Value::Map(m) => m.first().and_then(|(_, entries)| match entries {
+                Value::Array(e) => e.first(),
+                _ => None,
+            }),
+            _ => return Err(backend(StoreError::unexpected("an XREADGROUP reply", v))),
+        };
+        let Some((id, f)) = first.and_then(entry) else {
+            return Ok(Found::Nothing);
+        };
+        let raw = f.get("item").cloned().unwrap_or_default();
+        let prior = f.get("prior").and_then(|p| p.parse().ok()).unwrap_or(0);
+        self.deliver(id, &raw, 1, prior).await
+    }
+
+    /// Hands out entry `id` (delivery `count`), or dead-letters it if its
+    /// item does not decode.
+    async fn deliver(
+        &self,
+        id: String,
+        raw: &str,
+        count: i64,
+        prior: i64,
+    ) -> Result<Found<T>, QueueError> {
+        let count = u32::try_from(count).unwrap_or(u32::MAX);
+        match serde_json::from_str::<T>(raw) {
+            Ok(item) => {
+                lock(&self.inner.held).insert(id.clone(), count);
+                let attempt = u32::try_from(prior).unwrap_or(0).saturating_add(count);
+                Ok(Found::Delivery(Delivery {
+                    id: format!("{id}/{count}"),
+                    item,
+                    attempt,
+                }))
+            }
+            Err(e) => {
+                tracing::warn!(stream = %self.inner.stream, %id, error = %e, "queue item does not decode; dead-lettered");
+                self.settle(&id, count, Mode::Dead(format!("item does not decode: {e}")))
+                    .await?;
+                Ok(Found::Skipped)
+            }
+        }
+    }
+
+    /// The queue is closed (here or by the marker) and the stream empty.
+    async fn drained(&self) -> Result<bool, QueueError> {
+        let i = &self.inner;
+        let (marker, length): (bool, u64) = i
+            .link
+            .run("drained", |mut c, _| async move {
+                ::redis::pipe()
+                    .cmd("EXISTS")
+                    .arg(&i.closed_key)
+                    .cmd("XLEN")
+                    .arg(&i.stream)
+                    .query_async(&mut c)
+                    .await
+            })
+            .await
+            .map_err(backend)?;
+        Ok((marker || i.closed.load(Ordering::Acquire)) && length == 0)
+    }
+
+    async fn settle(&self, entry_id: &str, count: u32, mode: Mode) -> Result<(), QueueError> {
+        let i = &self.inner;
+        let (name, reason) = match &mode {
+            Mode::Ack => ("ack", ""),
+            Mode::Retry => ("retry", ""),
+            Mode::Dead(r) => ("dead", r.as_str()),
+        };
+        let settled: i64 = i
+            .link
+            .run("settle", |mut c, tries| async move {
+                let r: i64 = i
+                    .scripts
+                    .settle
+                    .key(&i.stream)
+                    .key(&i.dead)
+                    .arg(&i.group)
+                    .arg(&i.consumer)
+                    .arg(entry_id)
+                    .arg(count)
+                    .arg(name)
+                    .arg(i.max_deliveries)
+                    .arg(reason)
+                    .invoke_async(&mut c)
+                    .await?;
+                // NOTE: not pending on a try after a broken connection:
+                // the earlier try most likely settled it.
+                Ok(if r == -1 && tries > 0 { 1 } else { r })
+            })
+            .await
+            .map_err(backend)?;
+        lock(&i.held).remove(entry_id);
+        if settled == 1 {
+            Ok(())
+        } else {
+            Err(QueueError::UnknownDelivery(format!("{entry_id}/{count}")))
+        }
+    }
+}
+
+enum Mode {
+    Ack,
+    Retry,
+    Dead(String),
+}
+
+fn reclaim_every(lease: Duration) -> Duration {
+    (lease / 2).clamp(Duration::from_millis(50), Duration::from_secs(5))
+}
+
+fn backend(e: StoreError) -> QueueError {
+    QueueError::Backend(e.to_string())
+}
+
+fn parse_id(id: &str) -> Option<(&str, u32)> {
+    let (entry, count) = id.rsplit_once('/')?;
+    Some((entry, count.parse().ok()?))
+}
+
+/// An entry `[id, [field, value, …]]` as its id and text fields.
+fn entry(v: &Value) -> Option<(String, HashMap<String, String>)> {
+    let Value::Array(parts) = v else { return None };
+    let id = value_text(parts.first()?)?;
+    let mut fields = HashMap::new();
+    match parts.get(1)? {
+        Value::Array(f) => {
+            for pair in f.chunks(2) {
+                if let [k, v] = pair
+                    && let (Some(k), Some(v)) = (value_text(k), value_text(v))
+                {
+                    fields.insert(k, v);
+                }
+            }
+        }
+        Value::Map(m) => {
+            for (k, v) in m {
+                if let (Some(k), Some(v)) = (value_text(k), value_text(v)) {
+                    fields.insert(k, v);
+                }
+            }
+        }
+        _ => {}
+    }
+    Some((id, fields))
+}
+
+async fn set_closed(link: &RedisLink, key: &str) -> Result<(), QueueError> {
+    link.run("SET", |mut c, _| async move {
+        ::redis::cmd("SET")
+            .arg(key)
+            .arg(1)
+            .query_async::<()>(&mut c)
+            .await
+    })
+    .await
+    .map_err(backend)
+}
+
+/// Renews the leases this process holds, every third of the lease, until
+/// the queue is dropped.
+async fn keep_leases<T>(queue: Weak<Inner<T>>) {
+    let Some((clock, every)) = queue
+        .upgrade()
+        .map(|i| (i.link.clock().clone(), i.lease / 3))
+    else {
+        return;
+    };
+    loop {
+        clock.sleep(every).await;
+        let Some(i) = queue.upgrade() else { return };
+        let held: Vec<(String, u32)> = lock(&i.held)
+            .iter()
+            .map(|(id, n)| (id.clone(), *n))
+            .collect();
+        if held.is_empty() {
+            continue;
+        }
+        match extend(&i, &held).await {
+            Ok(lost) => {
+                let mut h = lock(&i.held);
+                for id in lost {
+                    tracing::warn!(stream = %i.stream, %id, "queue lease lost before it was renewed");
+                    h.remove(&id);
+                }
+            }
+            Err(e) => tracing::warn!(stream = %i.stream, error = %e, "queue lease renewal failed"),
+        }
+    }
+}
+
+/// Renews `held`'s leases; returns the entry ids that are no longer ours.
+async fn extend<T>(i: &Inner<T>, held: &[(String, u32)]) -> Result<Vec<String>, StoreError> {
+    i.link
+        .run("XCLAIM", |mut c, _| async move {
+            let mut call = i.scripts.extend.key(&i.stream);
+            call.arg(&i.group).arg(&i.consumer);
+            for (id, n) in held {
+                call.arg(id).arg(*n);
+            }
+            call.invoke_async(&mut c).await
+        })
+        .await
+}
+
+impl<T> Queue for RedisQueue<T>
+where
+    T: Serialize + DeserializeOwned + Send + 'static,
+{
+    type Item = T;
+
+    fn push(&self, item: T) -> BoxFut<'_, Result<(), PushError<T>>> {
+        Box::pin(self.push_inner(item))
+    }
+
+    fn pull(&self) -> BoxFut<'_, Result<Option<Delivery<T>>, QueueError>> {
+        Box::pin(self.pull_inner())
+    }
+
+    fn ack<'a>(&'a self, id: &'a str) -> BoxFut<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let (entry, count) =
+                parse_id(id).ok_or_else(|| QueueError::UnknownDelivery(id.to_owned()))?;
+            self.settle(entry, count, Mode::Ack).await
+        })
+    }
+
+    fn nack<'a>(&'a self, id: &'a str, nack: Nack) -> BoxFut<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let (entry, count) =
+                parse_id(id).ok_or_else(|| QueueError::UnknownDelivery(id.to_owned()))?;
+            let mode = match nack {
+                Nack::Retry => Mode::Retry,
+                Nack::DeadLetter(reason) => Mode::Dead(reason),
+            };
+            self.settle(entry, count, mode).await
+        })
+    }
+
+    fn extend<'a>(&'a self, id: &'a str) -> BoxFut<'a, Result<(), QueueError>> {
+        Box::pin(async move {
+            let unknown = || QueueError::UnknownDelivery(id.to_owned());
+            let (entry, count) = parse_id(id).ok_or_else(unknown)?;
+            let lost = extend(&self.inner, &[(entry.to_owned(), count)])
+                .await
+                .map_err(backend)?;
+            if lost.is_empty() {
+                Ok(())
+            } else {
+                lock(&self.inner.held).remove(entry);
+                Err(unknown())
+            }
+        })
+    }
+
+    fn close(&self) {
+        self.inner.closed.store(true, Ordering::Release);
+        let (link, key) = (self.inner.link.clone(), self.inner.closed_key.clone());
+        self.inner
+            .spawner
+            .spawn_named("smolkit-redis-close", async move {
+                if let Err(e) = set_closed(&link, &key).await {
+                    tracing::warn!(%key, error = %e, "queue close marker not set");
+                }
+            })
+            .detach();
+    }
+}
