@@ -21,6 +21,10 @@
 //!   is cut off mid-body and resumed with `Range` + `If-Range`, one answers
 //!   503 with Retry-After first; every file is checked byte for byte, and
 //!   a second run skips them all through the manifest;
+//! - with `REDIS_URL` set and the `redis` feature on, two workers share
+//!   one `RedisQueue` (each its own consumer in the group) under one
+//!   `RedisRateLimiter`, and a `RedisCheckpoint` records how far the
+//!   producer got (otherwise the scenario prints that it is skipped);
 //! - at the end: what the server saw, the client's and the bus's counters,
 //!   and a graceful shutdown.
 //!
@@ -188,6 +192,7 @@ pub fn main() -> Result<(), Box<dyn std::error::Error>> {
         worker_pool(spawner.clone()).await?;
         batching_with_backpressure(spawner.clone()).await?;
         batch_download(spawner.clone()).await?;
+        distributed(spawner.clone()).await?;
         Ok::<_, BoxError>(())
     })?;
     let tasks = rt.tasks().len();
@@ -423,5 +428,100 @@ async fn batch_download(spawner: Arc<dyn Spawn>) -> Result<(), BoxError> {
         again.summary.skipped == files.len(),
         "the rerun fetched again",
     )?;
+    Ok(())
+}
+
+/// Two workers on one Redis queue, under one shared rate, with a
+/// checkpoint: the distributed scenario (skipped without Redis).
+#[cfg(feature = "redis")]
+async fn distributed(spawner: Arc<dyn Spawn>) -> Result<(), BoxError> {
+    use smolkit::pool::{Checkpoint, Queue};
+    use smolkit::redis::{RedisCheckpoint, RedisLink, RedisQueue, RedisRateLimiter};
+
+    let Ok(url) = std::env::var("REDIS_URL") else {
+        println!("\ndistributed (Redis): skipped, REDIS_URL is not set");
+        return Ok(());
+    };
+    const JOBS: u64 = 300;
+    let link = RedisLink::open(url.as_str())?;
+    let name = format!("smolkit:tour:{}", std::process::id());
+    let producer = RedisQueue::<u64>::builder(link.clone(), name.as_str())
+        .with_spawner(spawner.clone())
+        .connect()
+        .await?;
+    let checkpoint = RedisCheckpoint::new(link.clone(), format!("{name}:produced"));
+    for job in 0..JOBS {
+        producer.push(job).await.map_err(|e| e.to_string())?;
+        if job % 100 == 99 {
+            checkpoint.save(job + 1).await?;
+        }
+    }
+    producer.close_everywhere().await?;
+    let limiter = RedisRateLimiter::new(
+        link.clone(),
+        format!("{name}:rate"),
+        Quota::per_second(3_000)?.with_burst(50)?,
+    );
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        let queue = Arc::new(
+            RedisQueue::<u64>::builder(link.clone(), name.as_str())
+                .with_spawner(spawner.clone())
+                .connect()
+                .await?,
+        );
+        let limiter = limiter.clone();
+        let spawner = spawner.clone();
+        workers.push(async move {
+            let report = Pipeline::from_queue(queue.clone())
+                .with_spawner(spawner)
+                .map(Stage::new("job").with_concurrency(4), move |job: u64| {
+                    let limiter = limiter.clone();
+                    async move {
+                        limiter.until_ready(1).await.map_err(|e| e.to_string())?;
+                        Ok::<_, String>(job * 2)
+                    }
+                })
+                .run(|_| async { Ok::<_, String>(()) })
+                .await?;
+            Ok::<_, BoxError>((queue.consumer().to_owned(), report.outputs))
+        });
+    }
+    let (a, b) = futures_lite::future::zip(workers.remove(0), workers.remove(0)).await;
+    let (a, b) = (a?, b?);
+    let stats = producer.stats().await?;
+    println!(
+        "\ndistributed (Redis): {JOBS} jobs through one stream; {} by {}, {} by {}; checkpoint at {:?}; {} left, {} dead letters",
+        a.1,
+        a.0,
+        b.1,
+        b.0,
+        checkpoint.load().await?,
+        stats.length,
+        stats.dead
+    );
+    check(a.1 + b.1 == JOBS, "a Redis job was lost or done twice")?;
+    check(
+        stats.length == 0 && stats.dead == 0,
+        "the Redis queue is not empty",
+    )?;
+    let client = redis::Client::open(url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    redis::cmd("DEL")
+        .arg(&name)
+        .arg(format!("{name}:dead"))
+        .arg(format!("{name}:closed"))
+        .arg(format!("{name}:produced"))
+        .arg(format!("{name}:rate"))
+        .query_async::<()>(&mut conn)
+        .await?;
+    Ok(())
+}
+
+#[cfg(not(feature = "redis"))]
+async fn distributed(_: Arc<dyn Spawn>) -> Result<(), BoxError> {
+    println!(
+        "\ndistributed (Redis): skipped, built without the `redis` feature (--features testing,redis and REDIS_URL)"
+    );
     Ok(())
 }

@@ -606,3 +606,30 @@ fn the_checkpoint_only_moves_forward_even_when_writers_race() {
         })
     });
 }
+
+/// Dropping the last handle ends the queue's lease keeper at once (it
+/// does not sleep out its interval on the runtime).
+#[test]
+fn a_dropped_queue_leaves_no_task_behind() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    within(move || {
+        let rt = smolkit::runtime::Runtime::builder()
+            .with_threads(1)
+            .build()
+            .unwrap();
+        let q = rt
+            .block_on(
+                RedisQueue::<u32>::builder(link(&server), "drop")
+                    .with_lease(Duration::from_secs(120))
+                    .with_spawner(rt.spawner())
+                    .connect(),
+            )
+            .unwrap();
+        assert_eq!(rt.tasks().len(), 1, "the lease keeper");
+        drop(q);
+        common::eventually("the keeper to end", || rt.tasks().is_empty());
+        assert!(rt.shutdown(Duration::from_secs(1)).drained);
+    });
+}

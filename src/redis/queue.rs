@@ -295,10 +295,11 @@ where
             }),
             readers: Mutex::new(Vec::new()),
             spawner: spawner.clone(),
+            dropped: Arc::new(event_listener::Event::new()),
             link: self.link,
             _item: PhantomData,
         });
-        let keeper = keep_leases(Arc::downgrade(&inner));
+        let keeper = keep_leases(Arc::downgrade(&inner), inner.dropped.clone());
         spawner
             .spawn_named("smolkit-redis-lease-keeper", keeper)
             .detach();
@@ -355,7 +356,15 @@ struct Inner<T> {
     /// Idle connections for blocking reads, one per concurrent `pull`.
     readers: Mutex<Vec<MultiplexedConnection>>,
     spawner: Arc<dyn Spawn>,
+    /// Notified when the last handle goes: the lease keeper ends at once.
+    dropped: Arc<event_listener::Event>,
     _item: PhantomData<fn() -> T>,
+}
+
+impl<T> Drop for Inner<T> {
+    fn drop(&mut self) {
+        self.dropped.notify(usize::MAX);
+    }
 }
 
 /// A [`Queue`] on a Redis Stream and its consumer group: processes on
@@ -1027,7 +1036,8 @@ async fn set_closed(link: &RedisLink, key: &str) -> Result<(), QueueError> {
 
 /// Renews the leases this process holds, every third of the lease, until
 /// the queue is dropped.
-async fn keep_leases<T>(queue: Weak<Inner<T>>) {
+async fn keep_leases<T>(queue: Weak<Inner<T>>, dropped: Arc<event_listener::Event>) {
+    use futures_lite::FutureExt;
     let Some((clock, every)) = queue
         .upgrade()
         .map(|i| (i.link.clock().clone(), i.lease / 3))
@@ -1035,7 +1045,22 @@ async fn keep_leases<T>(queue: Weak<Inner<T>>) {
         return;
     };
     loop {
-        clock.sleep(every).await;
+        let gone = dropped.listen();
+        if queue.strong_count() == 0 {
+            return;
+        }
+        let woke_for_drop = async {
+            gone.await;
+            true
+        }
+        .or(async {
+            clock.sleep(every).await;
+            false
+        })
+        .await;
+        if woke_for_drop {
+            return;
+        }
         let Some(i) = queue.upgrade() else { return };
         let held: Vec<(String, u32)> = lock(&i.held)
             .iter()
