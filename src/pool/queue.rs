@@ -41,6 +41,19 @@ pub trait Queue: Send + Sync {
     /// The delivery is done; the item leaves the queue.
     fn ack<'a>(&'a self, id: &'a str) -> BoxFut<'a, Result<(), QueueError>>;
 
+    /// Settles several deliveries as done; a result per id, in order. The
+    /// default acks them one by one; a queue with a round trip per call
+    /// (Redis) settles them in one.
+    fn ack_many<'a>(&'a self, ids: &'a [String]) -> BoxFut<'a, Vec<Result<(), QueueError>>> {
+        Box::pin(async move {
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                out.push(self.ack(id).await);
+            }
+            out
+        })
+    }
+
     /// The delivery failed: retry it or dead-letter it.
     fn nack<'a>(&'a self, id: &'a str, nack: Nack) -> BoxFut<'a, Result<(), QueueError>>;
 

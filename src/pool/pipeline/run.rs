@@ -178,9 +178,20 @@ impl SideTasks {
     ) -> Self {
         let acker = queue.map(|q| {
             ctx.spawner.spawn(async move {
-                while let Ok(id) = acks.recv().await {
-                    if let Err(e) = q.ack(&id).await {
-                        tracing::warn!(id = %id, error = %e, "ack failed; the item will be delivered again");
+                // Whatever is ready is acked in one call (one round trip
+                // for a Redis queue), up to 256 at a time.
+                while let Ok(first) = acks.recv().await {
+                    let mut ids = vec![first];
+                    while ids.len() < 256 {
+                        match acks.try_recv() {
+                            Ok(id) => ids.push(id),
+                            Err(_) => break,
+                        }
+                    }
+                    for (id, r) in ids.iter().zip(q.ack_many(&ids).await) {
+                        if let Err(e) = r {
+                            tracing::warn!(id = %id, error = %e, "ack failed; the item will be delivered again");
+                        }
                     }
                 }
             })
