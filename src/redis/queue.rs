@@ -43,18 +43,32 @@ end
 
 /// Settles deliveries, each atomically. `KEYS`: stream, dead-letter
 /// stream. `ARGV`: group, consumer, mode (`ack`, `retry`, `dead`), max
-/// deliveries, reason, then (entry id, delivery count) pairs. Per pair: 1
+/// deliveries, reason, the smallest and the largest entry id, then (entry
+/// id, delivery count) pairs. Per pair: 1
 /// settled, 0 the lease is no longer this delivery's (expired and claimed
 /// again), -1 not pending.
 const SETTLE: &str = r"
 local out = {}
+local done = {}
 local mode = ARGV[3]
-for i = 6, #ARGV, 2 do
+-- This consumer's leases in the range of the ids, in one call.
+local mine = {}
+for _, p in ipairs(redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[6], ARGV[7], #ARGV, ARGV[2])) do
+  mine[p[1]] = p[4]
+end
+for i = 8, #ARGV, 2 do
   local id, n = ARGV[i], tonumber(ARGV[i + 1])
-  local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-  if #p == 0 then
+  local count = mine[id]
+  if count == nil then
+    -- Not in the (possibly cut short) range answer: ask for it alone.
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+    if #p == 0 then count = -1
+    elseif p[1][2] ~= ARGV[2] then count = 0
+    else count = p[1][4] end
+  end
+  if count == -1 then
     table.insert(out, -1)
-  elseif p[1][2] ~= ARGV[2] or p[1][4] ~= n then
+  elseif count ~= n then
     table.insert(out, 0)
   else
     if mode ~= 'ack' then
@@ -71,42 +85,47 @@ for i = 6, #ARGV, 2 do
           'deliveries', delivered, 'source', id)
       end
     end
-    redis.call('XACK', KEYS[1], ARGV[1], id)
-    redis.call('XDEL', KEYS[1], id)
+    table.insert(done, id)
     table.insert(out, 1)
   end
+end
+if #done > 0 then
+  redis.call('XACK', KEYS[1], ARGV[1], unpack(done))
+  redis.call('XDEL', KEYS[1], unpack(done))
 end
 return out
 ";
 
-/// Claims one entry idle for longer than the lease (its consumer died or
-/// hung), or dead-letters it at the delivery limit. `KEYS`: stream,
-/// dead-letter stream. `ARGV`: group, consumer, min idle (ms), cursor, max
-/// deliveries. `{cursor}` when nothing was due, `{cursor, id, 'dead',
-/// deliveries}` or `{cursor, id, 'item', item, count, prior}`.
+/// Claims entries idle for longer than the lease (their consumer died or
+/// hung), up to a count, or dead-letters them at the delivery limit.
+/// `KEYS`: stream, dead-letter stream. `ARGV`: group, consumer, min idle
+/// (ms), cursor, max deliveries, count. `{cursor, entry…}`, each entry
+/// `{id, 'dead', deliveries}` or `{id, 'item', item, count, prior}`.
 const RECLAIM: &str = r"
-local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', 1)
-local cursor = r[1]
-local entries = r[2]
-if #entries == 0 then return {cursor} end
-local id = entries[1][1]
-if type(entries[1][2]) ~= 'table' then
-  redis.call('XACK', KEYS[1], ARGV[1], id)
-  return {cursor}
+local r = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[6])
+local out = {r[1]}
+for _, e in ipairs(r[2]) do
+  local id = e[1]
+  if type(e[2]) ~= 'table' then
+    redis.call('XACK', KEYS[1], ARGV[1], id)
+  else
+    local item, prior = fields(e[2])
+    local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
+    local count = p[1][4]
+    local delivered = prior + count - 1
+    if delivered >= tonumber(ARGV[5]) then
+      redis.call('XADD', KEYS[2], '*', 'item', item,
+        'reason', 'lease expired; delivered ' .. delivered .. ' times',
+        'deliveries', delivered, 'source', id)
+      redis.call('XACK', KEYS[1], ARGV[1], id)
+      redis.call('XDEL', KEYS[1], id)
+      table.insert(out, {id, 'dead', delivered})
+    else
+      table.insert(out, {id, 'item', item, count, prior})
+    end
+  end
 end
-local item, prior = fields(entries[1][2])
-local p = redis.call('XPENDING', KEYS[1], ARGV[1], id, id, 1)
-local count = p[1][4]
-local delivered = prior + count - 1
-if delivered >= tonumber(ARGV[5]) then
-  redis.call('XADD', KEYS[2], '*', 'item', item,
-    'reason', 'lease expired; delivered ' .. delivered .. ' times',
-    'deliveries', delivered, 'source', id)
-  redis.call('XACK', KEYS[1], ARGV[1], id)
-  redis.call('XDEL', KEYS[1], id)
-  return {cursor, id, 'dead', delivered}
-end
-return {cursor, id, 'item', item, count, prior}
+return out
 ";
 
 /// Renews the leases of deliveries this consumer still holds (XCLAIM
@@ -312,6 +331,8 @@ where
             block: self.block,
             prefetch: self.prefetch,
             prefetched: Mutex::new(VecDeque::new()),
+            last_read_full: AtomicBool::new(false),
+            reading_ahead: AtomicBool::new(false),
             scripts: Scripts::new(),
             held: Mutex::new(HashMap::new()),
             closed: AtomicBool::new(false),
@@ -374,6 +395,17 @@ struct Reclaim {
     next: Instant,
 }
 
+/// An entry read or claimed for this consumer.
+struct Read {
+    id: String,
+    /// The item as stored (JSON).
+    raw: String,
+    /// The group's delivery count for it.
+    count: i64,
+    /// Deliveries before it was queued again by a retry.
+    prior: i64,
+}
+
 struct Inner<T> {
     link: RedisLink,
     stream: String,
@@ -386,9 +418,13 @@ struct Inner<T> {
     max_deliveries: u32,
     block: Duration,
     prefetch: usize,
-    /// Entries read ahead (already leased to this consumer): id, item as
-    /// stored, deliveries before.
-    prefetched: Mutex<VecDeque<(String, String, i64)>>,
+    /// Entries read or claimed ahead (already leased to this consumer).
+    prefetched: Mutex<VecDeque<Read>>,
+    /// The last read filled its count: the stream likely holds more, so a
+    /// closed queue need not check for its end before the next read.
+    last_read_full: AtomicBool,
+    /// A read-ahead is in flight.
+    reading_ahead: AtomicBool,
     scripts: Scripts,
     /// Deliveries this consumer holds: entry id → delivery count.
     held: Mutex<HashMap<String, u32>>,
@@ -795,8 +831,9 @@ where
         let i = &self.inner;
         loop {
             let next = lock(&i.prefetched).pop_front();
-            if let Some((id, raw, prior)) = next {
-                match self.deliver(id, &raw, 1, prior).await? {
+            if let Some(read) = next {
+                self.read_ahead();
+                match self.deliver(read).await? {
                     Found::Delivery(d) => return Ok(Some(d)),
                     _ => continue,
                 }
@@ -815,6 +852,7 @@ where
             // Closed: the stream may already be empty; no need to block
             // a whole read to find out.
             if (i.closed.load(Ordering::Acquire) || i.marker_seen.load(Ordering::Acquire))
+                && !i.last_read_full.load(Ordering::Acquire)
                 && lock(&i.prefetched).is_empty()
                 && self.drained().await?
             {
@@ -823,9 +861,18 @@ where
             let until_reclaim = lock(&i.reclaim)
                 .next
                 .saturating_duration_since(i.link.clock().now());
-            let block = i.block.min(until_reclaim).max(Duration::from_millis(1));
+            let mut block = i.block.min(until_reclaim).max(Duration::from_millis(1));
+            if i.closed.load(Ordering::Acquire) || i.marker_seen.load(Ordering::Acquire) {
+                // Closed, with leased entries left: no new ones will come,
+                // only their acks (the end) or their redelivery, so look
+                // again soon rather than block a whole read.
+                block = block.min(CLOSED_POLL);
+            }
             match self.read_new(conn, block).await? {
-                Found::Delivery(d) => return Ok(Some(d)),
+                Found::Delivery(d) => {
+                    self.read_ahead();
+                    return Ok(Some(d));
+                }
                 Found::Skipped => continue,
                 Found::Nothing => {}
             }
@@ -852,6 +899,7 @@ where
                     .arg(lease_ms)
                     .arg(cursor)
                     .arg(i.max_deliveries)
+                    .arg(i.prefetch)
                     .invoke_async(&mut c)
                     .await
             })
@@ -864,36 +912,70 @@ where
             .first()
             .and_then(value_text)
             .unwrap_or_else(|| "0-0".into());
-        let found = match parts.get(2).and_then(value_text).as_deref() {
-            Some("dead") => {
-                tracing::warn!(
-                    stream = %i.stream,
-                    id = ?parts.get(1).and_then(value_text),
-                    deliveries = ?parts.get(3).and_then(value_int),
-                    "queue item dead-lettered at the delivery limit (lease expired)"
-                );
+        let mut claimed = VecDeque::new();
+        let mut skipped = false;
+        for e in parts.iter().skip(1) {
+            let Value::Array(e) = e else { continue };
+            let text = |k: usize| e.get(k).and_then(value_text).unwrap_or_default();
+            let int = |k: usize| e.get(k).and_then(value_int).unwrap_or(0);
+            match text(1).as_str() {
+                "dead" => {
+                    tracing::warn!(
+                        stream = %i.stream,
+                        id = %text(0),
+                        deliveries = int(2),
+                        "queue item dead-lettered at the delivery limit (lease expired)"
+                    );
+                    skipped = true;
+                }
+                "item" => {
+                    tracing::debug!(stream = %i.stream, id = %text(0), "queue lease expired; delivering again");
+                    claimed.push_back(Read {
+                        id: text(0),
+                        raw: text(2),
+                        count: int(3).max(1),
+                        prior: int(4),
+                    });
+                }
+                _ => {}
+            }
+        }
+        {
+            let mut r = lock(&i.reclaim);
+            let now = i.link.clock().now();
+            // Found some: there may be more, look again at once. Nothing in
+            // this step: the scan goes on from the cursor soon (a step
+            // covers at most ten pending entries per claim), or, once it
+            // has wrapped, after the interval.
+            r.next = if !claimed.is_empty() || skipped {
+                now
+            } else if next_cursor != "0-0" {
+                now + Duration::from_millis(50)
+            } else {
+                now + reclaim_every(i.lease)
+            };
+            r.cursor = next_cursor;
+        }
+        let Some(first) = claimed.pop_front() else {
+            return Ok(if skipped {
                 Found::Skipped
-            }
-            Some("item") => {
-                let id = parts.get(1).and_then(value_text).unwrap_or_default();
-                let raw = parts.get(3).and_then(value_text).unwrap_or_default();
-                let count = parts.get(4).and_then(value_int).unwrap_or(1);
-                let prior = parts.get(5).and_then(value_int).unwrap_or(0);
-                tracing::debug!(stream = %i.stream, %id, "queue lease expired; delivering again");
-                self.deliver(id, &raw, count, prior).await?
-            }
-            _ => Found::Nothing,
+            } else {
+                Found::Nothing
+            });
         };
-        let mut r = lock(&i.reclaim);
-        // A wrapped cursor with nothing found: the whole pending list was
-        // scanned; look again in a while. Otherwise keep scanning.
-        r.next = if matches!(found, Found::Nothing) && next_cursor == "0-0" {
-            i.link.clock().now() + reclaim_every(i.lease)
-        } else {
-            i.link.clock().now()
-        };
-        r.cursor = next_cursor;
-        Ok(found)
+        self.prefetch_more(claimed);
+        self.deliver(first).await
+    }
+
+    /// Keeps `rest` (leased to this consumer already) for the next pulls.
+    fn prefetch_more(&self, rest: impl IntoIterator<Item = Read>) {
+        let i = &self.inner;
+        let mut held = lock(&i.held);
+        let mut buffer = lock(&i.prefetched);
+        for r in rest {
+            held.insert(r.id.clone(), u32::try_from(r.count).unwrap_or(u32::MAX));
+            buffer.push_back(r);
+        }
     }
 
     /// Reads one new entry, waiting up to `block` for it.
@@ -910,22 +992,39 @@ where
         let v: Value = i
             .link
             .run_blocking("XREADGROUP", conn, response, |mut c| async move {
-                ::redis::cmd("XREADGROUP")
-                    .arg("GROUP")
-                    .arg(&i.group)
-                    .arg(&i.consumer)
-                    .arg("COUNT")
-                    .arg(i.prefetch)
-                    .arg("BLOCK")
-                    .arg(block_ms)
-                    .arg("STREAMS")
-                    .arg(&i.stream)
-                    .arg(">")
-                    .query_async(&mut c)
-                    .await
+                self.read_command(Some(block_ms)).query_async(&mut c).await
             })
             .await
             .map_err(backend)?;
+        let mut read = self.take_read(v)?.into_iter();
+        let Some(first) = read.next() else {
+            return Ok(Found::Nothing);
+        };
+        self.prefetch_more(read);
+        self.deliver(first).await
+    }
+
+    /// `XREADGROUP` of up to `prefetch` new entries, blocking `block_ms`
+    /// or not at all.
+    fn read_command(&self, block_ms: Option<u64>) -> ::redis::Cmd {
+        let i = &self.inner;
+        let mut cmd = ::redis::cmd("XREADGROUP");
+        cmd.arg("GROUP")
+            .arg(&i.group)
+            .arg(&i.consumer)
+            .arg("COUNT")
+            .arg(i.prefetch);
+        if let Some(ms) = block_ms {
+            cmd.arg("BLOCK").arg(ms);
+        }
+        cmd.arg("STREAMS").arg(&i.stream).arg(">");
+        cmd
+    }
+
+    /// The entries of an `XREADGROUP` reply (and whether it filled its
+    /// count).
+    fn take_read(&self, v: Value) -> Result<Vec<Read>, QueueError> {
+        let i = &self.inner;
         let entries = match &v {
             Value::Nil => None,
             Value::Array(streams) => streams.first().and_then(|s| match s {
@@ -936,39 +1035,70 @@ where
             _ => return Err(backend(StoreError::unexpected("an XREADGROUP reply", v))),
         };
         let Some(Value::Array(entries)) = entries else {
-            return Ok(Found::Nothing);
+            i.last_read_full.store(false, Ordering::Release);
+            return Ok(Vec::new());
         };
-        let mut read = entries.iter().filter_map(entry).map(|(id, f)| {
-            let raw = f.get("item").cloned().unwrap_or_default();
-            let prior = f.get("prior").and_then(|p| p.parse().ok()).unwrap_or(0);
-            (id, raw, prior)
-        });
-        let Some((id, raw, prior)) = read.next() else {
-            return Ok(Found::Nothing);
-        };
-        let rest: Vec<_> = read.collect();
-        if !rest.is_empty() {
-            let mut held = lock(&i.held);
-            for (id, _, _) in &rest {
-                held.insert(id.clone(), 1);
-            }
-            drop(held);
-            lock(&i.prefetched).extend(rest);
-        }
-        self.deliver(id, &raw, 1, prior).await
+        i.last_read_full
+            .store(entries.len() >= i.prefetch, Ordering::Release);
+        Ok(entries
+            .iter()
+            .filter_map(entry)
+            .map(|(id, f)| Read {
+                raw: f.get("item").cloned().unwrap_or_default(),
+                prior: f.get("prior").and_then(|p| p.parse().ok()).unwrap_or(0),
+                count: 1,
+                id,
+            })
+            .collect())
     }
 
-    /// Hands out entry `id` (delivery `count`), or dead-letters it if its
-    /// item does not decode.
-    async fn deliver(
-        &self,
-        id: String,
-        raw: &str,
-        count: i64,
-        prior: i64,
-    ) -> Result<Found<T>, QueueError> {
+    /// Reads the next entries in the background (a read that does not
+    /// block, on the shared connection) once the read-ahead buffer is down
+    /// to half, so a `pull` seldom waits for a round trip. Not when the
+    /// last read found the stream short of entries.
+    fn read_ahead(&self) {
+        let i = &self.inner;
+        if i.prefetch < 2
+            || !i.last_read_full.load(Ordering::Acquire)
+            || lock(&i.prefetched).len() > i.prefetch / 2
+            || i.reading_ahead.swap(true, Ordering::AcqRel)
+        {
+            return;
+        }
+        let q = self.clone();
+        i.spawner
+            .spawn_named("smolkit-redis-read-ahead", async move {
+                let i = &q.inner;
+                let read = i
+                    .link
+                    .run("XREADGROUP", |mut c, _| {
+                        let cmd = q.read_command(None);
+                        async move { cmd.query_async(&mut c).await }
+                    })
+                    .await
+                    .map_err(backend)
+                    .and_then(|v| q.take_read(v));
+                match read {
+                    Ok(entries) => q.prefetch_more(entries),
+                    Err(e) => {
+                        tracing::debug!(stream = %i.stream, error = %e, "queue read-ahead failed")
+                    }
+                }
+                i.reading_ahead.store(false, Ordering::Release);
+            })
+            .detach();
+    }
+
+    /// Hands out `read`, or dead-letters it if its item does not decode.
+    async fn deliver(&self, read: Read) -> Result<Found<T>, QueueError> {
+        let Read {
+            id,
+            raw,
+            count,
+            prior,
+        } = read;
         let count = u32::try_from(count).unwrap_or(u32::MAX);
-        match serde_json::from_str::<T>(raw) {
+        match serde_json::from_str::<T>(&raw) {
             Ok(item) => {
                 lock(&self.inner.held).insert(id.clone(), count);
                 let attempt = u32::try_from(prior).unwrap_or(0).saturating_add(count);
@@ -1027,6 +1157,21 @@ where
             Mode::Retry => ("retry", ""),
             Mode::Dead(r) => ("dead", r.as_str()),
         };
+        // The range of the ids, for one XPENDING of this consumer's leases.
+        let key = |id: &str| -> (u64, u64) {
+            let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
+            (ms.parse().unwrap_or(0), seq.parse().unwrap_or(0))
+        };
+        let lowest = deliveries
+            .iter()
+            .map(|d| d.0)
+            .min_by_key(|id| key(id))
+            .unwrap_or("0-0");
+        let highest = deliveries
+            .iter()
+            .map(|d| d.0)
+            .max_by_key(|id| key(id))
+            .unwrap_or("0-0");
         let codes: Vec<i64> = i
             .link
             .run("settle", |mut c, tries| async move {
@@ -1036,7 +1181,9 @@ where
                     .arg(&i.consumer)
                     .arg(name)
                     .arg(i.max_deliveries)
-                    .arg(reason);
+                    .arg(reason)
+                    .arg(lowest)
+                    .arg(highest);
                 for (id, n) in deliveries {
                     call.arg(*id).arg(*n);
                 }
@@ -1072,6 +1219,10 @@ enum Mode {
     Dead(String),
 }
 
+/// How often `pull` on a closed queue looks for the end while entries
+/// are still leased.
+const CLOSED_POLL: Duration = Duration::from_millis(20);
+
 fn reclaim_every(lease: Duration) -> Duration {
     (lease / 2).clamp(Duration::from_millis(50), Duration::from_secs(5))
 }
@@ -1080,8 +1231,12 @@ fn backend(e: StoreError) -> QueueError {
     QueueError::Backend(e.to_string())
 }
 
+/// A delivery id `<ms>-<seq>/<count>` as its entry id and count.
 fn parse_id(id: &str) -> Option<(&str, u32)> {
     let (entry, count) = id.rsplit_once('/')?;
+    let (ms, seq) = entry.split_once('-')?;
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (digits(ms) && digits(seq)).then_some(())?;
     Some((entry, count.parse().ok()?))
 }
 

@@ -42,10 +42,15 @@ pub async fn settles_each_delivery_once<Q: Queue<Item = u32>>(q: &Q) {
         q.ack("made-up").await,
         Err(QueueError::UnknownDelivery(_))
     ));
-    assert!(matches!(
-        q.nack("7/x", Nack::Retry).await,
-        Err(QueueError::UnknownDelivery(_))
-    ));
+    for made_up in ["7/x", "abc/1", "1-x/1", "/1", "1-1/"] {
+        assert!(
+            matches!(
+                q.nack(made_up, Nack::Retry).await,
+                Err(QueueError::UnknownDelivery(_))
+            ),
+            "{made_up}"
+        );
+    }
     q.close();
     let e = q.push(9).await.unwrap_err();
     assert_eq!((e.error, e.item), (QueueError::Closed, 9));
