@@ -14,7 +14,8 @@
 //!   (`--role consume`), one pipeline each, timed from spawn to exit.
 //!
 //! Push rows: `ITEMS` pushes of one item each, one at a time and from 16
-//! tasks at once, beside raw `XADD`s pipelined 256 at a time.
+//! tasks at once, and `push_batch` of them all, beside raw `XADD`s
+//! pipelined 256 at a time.
 //!
 //! Each row is the median of `RUNS` runs.
 //!
@@ -79,6 +80,10 @@ fn main() {
         ("raw redis-rs XADD, pipelined 256 at a time", Push::Raw),
         ("smolkit RedisQueue::push, one at a time", Push::Smolkit(1)),
         ("smolkit RedisQueue::push, 16 tasks", Push::Smolkit(16)),
+        (
+            "smolkit RedisQueue::push_batch (chunks of 256)",
+            Push::Batch,
+        ),
     ] {
         let rate = median((0..RUNS).map(|_| push_run(&url, f)).collect());
         println!("| {name} | {:.0} |", rate);
@@ -98,6 +103,7 @@ enum Consume {
 enum Push {
     Raw,
     Smolkit(usize),
+    Batch,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -330,6 +336,14 @@ fn push_run(url: &str, how: Push) -> f64 {
     smol::block_on(async {
         match how {
             Push::Raw => raw_push(&mut conn(url).await).await,
+            Push::Batch => {
+                let q = RedisQueue::<u64>::builder(RedisLink::open(url).unwrap(), STREAM)
+                    .with_capacity(ITEMS)
+                    .connect()
+                    .await
+                    .unwrap();
+                q.push_batch((0..ITEMS).collect()).await.unwrap();
+            }
             Push::Smolkit(tasks) => {
                 let q = Arc::new(
                     RedisQueue::<u64>::builder(RedisLink::open(url).unwrap(), STREAM)

@@ -19,7 +19,7 @@ use std::process::{Command, ExitCode};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use smolkit::pool::{Pipeline, Queue, Stage};
+use smolkit::pool::{Pipeline, Stage};
 use smolkit::redis::{RedisLink, RedisQueue};
 use smolkit::resilience::Backoff;
 
@@ -119,9 +119,10 @@ async fn produce_and_wait(args: &Args) -> Result<ExitCode, BoxError> {
         }
     };
     let started = Instant::now();
-    for job in 0..args.items {
-        queue.push(job).await.map_err(|e| e.to_string())?;
-    }
+    queue
+        .push_batch((0..args.items).collect())
+        .await
+        .map_err(|e| e.to_string())?;
     queue.close_everywhere().await?;
     println!(
         "queued {} jobs on {name} in {:?}; starting {} workers",

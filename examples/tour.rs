@@ -435,7 +435,7 @@ async fn batch_download(spawner: Arc<dyn Spawn>) -> Result<(), BoxError> {
 /// checkpoint: the distributed scenario (skipped without Redis).
 #[cfg(feature = "redis")]
 async fn distributed(spawner: Arc<dyn Spawn>) -> Result<(), BoxError> {
-    use smolkit::pool::{Checkpoint, Queue};
+    use smolkit::pool::Checkpoint;
     use smolkit::redis::{RedisCheckpoint, RedisLink, RedisQueue, RedisRateLimiter};
 
     let Ok(url) = std::env::var("REDIS_URL") else {
@@ -450,11 +450,12 @@ async fn distributed(spawner: Arc<dyn Spawn>) -> Result<(), BoxError> {
         .connect()
         .await?;
     let checkpoint = RedisCheckpoint::new(link.clone(), format!("{name}:produced"));
-    for job in 0..JOBS {
-        producer.push(job).await.map_err(|e| e.to_string())?;
-        if job % 100 == 99 {
-            checkpoint.save(job + 1).await?;
-        }
+    for start in (0..JOBS).step_by(100) {
+        producer
+            .push_batch((start..start + 100).collect())
+            .await
+            .map_err(|e| e.to_string())?;
+        checkpoint.save(start + 100).await?;
     }
     producer.close_everywhere().await?;
     let limiter = RedisRateLimiter::new(

@@ -633,3 +633,38 @@ fn a_dropped_queue_leaves_no_task_behind() {
         assert!(rt.shutdown(Duration::from_secs(1)).drained);
     });
 }
+
+/// `push_batch` queues in order, chunk by chunk as room frees up, and
+/// hands back what it could not queue.
+#[test]
+fn push_batch_queues_in_order_and_hands_back_the_rest() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    within(move || {
+        smol::block_on(async {
+            let q = RedisQueue::<u32>::builder(link(&server), "batch")
+                .with_capacity(300)
+                .with_block(Duration::from_millis(20))
+                .connect()
+                .await
+                .unwrap();
+            let producer = async {
+                q.push_batch((0..1000).collect()).await.unwrap();
+                q.close_everywhere().await.unwrap();
+            };
+            let consumer = async {
+                let mut got = Vec::new();
+                while let Some(d) = q.pull().await.unwrap() {
+                    got.push(d.item);
+                    q.ack(&d.id).await.unwrap();
+                }
+                got
+            };
+            let ((), got) = futures_lite::future::zip(producer, consumer).await;
+            assert_eq!(got, (0..1000).collect::<Vec<_>>());
+            let e = q.push_batch(vec![1, 2, 3]).await.unwrap_err();
+            assert_eq!((e.error, e.item), (QueueError::Closed, vec![1, 2, 3]));
+        })
+    });
+}

@@ -18,12 +18,14 @@ use crate::pool::{BoxFut, Delivery, Nack, PushError, Queue, QueueError};
 use crate::runtime::{Spawn, SpawnExt, default_spawner};
 use crate::sync::lock_std as lock;
 
-/// `KEYS`: stream, closed marker. `ARGV`: capacity, payload.
-/// 1 queued, 0 full, -1 closed.
+/// `KEYS`: stream, closed marker. `ARGV`: capacity, payloads. All are
+/// queued (1) or none: 0 no room for them all, -1 closed.
 const PUSH: &str = r"
 if redis.call('EXISTS', KEYS[2]) == 1 then return -1 end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
-redis.call('XADD', KEYS[1], '*', 'item', ARGV[2])
+if redis.call('XLEN', KEYS[1]) + #ARGV - 1 > tonumber(ARGV[1]) then return 0 end
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], '*', 'item', ARGV[i])
+end
 return 1
 ";
 
@@ -758,8 +760,50 @@ where
             .map_err(backend)
     }
 
+    /// Pushes `items` with one round trip per chunk of up to 256 (or the
+    /// capacity, if smaller), in order; each chunk waits until there is
+    /// room for all of it.
+    ///
+    /// # Errors
+    ///
+    /// [`QueueError::Closed`] once the queue is closed (here or in any
+    /// process); [`QueueError::Backend`] if an item does not encode as
+    /// JSON or Redis cannot be reached. The error hands back the items not
+    /// queued: the failed chunk and those after it.
+    ///
+    /// # Cancel safety
+    ///
+    /// If dropped, a prefix of the chunks is queued.
+    pub async fn push_batch(&self, items: Vec<T>) -> Result<(), PushError<Vec<T>>> {
+        let mut payloads = Vec::with_capacity(items.len());
+        for item in &items {
+            match serde_json::to_string(item) {
+                Ok(p) => payloads.push(p),
+                Err(e) => {
+                    return Err(PushError {
+                        error: QueueError::Backend(format!("item does not encode as JSON: {e}")),
+                        item: items,
+                    });
+                }
+            }
+        }
+        let chunk = usize::try_from(self.inner.capacity)
+            .unwrap_or(usize::MAX)
+            .clamp(1, 256);
+        let mut done = 0;
+        for part in payloads.chunks(chunk) {
+            if let Err(error) = self.push_payloads(part).await {
+                return Err(PushError {
+                    error,
+                    item: items.into_iter().skip(done).collect(),
+                });
+            }
+            done += part.len();
+        }
+        Ok(())
+    }
+
     async fn push_inner(&self, item: T) -> Result<(), PushError<T>> {
-        let i = &self.inner;
         let payload = match serde_json::to_string(&item) {
             Ok(p) => p,
             Err(e) => {
@@ -769,47 +813,41 @@ where
                 });
             }
         };
+        self.push_payloads(std::slice::from_ref(&payload))
+            .await
+            .map_err(|error| PushError { error, item })
+    }
+
+    /// Queues `payloads` together once there is room for all of them.
+    async fn push_payloads(&self, payloads: &[String]) -> Result<(), QueueError> {
+        let i = &self.inner;
         let mut wait = Duration::from_millis(5);
         loop {
             if i.closed.load(Ordering::Acquire) {
-                return Err(PushError {
-                    error: QueueError::Closed,
-                    item,
-                });
+                return Err(QueueError::Closed);
             }
-            let payload = &payload;
-            let pushed: Result<i64, StoreError> = i
+            let pushed: i64 = i
                 .link
                 .run("XADD", |mut c, _| async move {
-                    i.scripts
-                        .push
-                        .key(&i.stream)
-                        .key(&i.closed_key)
-                        .arg(i.capacity)
-                        .arg(payload)
-                        .invoke_async(&mut c)
-                        .await
+                    let mut call = i.scripts.push.key(&i.stream);
+                    call.key(&i.closed_key).arg(i.capacity);
+                    for p in payloads {
+                        call.arg(p);
+                    }
+                    call.invoke_async(&mut c).await
                 })
-                .await;
+                .await
+                .map_err(backend)?;
             match pushed {
-                Ok(1) => return Ok(()),
-                Ok(-1) => {
+                1 => return Ok(()),
+                -1 => {
                     i.marker_seen.store(true, Ordering::Release);
-                    return Err(PushError {
-                        error: QueueError::Closed,
-                        item,
-                    });
+                    return Err(QueueError::Closed);
                 }
-                Ok(_) => {
+                _ => {
                     // Full: wait for room.
                     i.link.clock().sleep(wait).await;
                     wait = (wait * 2).min(Duration::from_millis(100));
-                }
-                Err(e) => {
-                    return Err(PushError {
-                        error: backend(e),
-                        item,
-                    });
                 }
             }
         }
