@@ -36,8 +36,8 @@ const STREAM: &str = "bench";
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     if args.get(1).map(String::as_str) == Some("--role") {
-        // --role consume <url>
-        smol::block_on(smolkit_consumer(&args[3]));
+        // --role consume <url> <prefetch>
+        smol::block_on(smolkit_consumer(&args[3], args[4].parse().unwrap()));
         return;
     }
     if args.iter().any(|a| a == "--list") {
@@ -58,18 +58,23 @@ fn main() {
     for (name, f) in [
         ("raw redis-rs, 1 task (pipelined)", Consume::Raw(1)),
         ("raw redis-rs, 4 tasks (pipelined)", Consume::Raw(4)),
-        ("smolkit RedisQueue → Pipeline, 1 task", Consume::Smolkit(1)),
         (
-            "smolkit RedisQueue → Pipeline, 4 tasks",
-            Consume::Smolkit(4),
+            "smolkit RedisQueue → Pipeline, 1 task",
+            Consume::Smolkit(1, 16),
         ),
         (
-            "smolkit RedisQueue (prefetch 128) → Pipeline, 1 task",
-            Consume::Prefetch(128),
+            "smolkit RedisQueue → Pipeline, 4 tasks",
+            Consume::Smolkit(4, 16),
         ),
         (
             "smolkit RedisQueue → Pipeline, 2 processes",
-            Consume::Processes(2),
+            Consume::Processes(2, 16),
+        ),
+        ("smolkit, prefetch 128, 1 task", Consume::Smolkit(1, 128)),
+        ("smolkit, prefetch 128, 4 tasks", Consume::Smolkit(4, 128)),
+        (
+            "smolkit, prefetch 128, 2 processes",
+            Consume::Processes(2, 128),
         ),
     ] {
         let rate = median((0..RUNS).map(|_| consume_run(&url, f)).collect());
@@ -93,10 +98,10 @@ fn main() {
 #[derive(Clone, Copy)]
 enum Consume {
     Raw(usize),
-    Smolkit(usize),
-    /// One task, a prefetch of n (the default is 16).
-    Prefetch(usize),
-    Processes(usize),
+    /// Tasks, prefetch (the default is 16).
+    Smolkit(usize, usize),
+    /// Processes, prefetch.
+    Processes(usize, usize),
 }
 
 #[derive(Clone, Copy)]
@@ -194,12 +199,7 @@ fn consume_run(url: &str, how: Consume) -> f64 {
             }
             n
         }),
-        Consume::Smolkit(_) | Consume::Prefetch(_) => smol::block_on(async {
-            let (tasks, prefetch) = match how {
-                Consume::Prefetch(n) => (1, n),
-                Consume::Smolkit(tasks) => (tasks, 16),
-                _ => unreachable!(),
-            };
+        Consume::Smolkit(tasks, prefetch) => smol::block_on(async {
             let mut queues = Vec::new();
             for _ in 0..tasks {
                 queues.push(Arc::new(
@@ -220,11 +220,11 @@ fn consume_run(url: &str, how: Consume) -> f64 {
             }
             n
         }),
-        Consume::Processes(n) => {
+        Consume::Processes(n, prefetch) => {
             let children: Vec<Child> = (0..n)
                 .map(|_| {
                     Command::new(std::env::current_exe().unwrap())
-                        .args(["--role", "consume", url])
+                        .args(["--role", "consume", url, &prefetch.to_string()])
                         .stdout(Stdio::null())
                         .spawn()
                         .unwrap()
@@ -262,9 +262,10 @@ async fn pipeline(q: Arc<RedisQueue<u64>>) -> u64 {
     report.outputs
 }
 
-async fn smolkit_consumer(url: &str) {
+async fn smolkit_consumer(url: &str, prefetch: usize) {
     let q = Arc::new(
         RedisQueue::<u64>::builder(RedisLink::open(url).unwrap(), STREAM)
+            .with_prefetch(prefetch)
             .connect()
             .await
             .unwrap(),
