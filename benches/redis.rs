@@ -141,6 +141,18 @@ async fn conn(url: &str) -> redis::aio::MultiplexedConnection {
         .unwrap()
 }
 
+/// The stream's length.
+fn xlen(url: &str) -> u64 {
+    smol::block_on(async {
+        let mut c = conn(url).await;
+        redis::cmd("XLEN")
+            .arg(STREAM)
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    })
+}
+
 /// A fresh stream with its group and `ITEMS` entries, closed.
 async fn prepare(url: &str, fill: bool) {
     let mut c = conn(url).await;
@@ -237,15 +249,7 @@ fn consume_run(url: &str, how: Consume) -> f64 {
         }
     };
     let secs = start.elapsed().as_secs_f64();
-    let left: u64 = smol::block_on(async {
-        let mut c = conn(url).await;
-        redis::cmd("XLEN")
-            .arg(STREAM)
-            .query_async(&mut c)
-            .await
-            .unwrap()
-    });
-    assert_eq!(left, 0, "entries left in the stream");
+    assert_eq!(xlen(url), 0, "entries left in the stream");
     assert_eq!(consumed, ITEMS, "consumed");
     ITEMS as f64 / secs
 }
@@ -371,15 +375,7 @@ fn push_run(url: &str, how: Push) -> f64 {
         }
     });
     let secs = start.elapsed().as_secs_f64();
-    let len: u64 = smol::block_on(async {
-        let mut c = conn(url).await;
-        redis::cmd("XLEN")
-            .arg(STREAM)
-            .query_async(&mut c)
-            .await
-            .unwrap()
-    });
-    assert_eq!(len, ITEMS);
+    assert_eq!(xlen(url), ITEMS);
     ITEMS as f64 / secs
 }
 

@@ -295,7 +295,6 @@ fn memory_queue_keeps_the_queue_contract() {
             assert_eq!(q.take_dead_letters()[0].deliveries, 3);
             let q = MemoryQueue::new().with_capacity(4);
             common::queue_contract::push_waits_for_room(&q, 4).await;
-            common::queue_contract::feeds_a_pipeline(Arc::new(MemoryQueue::new())).await;
         })
     });
 }
@@ -682,21 +681,7 @@ fn a_queue_source_acks_what_is_done_and_nacks_what_a_cancel_cut_short() {
     within(|| {
         smol::block_on(async {
             let q = Arc::new(MemoryQueue::new().with_capacity(100));
-            for i in 0..40u32 {
-                q.push(i).await.unwrap();
-            }
-            q.close();
-            let report = Pipeline::from_queue(q.clone())
-                .map(Stage::new("m").with_concurrency(4), |x| async move {
-                    if x % 10 == 0 { Err("tens") } else { Ok(x) }
-                })
-                .run(|_| async { Ok::<_, String>(()) })
-                .await
-                .unwrap();
-            assert_eq!(
-                (report.inputs, report.outputs, report.dead_letters),
-                (40, 36, 4)
-            );
+            common::queue_contract::feeds_a_pipeline(q.clone()).await;
             let s = q.stats();
             assert_eq!((s.acked, s.leased, s.ready), (40, 0, 0));
 
