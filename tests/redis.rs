@@ -668,3 +668,59 @@ fn push_batch_queues_in_order_and_hands_back_the_rest() {
         })
     });
 }
+
+/// An `ApiClient` metered by a shared limiter: calls past the burst wait
+/// for the shared rate; with the store gone, calls fail with a typed
+/// error and nothing reaches the server.
+#[test]
+fn an_api_client_waits_on_the_shared_rate() {
+    use smolkit::http::{ApiClient, Error as HttpError};
+    use smolkit::testing::ChaosServer;
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    within(move || {
+        smol::block_on(async {
+            let api_server = ChaosServer::start().await.unwrap();
+            let quota = Quota::new(3, Duration::from_secs(3600))
+                .unwrap()
+                .with_burst(3)
+                .unwrap();
+            let limiter = Arc::new(RedisRateLimiter::new(link(&server), "api", quota));
+            let client = |limiter: Arc<RedisRateLimiter>| {
+                ApiClient::builder(&api_server.url("/"))
+                    .with_rate_limit(limiter)
+                    .build()
+                    .unwrap()
+            };
+            // Two clients (two processes' worth) on one key.
+            let (a, b) = (client(limiter.clone()), client(limiter.clone()));
+            a.get("status/200").send().await.unwrap();
+            b.get("status/200").send().await.unwrap();
+            a.get("status/200").send().await.unwrap();
+            let fourth = b.get("status/200").send();
+            let waited = futures_lite::future::or(async { fourth.await.map(|_| false) }, async {
+                smol::Timer::after(Duration::from_millis(300)).await;
+                Ok(true)
+            })
+            .await
+            .unwrap();
+            assert!(waited, "a fourth call went through a burst of 3");
+            assert_eq!(api_server.requests().len(), 3);
+
+            let nowhere = RedisLink::builder("redis://127.0.0.1:1/")
+                .with_backoff(
+                    smolkit::resilience::Backoff::constant(Duration::from_millis(1))
+                        .with_max_times(1),
+                )
+                .build()
+                .unwrap();
+            let down = client(Arc::new(RedisRateLimiter::new(nowhere, "api", quota)));
+            match down.get("status/200").send().await {
+                Err(HttpError::RateLimited(RateLimitError::Unavailable)) => {}
+                other => panic!("{other:?}"),
+            }
+            assert_eq!(api_server.requests().len(), 3);
+        })
+    });
+}

@@ -150,6 +150,9 @@ pub enum Error {
     },
     /// The client was shut down, or a limit it depends on was closed.
     Closed,
+    /// The rate limit refused the call: more cells than its burst, or a
+    /// shared limiter whose store cannot be reached.
+    RateLimited(crate::limit::RateLimitError),
     /// A setting was refused when a client was built.
     Config(ConfigError),
 }
@@ -257,6 +260,7 @@ impl fmt::Display for Error {
                 "circuit breaker for {host} is open (next probe in {retry_after:?})"
             ),
             Error::Closed => f.write_str("the client is closed"),
+            Error::RateLimited(e) => write!(f, "rate limit: {e}"),
         }
     }
 }
@@ -269,6 +273,7 @@ impl StdError for Error {
             | Error::File { source, .. } => Some(source),
             Error::Transport { source, .. } | Error::Body { source } => Some(&**source),
             Error::Encode { source } | Error::Json { source, .. } => Some(source),
+            Error::RateLimited(e) => Some(e),
             Error::Config(e) => Some(e),
             _ => None,
         }

@@ -98,6 +98,9 @@ pub enum RateLimitError {
         /// The limiter's burst.
         burst: u32,
     },
+    /// A shared limiter could not reach the store that holds its state
+    /// (its own error says why, logged at `warn`); no cells were taken.
+    Unavailable,
 }
 
 impl RateLimitError {
@@ -105,7 +108,7 @@ impl RateLimitError {
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
             RateLimitError::NotYet { retry_after } => Some(*retry_after),
-            RateLimitError::InsufficientCapacity { .. } => None,
+            RateLimitError::InsufficientCapacity { .. } | RateLimitError::Unavailable => None,
         }
     }
 }
@@ -120,6 +123,9 @@ impl fmt::Display for RateLimitError {
                 f,
                 "requested {requested} cells from a rate limiter whose burst is {burst}"
             ),
+            RateLimitError::Unavailable => {
+                f.write_str("the shared rate limiter's store cannot be reached")
+            }
         }
     }
 }

@@ -5,7 +5,9 @@
 //!   limiter` is [`Semaphore::run`].
 //! - [`RateLimiter`]: GCRA on one atomic, `rate` per `period` with `burst`,
 //!   FIFO waiting, quota changes in place; [`KeyedRateLimiter`] keeps one
-//!   limit per key (per host) and drops keys that have rested.
+//!   limit per key (per host) and drops keys that have rested;
+//!   [`RateLimit`] is what clients wait on, this limiter or one shared by
+//!   many processes (`redis::RedisRateLimiter`).
 //! - [`AdaptiveLimit`]: a semaphore resized from observed latency, drops
 //!   and throughput, by [`Aimd`] or [`Gradient`].
 //!
@@ -22,6 +24,7 @@ mod adaptive;
 mod error;
 mod rate;
 mod semaphore;
+mod shared;
 
 pub use adaptive::{
     AdaptiveLimit, AdaptiveStats, Aimd, Algorithm, Gradient, Outcome, Sample, Token,
@@ -29,3 +32,4 @@ pub use adaptive::{
 pub use error::{AcquireError, RateLimitError, TryAcquireError};
 pub use rate::{KeyedRateLimiter, Quota, RateLimiter};
 pub use semaphore::{Acquire, AcquireArc, Semaphore, SemaphoreGuard, SemaphoreGuardArc};
+pub use shared::{IntoRateLimit, RateLimit, RateLimitFuture};

@@ -8,7 +8,7 @@ use std::time::Duration;
 use ::redis::{Script, Value};
 
 use super::{RedisLink, StoreError, value_int};
-use crate::limit::{Quota, RateLimitError, Semaphore};
+use crate::limit::{Quota, RateLimit, RateLimitError, RateLimitFuture, Semaphore};
 
 /// GCRA on the server's clock. `KEYS`: the TAT key. `ARGV`: emission
 /// interval (µs), burst, cells. `{1, 0}` admitted, `{0, wait µs}` not yet,
@@ -233,5 +233,23 @@ impl RedisRateLimiter {
                 other => return other,
             }
         }
+    }
+}
+
+/// `ApiClient::with_rate_limit` and `Policy::with_rate_limit` take it: a
+/// store failure is logged at `warn` and reported as
+/// [`RateLimitError::Unavailable`] (no call goes through unmetered).
+impl RateLimit for RedisRateLimiter {
+    fn until_ready(&self, n: u32) -> RateLimitFuture<'_> {
+        Box::pin(async move {
+            match RedisRateLimiter::until_ready(self, n).await {
+                Ok(()) => Ok(()),
+                Err(RedisLimitError::Limited(e)) => Err(e),
+                Err(RedisLimitError::Store(e)) => {
+                    tracing::warn!(key = %self.key, error = %e, "shared rate limit unavailable");
+                    Err(RateLimitError::Unavailable)
+                }
+            }
+        })
     }
 }

@@ -9,7 +9,7 @@ use super::breaker::{CallOutcome, CircuitBreaker, Permit};
 use super::error::{AttemptError, PolicyError};
 use super::retry::{Classify, NoHook, OnRetry, Retry, RetryErrors};
 use super::timeout::{SharedClock, timeout_on};
-use crate::limit::{RateLimiter, Semaphore};
+use crate::limit::{IntoRateLimit, RateLimit, Semaphore};
 use crate::runtime::{Clock, SystemClock};
 use crate::sync::lock_std as lock;
 
@@ -53,7 +53,7 @@ use crate::sync::lock_std as lock;
 #[derive(Clone)]
 pub struct Policy<C = RetryErrors, H = NoHook> {
     total_timeout: Option<Duration>,
-    rate: Option<Arc<RateLimiter>>,
+    rate: Option<Arc<dyn RateLimit>>,
     bulkhead: Option<Arc<Semaphore>>,
     breaker: Option<CircuitBreaker>,
     retry: Option<Retry<C, H>>,
@@ -97,9 +97,11 @@ impl<C, H> PolicyBuilder<C, H> {
         self
     }
 
-    /// Layer 2: waits for one cell of `limiter` per call.
-    pub fn with_rate_limit(mut self, limiter: Arc<RateLimiter>) -> Self {
-        self.policy.rate = Some(limiter);
+    /// Layer 2: waits for one cell of `limiter` per call (a
+    /// [`RateLimiter`](crate::limit::RateLimiter), or one shared by many
+    /// processes; `None` for none).
+    pub fn with_rate_limit(mut self, limiter: impl IntoRateLimit) -> Self {
+        self.policy.rate = limiter.into_rate_limit();
         self
     }
 

@@ -34,7 +34,7 @@ pub struct ApiClientBuilder {
     pub(super) classifier: ApiClassifier,
     pub(super) breaker: Option<BreakerBuilder>,
     pub(super) concurrency: Option<usize>,
-    pub(super) rate: Option<Arc<RateLimiter>>,
+    pub(super) rate: Option<Arc<dyn RateLimit>>,
     pub(super) clock: Arc<dyn Clock>,
 }
 
@@ -128,10 +128,12 @@ impl ApiClientBuilder {
         self
     }
 
-    /// Each attempt takes a cell from this limiter first; `None` (the
-    /// default) for none.
-    pub fn with_rate_limit(mut self, limiter: impl Into<Option<Arc<RateLimiter>>>) -> Self {
-        self.rate = limiter.into();
+    /// Each attempt takes a cell from this limiter first: a
+    /// [`RateLimiter`](crate::limit::RateLimiter), or one shared by many
+    /// processes (`redis::RedisRateLimiter`); `None` (the default) for
+    /// none.
+    pub fn with_rate_limit(mut self, limiter: impl IntoRateLimit) -> Self {
+        self.rate = limiter.into_rate_limit();
         self
     }
 

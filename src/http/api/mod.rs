@@ -27,7 +27,7 @@ use crate::http::body::Body;
 use crate::http::client::Client;
 use crate::http::error::Error;
 use crate::http::hyper::{DEFAULT_PER_HOST, HyperClient};
-use crate::limit::{RateLimiter, Semaphore};
+use crate::limit::{IntoRateLimit, RateLimit, Semaphore};
 use crate::net::{excerpt, retry_after};
 use crate::resilience::{
     AttemptErrorRef, Backoff, BreakerBuilder, CallOutcome, CircuitBreaker, Classify, Decision,
@@ -110,7 +110,7 @@ struct Inner {
     breaker: Option<BreakerBuilder>,
     breakers: Mutex<HashMap<String, CircuitBreaker>>,
     concurrency: Option<Arc<Semaphore>>,
-    rate: Option<Arc<RateLimiter>>,
+    rate: Option<Arc<dyn RateLimit>>,
     clock: Arc<dyn Clock>,
     stats: Counters,
 }
@@ -417,7 +417,7 @@ impl ApiClient {
         let url = call.url.to_string();
         async move {
             if let Some(rate) = &inner.rate {
-                rate.until_ready(1).await.map_err(|_| Error::Closed)?;
+                rate.until_ready(1).await.map_err(Error::RateLimited)?;
             }
             let exchange = async {
                 let response = inner.client.send(req).await?;
