@@ -60,21 +60,24 @@ fn main() {
         ("raw redis-rs, 4 tasks (pipelined)", Consume::Raw(4)),
         (
             "smolkit RedisQueue → Pipeline, 1 task",
-            Consume::Smolkit(1, 16),
+            Consume::Smolkit(1, 256),
         ),
         (
             "smolkit RedisQueue → Pipeline, 4 tasks",
-            Consume::Smolkit(4, 16),
+            Consume::Smolkit(4, 256),
         ),
         (
             "smolkit RedisQueue → Pipeline, 2 processes",
-            Consume::Processes(2, 16),
+            Consume::Processes(2, 256),
         ),
-        ("smolkit, prefetch 128, 1 task", Consume::Smolkit(1, 128)),
-        ("smolkit, prefetch 128, 4 tasks", Consume::Smolkit(4, 128)),
         (
-            "smolkit, prefetch 128, 2 processes",
-            Consume::Processes(2, 128),
+            "smolkit, prefetch 16 (fixed reads of 16), 1 task",
+            Consume::Smolkit(1, 16),
+        ),
+        ("smolkit, prefetch 16, 4 tasks", Consume::Smolkit(4, 16)),
+        (
+            "smolkit, prefetch 16, 2 processes",
+            Consume::Processes(2, 16),
         ),
     ] {
         let rate = median((0..RUNS).map(|_| consume_run(&url, f)).collect());
@@ -98,7 +101,7 @@ fn main() {
 #[derive(Clone, Copy)]
 enum Consume {
     Raw(usize),
-    /// Tasks, prefetch (the default is 16).
+    /// Tasks, prefetch (the default is 256: reads of 16 adapting up to it).
     Smolkit(usize, usize),
     /// Processes, prefetch.
     Processes(usize, usize),

@@ -724,3 +724,49 @@ fn an_api_client_waits_on_the_shared_rate() {
         })
     });
 }
+
+/// The read size grows while a consumer keeps finding nothing read ahead,
+/// and shrinks once read entries wait over a second (on the link's clock)
+/// to be pulled.
+#[test]
+fn the_read_size_follows_the_consumer() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    within(move || {
+        smol::block_on(async {
+            let clock = smolkit::testing::ManualClock::new();
+            let link = RedisLink::builder(server.url())
+                .with_clock(Arc::new(clock.clone()))
+                .build()
+                .unwrap();
+            let q = RedisQueue::<u32>::builder(link, "adapt")
+                .with_block(Duration::from_millis(20))
+                .connect()
+                .await
+                .unwrap();
+            q.push_batch((0..3000).collect()).await.unwrap();
+            assert_eq!(q.read_size(), 16);
+            // A fast consumer: it acks in batches, as the pipeline does.
+            for _ in 0..15 {
+                let mut ids = Vec::new();
+                for _ in 0..100 {
+                    ids.push(q.pull().await.unwrap().unwrap().id);
+                }
+                assert!(q.ack_many(&ids).await.iter().all(Result::is_ok));
+            }
+            let fast = q.read_size();
+            assert!(fast >= 64, "read size {fast} after 1500 quick pulls");
+            for _ in 0..6 {
+                clock.advance(Duration::from_secs(2));
+                let d = q.pull().await.unwrap().unwrap();
+                q.ack(&d.id).await.unwrap();
+            }
+            assert!(
+                q.read_size() < fast / 4,
+                "read size {} after slow pulls",
+                q.read_size()
+            );
+        })
+    });
+}

@@ -3,7 +3,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -239,11 +239,14 @@ where
         self
     }
 
-    /// Entries one read takes from the stream (they are leased to this
-    /// consumer from then on, renewed by the keeper, and handed out by
-    /// the next `pull`s). 1 reads one per `pull`; more saves round trips
-    /// at the cost of fairness between consumers and of more deliveries
-    /// to take back if this process dies.
+    /// The most entries one read takes from the stream (they are leased
+    /// to this consumer from then on, renewed by the keeper, and handed
+    /// out by the next `pull`s). The read size adapts below it: it starts
+    /// at 16 (or `n` if smaller), doubles while `pull` finds nothing read
+    /// ahead, and halves while read entries wait over a second to be
+    /// pulled, so a fast consumer reads big batches (few round trips) and
+    /// a slow one does not hoard entries other consumers could take. 1
+    /// reads one entry per `pull`.
     pub fn with_prefetch(mut self, n: usize) -> Self {
         self.prefetch = n;
         self
@@ -332,6 +335,7 @@ where
             max_deliveries: self.max_deliveries,
             block: self.block,
             prefetch: self.prefetch,
+            read_size: AtomicUsize::new(self.prefetch.min(START_READ)),
             prefetched: Mutex::new(VecDeque::new()),
             last_read_full: AtomicBool::new(false),
             reading_ahead: AtomicBool::new(false),
@@ -399,6 +403,8 @@ struct Reclaim {
 
 /// An entry read or claimed for this consumer.
 struct Read {
+    /// When it was read (to see entries wait in the read-ahead buffer).
+    at: Instant,
     id: String,
     /// The item as stored (JSON).
     raw: String,
@@ -420,6 +426,8 @@ struct Inner<T> {
     max_deliveries: u32,
     block: Duration,
     prefetch: usize,
+    /// The current read size (adapts between 1 and `prefetch`).
+    read_size: AtomicUsize,
     /// Entries read or claimed ahead (already leased to this consumer).
     prefetched: Mutex<VecDeque<Read>>,
     /// The last read filled its count: the stream likely holds more, so a
@@ -487,7 +495,7 @@ impl<T> Drop for Inner<T> {
 /// # Default
 ///
 /// Group `smolkit`, capacity 10 000, lease 30 s, 5 deliveries, 1 s block,
-/// 16 entries per read.
+/// reads of 16 entries adapting up to 256.
 ///
 /// # Examples
 ///
@@ -583,7 +591,7 @@ where
             lease: Duration::from_secs(30),
             max_deliveries: 5,
             block: Duration::from_secs(1),
-            prefetch: 16,
+            prefetch: 256,
             spawner: None,
             _item: PhantomData,
         }
@@ -597,6 +605,12 @@ where
     /// The stream's key.
     pub fn name(&self) -> &str {
         &self.inner.stream
+    }
+
+    /// How many entries the next read takes (it adapts; see
+    /// [`with_prefetch`](RedisQueueBuilder::with_prefetch)).
+    pub fn read_size(&self) -> usize {
+        self.inner.read_size.load(Ordering::Acquire)
     }
 
     /// Deliveries this process holds (pulled, not yet settled).
@@ -870,6 +884,14 @@ where
         loop {
             let next = lock(&i.prefetched).pop_front();
             if let Some(read) = next {
+                if i.link.clock().now().saturating_duration_since(read.at) > SLOW_PULLS {
+                    // Entries wait here: read fewer at a time.
+                    let _ = i
+                        .read_size
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                            (n > 1).then_some(n / 2)
+                        });
+                }
                 self.read_ahead();
                 match self.deliver(read).await? {
                     Found::Delivery(d) => return Ok(Some(d)),
@@ -895,6 +917,16 @@ where
                 && self.drained().await?
             {
                 return Ok(None);
+            }
+            if i.last_read_full.load(Ordering::Acquire) {
+                // This pull found nothing read ahead although the stream
+                // has more: read more at a time.
+                let max = i.prefetch;
+                let _ = i
+                    .read_size
+                    .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                        (n < max).then_some((n * 2).min(max))
+                    });
             }
             let until_reclaim = lock(&i.reclaim)
                 .next
@@ -937,7 +969,7 @@ where
                     .arg(lease_ms)
                     .arg(cursor)
                     .arg(i.max_deliveries)
-                    .arg(i.prefetch)
+                    .arg(i.read_size.load(Ordering::Acquire))
                     .invoke_async(&mut c)
                     .await
             })
@@ -969,6 +1001,7 @@ where
                 "item" => {
                     tracing::debug!(stream = %i.stream, id = %text(0), "queue lease expired; delivering again");
                     claimed.push_back(Read {
+                        at: i.link.clock().now(),
                         id: text(0),
                         raw: text(2),
                         count: int(3).max(1),
@@ -1010,8 +1043,10 @@ where
         let i = &self.inner;
         let mut held = lock(&i.held);
         let mut buffer = lock(&i.prefetched);
-        for r in rest {
+        let now = i.link.clock().now();
+        for mut r in rest {
             held.insert(r.id.clone(), u32::try_from(r.count).unwrap_or(u32::MAX));
+            r.at = now;
             buffer.push_back(r);
         }
     }
@@ -1027,14 +1062,17 @@ where
         // The read's own connection waits for the answer well past the
         // block time, so it never abandons a read the server still serves.
         let response = block + Duration::from_secs(5);
+        let size = i.read_size.load(Ordering::Acquire);
         let v: Value = i
             .link
             .run_blocking("XREADGROUP", conn, response, |mut c| async move {
-                self.read_command(Some(block_ms)).query_async(&mut c).await
+                self.read_command(size, Some(block_ms))
+                    .query_async(&mut c)
+                    .await
             })
             .await
             .map_err(backend)?;
-        let mut read = self.take_read(v)?.into_iter();
+        let mut read = self.take_read(v, size)?.into_iter();
         let Some(first) = read.next() else {
             return Ok(Found::Nothing);
         };
@@ -1042,16 +1080,16 @@ where
         self.deliver(first).await
     }
 
-    /// `XREADGROUP` of up to `prefetch` new entries, blocking `block_ms`
-    /// or not at all.
-    fn read_command(&self, block_ms: Option<u64>) -> ::redis::Cmd {
+    /// `XREADGROUP` of up to `size` new entries, blocking `block_ms` or
+    /// not at all.
+    fn read_command(&self, size: usize, block_ms: Option<u64>) -> ::redis::Cmd {
         let i = &self.inner;
         let mut cmd = ::redis::cmd("XREADGROUP");
         cmd.arg("GROUP")
             .arg(&i.group)
             .arg(&i.consumer)
             .arg("COUNT")
-            .arg(i.prefetch);
+            .arg(size);
         if let Some(ms) = block_ms {
             cmd.arg("BLOCK").arg(ms);
         }
@@ -1061,7 +1099,7 @@ where
 
     /// The entries of an `XREADGROUP` reply (and whether it filled its
     /// count).
-    fn take_read(&self, v: Value) -> Result<Vec<Read>, QueueError> {
+    fn take_read(&self, v: Value, size: usize) -> Result<Vec<Read>, QueueError> {
         let i = &self.inner;
         let entries = match &v {
             Value::Nil => None,
@@ -1077,7 +1115,7 @@ where
             return Ok(Vec::new());
         };
         i.last_read_full
-            .store(entries.len() >= i.prefetch, Ordering::Release);
+            .store(entries.len() >= size, Ordering::Release);
         Ok(entries
             .iter()
             .filter_map(entry)
@@ -1085,6 +1123,7 @@ where
                 raw: f.get("item").cloned().unwrap_or_default(),
                 prior: f.get("prior").and_then(|p| p.parse().ok()).unwrap_or(0),
                 count: 1,
+                at: i.link.clock().now(),
                 id,
             })
             .collect())
@@ -1096,9 +1135,10 @@ where
     /// last read found the stream short of entries.
     fn read_ahead(&self) {
         let i = &self.inner;
-        if i.prefetch < 2
+        let size = i.read_size.load(Ordering::Acquire);
+        if size < 2
             || !i.last_read_full.load(Ordering::Acquire)
-            || lock(&i.prefetched).len() > i.prefetch / 2
+            || lock(&i.prefetched).len() > size / 2
             || i.reading_ahead.swap(true, Ordering::AcqRel)
         {
             return;
@@ -1110,12 +1150,12 @@ where
                 let read = i
                     .link
                     .run("XREADGROUP", |mut c, _| {
-                        let cmd = q.read_command(None);
+                        let cmd = q.read_command(size, None);
                         async move { cmd.query_async(&mut c).await }
                     })
                     .await
                     .map_err(backend)
-                    .and_then(|v| q.take_read(v));
+                    .and_then(|v| q.take_read(v, size));
                 match read {
                     Ok(entries) => q.prefetch_more(entries),
                     Err(e) => {
@@ -1134,6 +1174,7 @@ where
             raw,
             count,
             prior,
+            ..
         } = read;
         let count = u32::try_from(count).unwrap_or(u32::MAX);
         match serde_json::from_str::<T>(&raw) {
@@ -1256,6 +1297,13 @@ enum Mode {
     Retry,
     Dead(String),
 }
+
+/// The read size a queue starts with.
+const START_READ: usize = 16;
+
+/// An entry read ahead that waited this long to be pulled halves the
+/// read size.
+const SLOW_PULLS: Duration = Duration::from_secs(1);
 
 /// How often `pull` on a closed queue looks for the end while entries
 /// are still leased.
