@@ -7,6 +7,9 @@
 //!   hyper-util's legacy client on a smol connector and executor (no tokio
 //!   runtime).
 //! - `body_256mib`: one 256 MiB response body read to the end, per client.
+//! - `api_batch`: 10 000 GETs through one `ApiClient` (64 connections) at
+//!   concurrency 64, by `ApiClient::batch` and by futures-util's
+//!   `buffered(64)` (`FuturesOrdered`) over the same client's calls.
 //!
 //! Run: `cargo bench --features testing,surf --bench http`
 
@@ -257,5 +260,36 @@ fn body_256mib(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, requests, body_256mib);
+fn api_batch(c: &mut Criterion) {
+    const CALLS: usize = 10_000;
+    let server = smol::block_on(ChaosServer::start()).unwrap();
+    let api = smolkit::http::ApiClient::builder(&server.url("/"))
+        .with_client(Arc::new(hyper_client(64)))
+        .build()
+        .unwrap();
+    let mut group = c.benchmark_group("api_batch");
+    group.throughput(Throughput::Elements(CALLS as u64));
+    group.sample_size(10);
+    group.bench_function("smolkit_batch", |b| {
+        b.iter(|| {
+            let results = smol::block_on(api.batch((0..CALLS).map(|_| api.get("status/200")), 64));
+            assert!(results.iter().all(Result::is_ok));
+        })
+    });
+    group.bench_function("futures_buffered", |b| {
+        b.iter(|| {
+            let results: Vec<_> = smol::block_on(
+                futures_util::StreamExt::buffered(
+                    futures_util::stream::iter((0..CALLS).map(|_| api.get("status/200").send())),
+                    64,
+                )
+                .collect(),
+            );
+            assert!(results.iter().all(Result::is_ok));
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, requests, body_256mib, api_batch);
 criterion_main!(benches);

@@ -48,7 +48,10 @@ where
                 });
                 places[place] = Some((index, Box::pin(future)));
                 running += 1;
-                wakers[place].0.wake_queue();
+                // Queued for its first poll, without waking this task: the
+                // loop below drains the queue now.
+                wakers[place].0.queued.store(true, Ordering::Release);
+                lock(&ready.queue).push_back(place);
             }
             if running == 0 && exhausted {
                 return Poll::Ready(());
@@ -202,8 +205,7 @@ mod tests {
                 n
             }) as Pin<Box<dyn Future<Output = usize> + Send>>
         });
-        let outs =
-            futures_lite::future::block_on(ordered_concurrent(sleepers.chain(quick), 64));
+        let outs = futures_lite::future::block_on(ordered_concurrent(sleepers.chain(quick), 64));
         assert_eq!(outs, (0..1063).collect::<Vec<_>>());
         let polls = polls.load(Ordering::Relaxed);
         assert!(polls <= 12_000, "{polls} polls for about 11 000 wake-ups");
