@@ -282,8 +282,9 @@ impl<C, H> Retry<C, H> {
         let deadline = start
             .zip(self.max_elapsed)
             .and_then(|(s, d)| s.checked_add(d));
-        let mut backoff = self.backoff.clone();
-        backoff.reset();
+        // NOTE: the schedule is copied only when a retry needs it: an
+        // attempt that succeeds at once pays no clone.
+        let mut backoff: Option<Backoff> = None;
         if let Some(budget) = &self.budget {
             budget.deposit();
         }
@@ -301,7 +302,15 @@ impl<C, H> Retry<C, H> {
                     || start.map_or(Duration::ZERO, |s| clock.now().saturating_duration_since(s));
                 stop_with(kind, outcome, attempt, elapsed)
             };
-            let delay = match self.next_delay(decision, &mut backoff, attempt, deadline) {
+            if matches!(decision, Decision::Done) {
+                return stop(Stop::Permanent, outcome);
+            }
+            let backoff = backoff.get_or_insert_with(|| {
+                let mut b = self.backoff.clone();
+                b.reset();
+                b
+            });
+            let delay = match self.next_delay(decision, backoff, attempt, deadline) {
                 Ok(delay) => delay,
                 Err(kind) => return stop(kind, outcome),
             };
