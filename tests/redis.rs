@@ -770,3 +770,37 @@ fn the_read_size_follows_the_consumer() {
         })
     });
 }
+
+/// Consumers from earlier runs that hold nothing and idle past the limit
+/// are forgotten at connect; one that still holds an entry is kept.
+#[test]
+fn idle_consumers_that_hold_nothing_are_forgotten() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    within(move || {
+        smol::block_on(async {
+            let named = |name: &str| {
+                RedisQueue::<u32>::builder(link(&server), "forget")
+                    .with_consumer(name)
+                    .with_forget_idle_consumers(Duration::from_millis(200))
+                    .with_block(Duration::from_millis(20))
+                    .connect()
+            };
+            let idle = named("idle-run").await.unwrap();
+            let holder = named("holder-run").await.unwrap();
+            holder.push(1).await.unwrap();
+            let held = holder.pull().await.unwrap().unwrap();
+            drop((idle, holder)); // both runs end; one still holds an entry
+            smol::Timer::after(Duration::from_millis(400)).await;
+            let _next = named("next-run").await.unwrap();
+            let info = server
+                .cli(&["XINFO", "CONSUMERS", "forget", "smolkit"])
+                .unwrap();
+            assert!(!info.contains("idle-run"), "{info}");
+            assert!(info.contains("holder-run"), "{info}");
+            assert!(info.contains("next-run"), "{info}");
+            drop(held);
+        })
+    });
+}

@@ -148,7 +148,30 @@ end
 return lost
 ";
 
+/// Deletes the group's consumers that hold nothing and have been idle
+/// longer than a limit (each process run adds a consumer; without this
+/// they pile up in `XINFO CONSUMERS`). In one script, so a consumer that
+/// is given an entry meanwhile is never deleted with it. `KEYS`: stream.
+/// `ARGV`: group, this consumer, idle limit (ms). Returns how many went.
+const FORGET: &str = r"
+local gone = 0
+for _, c in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local name, pending, idle = nil, nil, nil
+  for i = 1, #c, 2 do
+    if c[i] == 'name' then name = c[i + 1]
+    elseif c[i] == 'pending' then pending = c[i + 1]
+    elseif c[i] == 'idle' then idle = c[i + 1] end
+  end
+  if name ~= ARGV[2] and pending == 0 and idle ~= nil and idle > tonumber(ARGV[3]) then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], name)
+    gone = gone + 1
+  end
+end
+return gone
+";
+
 struct Scripts {
+    forget: Script,
     push: Script,
     settle: Script,
     reclaim: Script,
@@ -158,6 +181,7 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Scripts {
+            forget: Script::new(FORGET),
             push: Script::new(PUSH),
             settle: Script::new(&format!("{FIELDS}{SETTLE}")),
             reclaim: Script::new(&format!("{FIELDS}{RECLAIM}")),
@@ -177,6 +201,7 @@ pub struct RedisQueueBuilder<T> {
     max_deliveries: u32,
     block: Duration,
     prefetch: usize,
+    forget_after: Option<Duration>,
     spawner: Option<Arc<dyn Spawn>>,
     _item: PhantomData<fn() -> T>,
 }
@@ -229,6 +254,15 @@ where
     /// consumers alive at once must not share a name.
     pub fn with_consumer(mut self, name: impl Into<String>) -> Self {
         self.consumer = Some(name.into());
+        self
+    }
+
+    /// At connect, consumers of the group that hold no entry and have
+    /// not touched the server for longer than this are deleted (every
+    /// process run adds a consumer of its own); `None` keeps them all.
+    /// A consumer that still lives is created again by its next read.
+    pub fn with_forget_idle_consumers(mut self, after: impl Into<Option<Duration>>) -> Self {
+        self.forget_after = after.into();
         self
     }
 
@@ -364,6 +398,26 @@ where
             })
             .await?;
         inner.marker_seen.store(marker, Ordering::Release);
+        if let Some(after) = self.forget_after {
+            let idle_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+            let i = &*inner;
+            let gone: i64 = i
+                .link
+                .run("XGROUP DELCONSUMER", |mut c, _| async move {
+                    i.scripts
+                        .forget
+                        .key(&i.stream)
+                        .arg(&i.group)
+                        .arg(&i.consumer)
+                        .arg(idle_ms)
+                        .invoke_async(&mut c)
+                        .await
+                })
+                .await?;
+            if gone > 0 {
+                tracing::debug!(stream = %i.stream, gone, "idle consumers forgotten");
+            }
+        }
         let keeper = keep_leases(Arc::downgrade(&inner), inner.dropped.clone());
         spawner
             .spawn_named("smolkit-redis-lease-keeper", keeper)
@@ -495,7 +549,8 @@ impl<T> Drop for Inner<T> {
 /// # Default
 ///
 /// Group `smolkit`, capacity 10 000, lease 30 s, 5 deliveries, 1 s block,
-/// reads of 16 entries adapting up to 256.
+/// reads of 16 entries adapting up to 256, consumers idle for a day with
+/// nothing held forgotten at connect.
 ///
 /// # Examples
 ///
@@ -592,6 +647,7 @@ where
             max_deliveries: 5,
             block: Duration::from_secs(1),
             prefetch: 256,
+            forget_after: Some(Duration::from_secs(24 * 3600)),
             spawner: None,
             _item: PhantomData,
         }
