@@ -177,6 +177,17 @@ fn rate_check(c: &mut Criterion) {
             .unwrap(),
     );
     group.bench_function("smolkit", |b| b.iter(|| ours.check(1).unwrap()));
+    // The same on the coarse clock (one atomic load per read).
+    let coarse = RateLimiter::with_clock(
+        Quota::per_second(u32::MAX)
+            .unwrap()
+            .with_burst(u32::MAX)
+            .unwrap(),
+        std::sync::Arc::new(smolkit::runtime::CoarseClock::global()),
+    );
+    group.bench_function("smolkit_coarse_clock", |b| {
+        b.iter(|| coarse.check(1).unwrap())
+    });
 
     let gov = governor::RateLimiter::direct(
         governor::Quota::per_second(NonZeroU32::MAX).allow_burst(NonZeroU32::MAX),

@@ -757,3 +757,34 @@ fn a_cpu_pool_shuts_down_gracefully() {
     assert_eq!(clock.elapsed(), Duration::from_secs(5));
     assert_eq!((report.running, report.refused), (0, 2));
 }
+
+/// The coarse clock never goes back, never runs ahead of the system
+/// clock, keeps moving, and its timers are the system clock's.
+#[test]
+fn the_coarse_clock_is_monotonic_behind_the_system_clock_and_moves() {
+    use smolkit::runtime::{Clock, CoarseClock};
+    let clock = CoarseClock::global();
+    let first = clock.now();
+    let mut last = first;
+    for _ in 0..100_000 {
+        let now = clock.now();
+        assert!(now >= last, "went back");
+        assert!(
+            now <= std::time::Instant::now(),
+            "ahead of the system clock"
+        );
+        last = now;
+    }
+    // Moves (bounded: 20 s of 1 ms naps).
+    let start = std::time::Instant::now();
+    while clock.now() <= first {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the coarse clock stands still"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_millis(5);
+    within(clock.sleep_until(deadline));
+    assert!(std::time::Instant::now() >= deadline);
+}

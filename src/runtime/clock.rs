@@ -61,6 +61,103 @@ impl Clock for SystemClock {
     }
 }
 
+/// A clock whose [`now`](Clock::now) is one atomic load: a thread started
+/// on first use refreshes the time every millisecond, so reading it costs
+/// no system call (std's `Instant::now` is a `clock_gettime`, which is
+/// most of what a rate limiter's `check` costs; governor reads the TSC
+/// for the same reason). Timers ([`sleep_until`](Clock::sleep_until))
+/// stay exact: they are the system clock's.
+///
+/// The time it reads lags the system clock by up to the resolution (more
+/// if the thread is not scheduled), and never goes back. Use it where
+/// that is well below the intervals that matter: a rate of 1 000 a
+/// second (1 ms apart) is about the finest it meters evenly.
+///
+/// One thread per process, for the process's lifetime (like async-io's
+/// reactor thread).
+///
+/// # Examples
+///
+/// ```
+/// use std::sync::Arc;
+/// use smolkit::limit::{Quota, RateLimiter};
+/// use smolkit::runtime::{Clock, CoarseClock};
+///
+/// let clock = CoarseClock::global();
+/// let limiter = RateLimiter::with_clock(Quota::per_second(100).unwrap(), Arc::new(clock.clone()));
+/// assert!(limiter.check(1).is_ok());
+/// assert!(clock.now() <= std::time::Instant::now());
+/// ```
+#[derive(Debug, Clone, Copy)]
+pub struct CoarseClock {
+    inner: &'static CoarseInner,
+}
+
+#[derive(Debug)]
+struct CoarseInner {
+    origin: Instant,
+    /// Nanoseconds since `origin`, as of the last tick.
+    nanos: std::sync::atomic::AtomicU64,
+    /// The thread runs (if it could not start, `now` reads the system
+    /// clock instead of a time that stands still).
+    ticking: std::sync::atomic::AtomicBool,
+}
+
+impl CoarseClock {
+    /// How often the time is refreshed.
+    pub const RESOLUTION: Duration = Duration::from_millis(1);
+
+    /// The process's coarse clock (its thread starts on the first call).
+    pub fn global() -> Self {
+        static INNER: std::sync::OnceLock<&'static CoarseInner> = std::sync::OnceLock::new();
+        let inner = *INNER.get_or_init(|| {
+            let inner: &'static CoarseInner = Box::leak(Box::new(CoarseInner {
+                origin: Instant::now(),
+                nanos: std::sync::atomic::AtomicU64::new(0),
+                ticking: std::sync::atomic::AtomicBool::new(false),
+            }));
+            let started = std::thread::Builder::new()
+                .name("smolkit-coarse-clock".into())
+                .spawn(move || {
+                    loop {
+                        std::thread::sleep(Self::RESOLUTION);
+                        let since =
+                            u64::try_from(inner.origin.elapsed().as_nanos()).unwrap_or(u64::MAX);
+                        inner
+                            .nanos
+                            .fetch_max(since, std::sync::atomic::Ordering::Relaxed);
+                    }
+                });
+            match started {
+                Ok(_) => inner
+                    .ticking
+                    .store(true, std::sync::atomic::Ordering::Release),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "the coarse clock's thread did not start; it reads the system clock"
+                ),
+            }
+            inner
+        });
+        CoarseClock { inner }
+    }
+}
+
+impl Clock for CoarseClock {
+    #[inline]
+    fn now(&self) -> Instant {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed};
+        if !self.inner.ticking.load(Acquire) {
+            return Instant::now();
+        }
+        self.inner.origin + Duration::from_nanos(self.inner.nanos.load(Relaxed))
+    }
+
+    fn sleep_until(&self, deadline: Instant) -> Sleep {
+        SystemClock.sleep_until(deadline)
+    }
+}
+
 /// The future returned by [`Clock::sleep`] and [`Clock::sleep_until`].
 ///
 /// # Cancel safety

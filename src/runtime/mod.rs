@@ -44,7 +44,7 @@ mod monitor;
 pub mod offload;
 
 pub(crate) use clock::saturating_add;
-pub use clock::{Clock, Sleep, SystemClock};
+pub use clock::{Clock, CoarseClock, Sleep, SystemClock};
 #[cfg(feature = "async-std")]
 #[cfg_attr(docsrs, doc(cfg(feature = "async-std")))]
 pub use compat::AsyncStd;
