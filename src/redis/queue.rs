@@ -546,6 +546,16 @@ impl<T> Drop for Inner<T> {
 /// holds the delivery can settle it (another gets
 /// [`QueueError::UnknownDelivery`]).
 ///
+/// # Cancel safety
+///
+/// Nothing is lost when a future is dropped, but work may come again:
+/// a `pull` dropped during its read may leave entries leased to this
+/// consumer that nobody holds (not renewed, they are delivered again
+/// after the lease); a dropped `ack` or `nack` may or may not have
+/// settled its delivery (if not, it is renewed until the queue is
+/// dropped, then delivered again); a dropped `push` may or may not have
+/// queued its item.
+///
 /// # Default
 ///
 /// Group `smolkit`, capacity 10 000, lease 30 s, 5 deliveries, 1 s block,
