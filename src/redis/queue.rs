@@ -551,10 +551,10 @@ impl<T> Drop for Inner<T> {
 /// Nothing is lost when a future is dropped, but work may come again:
 /// a `pull` dropped during its read may leave entries leased to this
 /// consumer that nobody holds (not renewed, they are delivered again
-/// after the lease); a dropped `ack` or `nack` may or may not have
-/// settled its delivery (if not, it is renewed until the queue is
-/// dropped, then delivered again); a dropped `push` may or may not have
-/// queued its item.
+/// after the lease); a dropped (or failed) `ack` or `nack` may or may not
+/// have settled its delivery (if not, it is no longer renewed and comes
+/// again after the lease); a dropped `push` may or may not have queued
+/// its item.
 ///
 /// # Default
 ///
@@ -1302,6 +1302,15 @@ where
             Mode::Retry => ("retry", ""),
             Mode::Dead(r) => ("dead", r.as_str()),
         };
+        // No longer renewed from here: if this call fails or is dropped,
+        // the lease runs out and the entry is delivered again (renewing it
+        // would keep it from everyone while this queue lives).
+        {
+            let mut held = lock(&i.held);
+            for (id, _) in deliveries {
+                held.remove(*id);
+            }
+        }
         // The range of the ids, for one XPENDING of this consumer's leases.
         let key = |id: &str| -> (u64, u64) {
             let (ms, seq) = id.split_once('-').unwrap_or((id, "0"));
@@ -1342,12 +1351,10 @@ where
             })
             .await
             .map_err(backend)?;
-        let mut held = lock(&i.held);
         Ok(deliveries
             .iter()
             .enumerate()
             .map(|(k, (id, n))| {
-                held.remove(*id);
                 if codes.get(k) == Some(&1) {
                     Ok(())
                 } else {
