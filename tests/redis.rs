@@ -686,7 +686,14 @@ fn an_api_client_waits_on_the_shared_rate() {
                 .unwrap()
                 .with_burst(3)
                 .unwrap();
-            let limiter = Arc::new(RedisRateLimiter::new(link(&server), "api", quota));
+            // The limiter waits on a manual clock: the fourth call is seen
+            // waiting, not timed.
+            let clock = smolkit::testing::ManualClock::new();
+            let shared = RedisLink::builder(server.url())
+                .with_clock(Arc::new(clock.clone()))
+                .build()
+                .unwrap();
+            let limiter = Arc::new(RedisRateLimiter::new(shared, "api", quota));
             let client = |limiter: Arc<RedisRateLimiter>| {
                 ApiClient::builder(&api_server.url("/"))
                     .with_rate_limit(limiter)
@@ -700,7 +707,7 @@ fn an_api_client_waits_on_the_shared_rate() {
             a.get("status/200").send().await.unwrap();
             let fourth = b.get("status/200").send();
             let waited = futures_lite::future::or(async { fourth.await.map(|_| false) }, async {
-                smol::Timer::after(Duration::from_millis(300)).await;
+                clock.wait_for_sleepers(1).await;
                 Ok(true)
             })
             .await
@@ -801,6 +808,50 @@ fn idle_consumers_that_hold_nothing_are_forgotten() {
             assert!(info.contains("holder-run"), "{info}");
             assert!(info.contains("next-run"), "{info}");
             drop(held);
+        })
+    });
+}
+
+/// A push past the capacity finds the stream full and waits (seen asleep
+/// on the link's manual clock, the stream still at the capacity), and
+/// goes through once an entry is settled.
+#[test]
+fn a_full_queue_makes_push_wait() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    within(move || {
+        smol::block_on(async {
+            let clock = smolkit::testing::ManualClock::new();
+            let link = RedisLink::builder(server.url())
+                .with_clock(Arc::new(clock.clone()))
+                .build()
+                .unwrap();
+            let q = RedisQueue::<u32>::builder(link, "full")
+                .with_capacity(2)
+                .with_block(Duration::from_millis(20))
+                .connect()
+                .await
+                .unwrap();
+            q.push(1).await.unwrap();
+            q.push(2).await.unwrap();
+            let mut blocked = Box::pin(q.push(3));
+            let parked =
+                futures_lite::future::or(async { blocked.as_mut().await.map(|_| false) }, async {
+                    // The lease keeper's and the push's.
+                    clock.wait_for_sleepers(2).await;
+                    Ok(true)
+                })
+                .await
+                .unwrap();
+            assert!(parked, "a push past the capacity went through");
+            assert_eq!(q.stats().await.unwrap().length, 2);
+            let d = q.pull().await.unwrap().unwrap();
+            q.ack(&d.id).await.unwrap();
+            // Its wait ends; it finds room.
+            clock.advance(Duration::from_millis(100));
+            blocked.await.unwrap();
+            assert_eq!(q.stats().await.unwrap().length, 2);
         })
     });
 }
