@@ -309,41 +309,17 @@ impl RedisLink {
     /// Runs `f` on the shared connection, reconnecting and running it
     /// again (with the backoff's delays) while it fails in a way a new
     /// connection can mend. `f` gets the number of earlier failed tries.
-    pub(crate) async fn run<T, F, Fut>(&self, op: &'static str, mut f: F) -> Result<T, StoreError>
+    pub(crate) async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, StoreError>
     where
         F: FnMut(MultiplexedConnection, u32) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
-        let mut backoff = self.inner.settings.backoff.clone();
-        let mut tries = 0u32;
-        loop {
-            let attempt = match self.shared().await {
-                Ok((generation, conn)) => f(conn, tries).await.map_err(|e| (Some(generation), e)),
-                Err(e) => Err((None, e)),
-            };
-            let (generation, e) = match attempt {
-                Ok(v) => return Ok(v),
-                Err(failure) => failure,
-            };
-            if !retryable(&e) {
-                return Err(StoreError::Redis { op, source: e });
-            }
-            if let Some(g) = generation {
-                self.forget(g);
-            }
-            match backoff.next() {
-                Some(delay) => {
-                    tracing::warn!(op, error = %e, tries, ?delay, "redis command failed; reconnecting");
-                    self.clock().sleep(delay).await;
-                    tries += 1;
-                }
-                None => return Err(StoreError::Redis { op, source: e }),
-            }
-        }
+        self.run_on(op, Source::Shared, f).await
     }
 
-    /// Like [`run`](Self::run) on a connection of its own (made per call,
-    /// reconnected the same way), for blocking commands.
+    /// Like [`run`](Self::run) on a connection of its own (kept in `conn`
+    /// between calls, made again after a failure) whose answers may take
+    /// `response`, for blocking commands.
     pub(crate) async fn run_blocking<T, F, Fut>(
         &self,
         op: &'static str,
@@ -355,35 +331,70 @@ impl RedisLink {
         F: FnMut(MultiplexedConnection) -> Fut,
         Fut: Future<Output = RedisResult<T>>,
     {
+        self.run_on(op, Source::Own(conn, response), |c, _| f(c))
+            .await
+    }
+
+    async fn run_on<T, F, Fut>(
+        &self,
+        op: &'static str,
+        mut source: Source<'_>,
+        mut f: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut(MultiplexedConnection, u32) -> Fut,
+        Fut: Future<Output = RedisResult<T>>,
+    {
         let mut backoff = self.inner.settings.backoff.clone();
+        let mut tries = 0u32;
         loop {
-            let attempt = match conn.clone() {
-                Some(c) => f(c).await,
-                None => match self.dedicated(response).await {
-                    Ok(c) => {
-                        *conn = Some(c.clone());
-                        f(c).await
-                    }
-                    Err(e) => Err(e),
+            let conn = match &mut source {
+                Source::Shared => self.shared().await.map(|(g, c)| (Some(g), c)),
+                Source::Own(slot, response) => match slot.clone() {
+                    Some(c) => Ok((None, c)),
+                    None => self.dedicated(*response).await.map(|c| {
+                        **slot = Some(c.clone());
+                        (None, c)
+                    }),
                 },
             };
-            let e = match attempt {
-                Ok(v) => return Ok(v),
-                Err(e) => e,
+            let (generation, e) = match conn {
+                Ok((generation, c)) => match f(c, tries).await {
+                    Ok(v) => return Ok(v),
+                    Err(e) => (generation, e),
+                },
+                Err(e) => (None, e),
             };
             if !retryable(&e) {
                 return Err(StoreError::Redis { op, source: e });
             }
-            *conn = None;
+            // Drop the broken connection: the next try makes a new one.
+            match &mut source {
+                Source::Shared => {
+                    if let Some(g) = generation {
+                        self.forget(g);
+                    }
+                }
+                Source::Own(slot, _) => **slot = None,
+            }
             match backoff.next() {
                 Some(delay) => {
-                    tracing::warn!(op, error = %e, ?delay, "redis blocking command failed; reconnecting");
+                    tracing::warn!(op, error = %e, tries, ?delay, "redis command failed; reconnecting");
                     self.clock().sleep(delay).await;
+                    tries += 1;
                 }
                 None => return Err(StoreError::Redis { op, source: e }),
             }
         }
     }
+}
+
+/// Where [`RedisLink::run_on`] takes its connection from.
+enum Source<'a> {
+    /// The link's shared connection.
+    Shared,
+    /// A connection of the caller's, with its response timeout.
+    Own(&'a mut Option<MultiplexedConnection>, Duration),
 }
 
 /// A reply as text (bulk or simple strings, numbers).

@@ -357,17 +357,17 @@ where
         Ok(entries
             .iter()
             .filter_map(|e| {
-                let (id, f) = entry(e)?;
-                let raw = f.get("item").cloned().unwrap_or_default();
+                let (id, mut f) = entry(e)?;
+                let raw = f.remove("item").unwrap_or_default();
                 Some(RedisDeadLetter {
                     item: serde_json::from_str(&raw).ok(),
                     raw,
-                    reason: f.get("reason").cloned().unwrap_or_default(),
+                    reason: f.remove("reason").unwrap_or_default(),
                     deliveries: f
                         .get("deliveries")
                         .and_then(|d| d.parse().ok())
                         .unwrap_or(0),
-                    source: f.get("source").cloned().unwrap_or_default(),
+                    source: f.remove("source").unwrap_or_default(),
                     id,
                 })
             })

@@ -137,6 +137,7 @@ where
             .first()
             .and_then(value_text)
             .unwrap_or_else(|| "0-0".into());
+        let now = i.link.clock().now();
         let mut claimed = VecDeque::new();
         let mut skipped = false;
         for e in parts.iter().skip(1) {
@@ -156,7 +157,7 @@ where
                 "item" => {
                     tracing::debug!(stream = %i.stream, id = %text(0), "queue lease expired; delivering again");
                     claimed.push_back(Read {
-                        at: i.link.clock().now(),
+                        at: now,
                         id: text(0),
                         raw: text(2),
                         count: int(3).max(1),
@@ -168,7 +169,6 @@ where
         }
         {
             let mut r = lock(&i.reclaim);
-            let now = i.link.clock().now();
             // Found some: there may be more, look again at once. Nothing in
             // this step: the scan goes on from the cursor soon (a step
             // covers at most ten pending entries per claim), or, once it
@@ -198,10 +198,8 @@ where
         let i = &self.inner;
         let mut held = lock(&i.held);
         let mut buffer = lock(&i.prefetched);
-        let now = i.link.clock().now();
-        for mut r in rest {
+        for r in rest {
             held.insert(r.id.clone(), u32::try_from(r.count).unwrap_or(u32::MAX));
-            r.at = now;
             buffer.push_back(r);
         }
     }
@@ -271,14 +269,15 @@ where
         };
         i.last_read_full
             .store(entries.len() >= size, Ordering::Release);
+        let at = i.link.clock().now();
         Ok(entries
             .iter()
             .filter_map(entry)
-            .map(|(id, f)| Read {
-                raw: f.get("item").cloned().unwrap_or_default(),
+            .map(|(id, mut f)| Read {
+                raw: f.remove("item").unwrap_or_default(),
                 prior: f.get("prior").and_then(|p| p.parse().ok()).unwrap_or(0),
                 count: 1,
-                at: i.link.clock().now(),
+                at,
                 id,
             })
             .collect())
