@@ -14,6 +14,7 @@ use super::subscription::{Offer, Sub, SubscribeOptions, Subscriber};
 use super::topic::{Pattern, TopicError, validate_topic};
 use crate::ConfigError;
 use crate::limit::Semaphore;
+use crate::runtime::coop::Budget;
 use crate::runtime::{JoinHandle, Spawn, SpawnExt, default_spawner, panic_message};
 use crate::sync::lock_std as lock;
 
@@ -586,6 +587,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
             bus: self.clone(),
             id: sub.id,
             rx: Box::pin(rx),
+            budget: Budget::new(),
         })
     }
 
@@ -634,7 +636,9 @@ impl<E: Clone + Send + 'static> Bus<E> {
         let spawner = self.inner.spawner.clone();
         let task = self.inner.spawner.spawn(async move {
             let slots = Arc::new(Semaphore::new(limit));
+            let mut budget = Budget::new();
             while let Ok(ev) = rx.recv().await {
+                budget.tick().await;
                 let call = run_handler(inner.clone(), name.clone(), handler.clone(), ev);
                 if limit == 1 {
                     call.await;

@@ -11,6 +11,7 @@ use futures_lite::Stream;
 
 use super::bus::{Bus, Event, Overflow};
 use super::topic::Pattern;
+use crate::runtime::coop::Budget;
 
 /// Options of one subscription.
 ///
@@ -133,6 +134,7 @@ pub struct Subscriber<E: Clone + Send + 'static> {
     pub(super) bus: Bus<E>,
     pub(super) id: u64,
     pub(super) rx: Pin<Box<Receiver<Event<E>>>>,
+    pub(super) budget: Budget,
 }
 
 impl<E: Clone + Send + 'static> Subscriber<E> {
@@ -156,7 +158,15 @@ impl<E: Clone + Send + 'static> Stream for Subscriber<E> {
     type Item = Event<E>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event<E>>> {
-        self.rx.as_mut().poll_next(cx)
+        // A reader that always finds an event queued yields now and then.
+        if self.budget.poll_proceed(cx).is_pending() {
+            return Poll::Pending;
+        }
+        let next = self.rx.as_mut().poll_next(cx);
+        if next.is_pending() {
+            self.budget.reset();
+        }
+        next
     }
 }
 

@@ -18,6 +18,7 @@ use super::error::{JobError, SubmitError, TrySubmitError};
 use super::oneshot;
 use crate::ConfigError;
 use crate::limit::{Semaphore, SemaphoreGuardArc};
+use crate::runtime::coop::Budget;
 use crate::runtime::{
     Clock, JoinHandle, Spawn, SpawnExt, SystemClock, default_spawner, panic_message,
 };
@@ -447,7 +448,9 @@ where
         let feeder = self.shared.spawner.spawn(async move {
             let mut items = std::pin::pin!(items);
             let mut seq = 0u64;
+            let mut budget = Budget::new();
             while let Some(item) = items.next().await {
+                budget.tick().await;
                 // NOTE: the semaphore is never closed, so this cannot fail.
                 let permit = permits.acquire_arc().await.ok();
                 let job = Job {
@@ -470,6 +473,7 @@ where
         Process {
             rx: Box::pin(res_rx),
             reorder: ordered.then(|| (BTreeMap::new(), 0)),
+            budget: Budget::new(),
             _feeder: feeder,
         }
     }
@@ -634,7 +638,11 @@ where
     }
 
     async fn work(&self, exit: &mut Exit<'_, I, O, E>) {
+        // Jobs that are all ready and finish at once would keep this task
+        // on its thread for as long as the queue has jobs.
+        let mut budget = Budget::new();
         loop {
+            budget.tick().await;
             if self.try_retire(exit) {
                 return;
             }
@@ -785,6 +793,7 @@ pub struct Process<I, O, E> {
     rx: Pin<Box<Receiver<Finished<I, O, E>>>>,
     /// Finished results waiting for their turn, and the next turn.
     reorder: Option<Reorder<I, O, E>>,
+    budget: Budget,
     _feeder: JoinHandle<()>,
 }
 
@@ -793,6 +802,10 @@ impl<I, O, E> Stream for Process<I, O, E> {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = &mut *self;
+        // A consumer that always finds a result ready yields now and then.
+        if this.budget.poll_proceed(cx).is_pending() {
+            return Poll::Pending;
+        }
         loop {
             if let Some((buf, next)) = &mut this.reorder
                 && let Some(done) = buf.remove(next)
@@ -818,7 +831,10 @@ impl<I, O, E> Stream for Process<I, O, E> {
                         Some((done.item, done.result))
                     }));
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    this.budget.reset();
+                    return Poll::Pending;
+                }
             }
         }
     }

@@ -38,6 +38,7 @@ use std::sync::Arc;
 
 mod clock;
 mod compat;
+pub(crate) mod coop;
 mod executor;
 mod join;
 mod monitor;

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::pool::checkpoint::Checkpoint;
 use crate::pool::dead_letter::Collect;
 use crate::pool::queue::{Nack, Queue};
+use crate::runtime::coop::Budget;
 use crate::runtime::{JoinHandle, SpawnExt, panic_message};
 use crate::sync::lock_std as lock;
 
@@ -282,7 +283,9 @@ pub(super) async fn read_stream<T: Send + 'static>(
             return;
         }
     }
+    let mut budget = Budget::new();
     loop {
+        budget.tick().await;
         if ctx.control.stopping() {
             return;
         }
@@ -315,7 +318,9 @@ pub(super) async fn read_queue<T: Send + 'static>(
     queue: &dyn Queue<Item = T>,
     tx: Sender<Elem<T>>,
 ) {
+    let mut budget = Budget::new();
     loop {
+        budget.tick().await;
         if ctx.control.stopping() {
             return;
         }
@@ -417,7 +422,9 @@ where
     E: fmt::Display,
 {
     let mut outputs = 0u64;
+    let mut budget = Budget::new();
     loop {
+        budget.tick().await;
         if ctx.control.cancelled() {
             break;
         }

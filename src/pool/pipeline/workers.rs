@@ -9,6 +9,7 @@ use async_channel::Receiver;
 
 use super::stage::{Counters, StageScale};
 use super::{Ctx, Elem};
+use crate::runtime::coop::Budget;
 use crate::sync::unless;
 
 /// Spawns a stage's workers: each takes elements from `rx` and runs `step`
@@ -70,7 +71,9 @@ where
 
     async fn run(self) {
         let mut leave = Leave(Some(self.counters.clone()));
+        let mut budget = Budget::new();
         loop {
+            budget.tick().await;
             let elem = match self.scale {
                 None => match self.rx.recv().await {
                     Ok(e) => e,
