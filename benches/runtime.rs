@@ -1,7 +1,9 @@
 //! Runtime benchmarks: spawn + join of 100k tiny tasks and a ping-pong
 //! between two tasks, on smolkit's `Runtime` (monitor on and off, native
 //! spawn and through `dyn Spawn`), `smol::Executor` and tokio's
-//! multi-thread runtime, all with 2 worker threads.
+//! multi-thread runtime, all with 2 worker threads; and CPU offload: 8
+//! jobs of ~6 ms of CPU on smolkit's `CpuPool`, the `blocking` pool, tokio's
+//! `spawn_blocking` and rayon, beside the same 8 run one after another.
 //!
 //! Run: `cargo bench --bench runtime`
 
@@ -213,5 +215,115 @@ fn ping_pong(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, spawn_join, ping_pong);
+/// Loop rounds that take about `target` of CPU on this machine.
+fn calibrate(target: Duration) -> u64 {
+    let mut rounds = 1u64 << 16;
+    loop {
+        let start = std::time::Instant::now();
+        std::hint::black_box(spin(rounds));
+        let took = start.elapsed();
+        if took >= Duration::from_millis(2) {
+            return (rounds as f64 * target.as_secs_f64() / took.as_secs_f64()) as u64;
+        }
+        rounds *= 2;
+    }
+}
+
+/// CPU work: an xorshift loop the optimiser cannot remove.
+fn spin(rounds: u64) -> u64 {
+    let mut x = std::hint::black_box(0x9E37_79B9_7F4A_7C15u64);
+    for _ in 0..rounds {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+    }
+    x
+}
+
+const CPU_JOBS: usize = 8;
+
+fn cpu_offload(c: &mut Criterion) {
+    let rounds = calibrate(Duration::from_millis(6));
+    let mut group = c.benchmark_group("cpu_offload_8x6ms");
+    group.sample_size(30);
+    group.measurement_time(Duration::from_secs(8));
+    group.bench_function(BenchmarkId::from_parameter("serial"), |b| {
+        b.iter(|| {
+            (0..CPU_JOBS)
+                .map(|_| spin(rounds))
+                .fold(0, u64::wrapping_add)
+        })
+    });
+    {
+        let pool = smolkit::runtime::offload::CpuPool::new(THREADS.try_into().unwrap());
+        group.bench_function(BenchmarkId::from_parameter("smolkit_cpu_pool"), |b| {
+            b.iter(|| {
+                async_io::block_on(async {
+                    // `run` queues when first polled: join them all.
+                    let jobs = (0..CPU_JOBS).map(|_| pool.run(move || spin(rounds)));
+                    futures_util::future::join_all(jobs)
+                        .await
+                        .into_iter()
+                        .fold(0u64, |sum, r| sum.wrapping_add(r.unwrap()))
+                })
+            })
+        });
+    }
+    group.bench_function(BenchmarkId::from_parameter("blocking_unblock"), |b| {
+        b.iter(|| {
+            async_io::block_on(async {
+                let jobs: Vec<_> = (0..CPU_JOBS)
+                    .map(|_| blocking::unblock(move || spin(rounds)))
+                    .collect();
+                let mut sum = 0u64;
+                for j in jobs {
+                    sum = sum.wrapping_add(j.await);
+                }
+                sum
+            })
+        })
+    });
+    {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(THREADS)
+            .build()
+            .unwrap();
+        group.bench_function(BenchmarkId::from_parameter("tokio_spawn_blocking"), |b| {
+            b.iter(|| {
+                rt.block_on(async {
+                    let jobs: Vec<_> = (0..CPU_JOBS)
+                        .map(|_| tokio::task::spawn_blocking(move || spin(rounds)))
+                        .collect();
+                    let mut sum = 0u64;
+                    for j in jobs {
+                        sum = sum.wrapping_add(j.await.unwrap());
+                    }
+                    sum
+                })
+            })
+        });
+    }
+    {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(THREADS)
+            .build()
+            .unwrap();
+        group.bench_function(BenchmarkId::from_parameter("rayon"), |b| {
+            b.iter(|| {
+                let (tx, rx) = std::sync::mpsc::channel();
+                for _ in 0..CPU_JOBS {
+                    let tx = tx.clone();
+                    pool.spawn(move || {
+                        let _ = tx.send(spin(rounds));
+                    });
+                }
+                drop(tx);
+                rx.iter().fold(0, u64::wrapping_add)
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, spawn_join, ping_pong, cpu_offload);
 criterion_main!(benches);

@@ -577,6 +577,91 @@ fn cpu_pool_never_runs_more_closures_than_its_limit() {
     assert_eq!(peak.load(Ordering::SeqCst), 2);
 }
 
+/// Issue 18 #7: CPU work runs on the pool's own threads, started once and
+/// kept (not on the elastic blocking pool), never more of them than the
+/// limit, in the order it was submitted.
+#[test]
+fn cpu_work_runs_in_order_on_the_pools_own_kept_threads() {
+    let pool = CpuPool::new(NonZeroUsize::new(2).unwrap());
+    let names: Vec<String> = within(async {
+        let mut names = Vec::new();
+        for _ in 0..50 {
+            let name = pool
+                .run(|| std::thread::current().name().unwrap_or("").to_owned())
+                .await
+                .unwrap();
+            names.push(name);
+        }
+        names
+    });
+    let distinct: std::collections::BTreeSet<_> = names.iter().collect();
+    assert!(
+        distinct.iter().all(|n| n.starts_with("smolkit-cpu-")),
+        "ran on {distinct:?}"
+    );
+    assert!(distinct.len() <= 2, "ran on {distinct:?}");
+    // One thread: closures queued together run in submission order.
+    let one = CpuPool::new(NonZeroUsize::MIN);
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let blocker = {
+        let one = one.clone();
+        smol::spawn(async move { one.run(move || gate_rx.recv().unwrap()).await })
+    };
+    within(async {
+        while one.running() == 0 {
+            async_io::Timer::after(Duration::from_millis(1)).await;
+        }
+    });
+    let queued: Vec<_> = (0..10)
+        .map(|i| {
+            let (one, order) = (one.clone(), order.clone());
+            let run = async move { one.run(move || order.lock().unwrap().push(i)).await };
+            // Each queued before the next: polled once here.
+            let mut run = Box::pin(run);
+            assert!(
+                futures_lite::future::block_on(futures_lite::future::poll_once(&mut run)).is_none()
+            );
+            run
+        })
+        .collect();
+    gate_tx.send(()).unwrap();
+    within(blocker).unwrap();
+    for run in queued {
+        within(run).unwrap();
+    }
+    assert_eq!(*order.lock().unwrap(), (0..10).collect::<Vec<_>>());
+}
+
+/// A closure whose future is dropped while it waits for a pool thread
+/// never runs; one already running finishes and keeps its thread.
+#[test]
+fn a_cpu_closure_dropped_while_queued_never_runs() {
+    let pool = CpuPool::new(NonZeroUsize::MIN);
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let ran = Arc::new(AtomicUsize::new(0));
+    let blocker = {
+        let pool = pool.clone();
+        smol::spawn(async move { pool.run(move || gate_rx.recv().unwrap()).await })
+    };
+    within(async {
+        while pool.running() == 0 {
+            async_io::Timer::after(Duration::from_millis(1)).await;
+        }
+    });
+    {
+        let ran = ran.clone();
+        let mut queued = Box::pin(pool.run(move || ran.fetch_add(1, Ordering::SeqCst)));
+        assert!(
+            futures_lite::future::block_on(futures_lite::future::poll_once(&mut queued)).is_none()
+        );
+    }
+    gate_tx.send(()).unwrap();
+    within(blocker).unwrap();
+    assert_eq!(within(pool.run(|| 5)), Ok(5), "the next closure runs");
+    assert_eq!(ran.load(Ordering::SeqCst), 0, "the dropped one never ran");
+}
+
 #[test]
 fn offloaded_panics_come_back_as_errors() {
     let err = within(offload::cpu(|| -> u32 { panic!("cpu boom") })).unwrap_err();

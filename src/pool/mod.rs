@@ -24,7 +24,6 @@
 mod checkpoint;
 mod dead_letter;
 mod error;
-mod oneshot;
 mod pipeline;
 mod queue;
 mod worker_pool;

@@ -15,13 +15,13 @@ use event_listener::Event;
 use futures_lite::{FutureExt, Stream, StreamExt};
 
 use super::error::{JobError, SubmitError, TrySubmitError};
-use super::oneshot;
 use crate::ConfigError;
 use crate::limit::{Semaphore, SemaphoreGuardArc};
 use crate::runtime::coop::Budget;
 use crate::runtime::{
     Clock, JoinHandle, Spawn, SpawnExt, SystemClock, default_spawner, panic_message,
 };
+use crate::sync::oneshot;
 
 /// A boxed, sendable future with a lifetime.
 pub(crate) type BoxFut<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

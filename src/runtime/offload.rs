@@ -4,10 +4,11 @@
 //! - [`blocking()`] runs a closure on the `blocking` crate's thread pool (the
 //!   one smol and async-fs use; up to 500 threads, grown on demand). Use it
 //!   for blocking IO: file systems, DNS, a synchronous client.
-//! - [`cpu`] runs a closure on the same pool, but admitted through a
-//!   [`CpuPool`] limit sized to the cores, so CPU-heavy work never
-//!   oversubscribes the machine and async tasks keep their threads. Build
-//!   your own [`CpuPool`] for a different limit.
+//! - [`cpu`] runs a closure on a [`CpuPool`]: a fixed set of threads, one
+//!   per core, started once and kept, so CPU-heavy work never
+//!   oversubscribes the machine, async tasks keep their threads, and a
+//!   short job does not pay for a thread start-up. Build your own
+//!   [`CpuPool`] for a different size.
 //!
 //! A panic inside the closure comes back as [`OffloadError::Panicked`]
 //! instead of tearing down anything.
@@ -17,21 +18,22 @@
 //! A closure cannot be interrupted once started. Dropping the future
 //! returned by [`blocking()`], [`cpu`] or [`CpuPool::run`] discards the
 //! result; the closure still runs to its end, and for [`cpu`] it keeps its
-//! slot of the limit until then, so the limit holds even under
-//! cancellation. A closure still waiting for a slot when its future is
-//! dropped never runs.
+//! pool thread until then, so the limit holds even under cancellation. A
+//! closure still queued for a pool thread when its future is dropped never
+//! runs.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::num::NonZeroUsize;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::time::Duration;
-
-use async_lock::Semaphore;
 
 use super::join::panic_message;
 use super::{Clock, SystemClock};
+use crate::sync::lock_std as lock;
+use crate::sync::oneshot;
 
 /// Why offloaded work did not return a value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -101,8 +103,8 @@ where
 ///
 /// # Cancel safety
 ///
-/// Dropping the future before `f` starts gives its slot back and `f` never
-/// runs; once started, `f` runs to the end and its result is discarded.
+/// Dropping the future before `f` starts takes it out of the queue (`f`
+/// never runs); once started, `f` runs to the end and its result is discarded.
 pub async fn cpu<F, T>(f: F) -> Result<T, OffloadError>
 where
     F: FnOnce() -> T + Send + 'static,
@@ -111,9 +113,15 @@ where
     CpuPool::global().run(f).await
 }
 
-/// A limit on how many CPU-heavy closures run at once.
+/// A fixed set of threads for CPU-heavy closures, one per core by
+/// default (rayon's model): started on first use and kept, so a short job
+/// never pays for a thread start-up, and never more closures at once than
+/// threads, so CPU work does not oversubscribe the machine and async
+/// tasks keep their threads. Closures run in the order they were
+/// submitted.
 ///
-/// Cheap to clone; clones share the limit.
+/// Cheap to clone; clones share the threads. The threads end when the
+/// last clone is dropped and the queue is empty.
 ///
 /// # Examples
 ///
@@ -128,10 +136,31 @@ where
 /// ```
 #[derive(Clone)]
 pub struct CpuPool {
-    permits: Arc<Semaphore>,
-    limit: usize,
-    state: Arc<PoolState>,
+    owner: Arc<Owner>,
     clock: Arc<dyn Clock>,
+}
+
+/// Held by the pool's handles only: its drop lets the threads end.
+struct Owner {
+    shared: Arc<Shared>,
+    limit: usize,
+    started: OnceLock<usize>,
+}
+
+type Job = Box<dyn FnOnce() + Send>;
+
+struct Shared {
+    state: PoolState,
+    queue: Mutex<Queue>,
+    /// Signalled when a job is queued or the handles are gone.
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Queue {
+    jobs: VecDeque<Job>,
+    /// Every handle is dropped: threads leave once the queue is empty.
+    gone: bool,
 }
 
 #[derive(Default)]
@@ -157,28 +186,69 @@ pub struct CpuShutdown {
 }
 
 /// Counts a running closure; wakes `shutdown` when it ends, even by a panic.
-struct Running(Arc<PoolState>);
+struct Running<'a>(&'a PoolState);
 
-impl Drop for Running {
+impl Drop for Running<'_> {
     fn drop(&mut self) {
         self.0.running.fetch_sub(1, Ordering::AcqRel);
         self.0.finished.notify(usize::MAX);
     }
 }
 
+impl Drop for Owner {
+    fn drop(&mut self) {
+        lock(&self.shared.queue).gone = true;
+        self.shared.ready.notify_all();
+    }
+}
+
+impl Shared {
+    /// A pool thread: runs queued jobs until the handles are gone and the
+    /// queue is empty.
+    fn work(&self) {
+        loop {
+            let job = {
+                let mut q = lock(&self.queue);
+                loop {
+                    if let Some(job) = q.jobs.pop_front() {
+                        break job;
+                    }
+                    if q.gone {
+                        return;
+                    }
+                    q = self.ready.wait(q).unwrap_or_else(|e| e.into_inner());
+                }
+            };
+            job();
+        }
+    }
+
+    fn refuse<T>(&self) -> Result<T, OffloadError> {
+        self.state.refused.fetch_add(1, Ordering::AcqRel);
+        Err(OffloadError::Closed)
+    }
+}
+
 impl CpuPool {
-    /// A pool that runs at most `limit` closures at once.
+    /// A pool of `limit` threads (started on first use), so at most
+    /// `limit` closures run at once.
     pub fn new(limit: NonZeroUsize) -> Self {
         CpuPool {
-            permits: Arc::new(Semaphore::new(limit.get())),
-            limit: limit.get(),
-            state: Arc::default(),
+            owner: Arc::new(Owner {
+                shared: Arc::new(Shared {
+                    state: PoolState::default(),
+                    queue: Mutex::new(Queue::default()),
+                    ready: Condvar::new(),
+                }),
+                limit: limit.get(),
+                started: OnceLock::new(),
+            }),
             clock: Arc::new(SystemClock),
         }
     }
 
-    /// The pool [`cpu`] uses: its limit is `available_parallelism` (1 if
-    /// unknown).
+    /// The pool [`cpu`] uses: as many threads as `available_parallelism`
+    /// (1 if unknown).
     pub fn global() -> &'static CpuPool {
         static GLOBAL: OnceLock<CpuPool> = OnceLock::new();
         GLOBAL.get_or_init(|| {
@@ -186,9 +256,9 @@ impl CpuPool {
         })
     }
 
-    /// The most closures that run at once.
+    /// The most closures that run at once (the number of threads).
     pub fn limit(&self) -> usize {
-        self.limit
+        self.owner.limit
     }
 
     /// The clock of [`shutdown`](Self::shutdown)'s grace period (default
@@ -198,22 +268,33 @@ impl CpuPool {
         self
     }
 
+    fn state(&self) -> &PoolState {
+        &self.owner.shared.state
+    }
+
     /// Closures running now.
     pub fn running(&self) -> usize {
-        self.state.running.load(Ordering::Acquire)
+        self.state().running.load(Ordering::Acquire)
     }
 
     /// Refuses new work: every later [`run`](Self::run), and every one
-    /// still waiting for a slot, fails with [`OffloadError::Closed`]
+    /// still waiting for a thread, fails with [`OffloadError::Closed`]
     /// (counted). Closures already running finish. Returns whether this
     /// call closed it.
     pub fn close(&self) -> bool {
-        !self.state.closed.swap(true, Ordering::AcqRel)
+        let first = !self.state().closed.swap(true, Ordering::AcqRel);
+        // The queued jobs see the pool closed and refuse themselves: at
+        // once, not when a thread gets to them.
+        let queued = std::mem::take(&mut lock(&self.owner.shared.queue).jobs);
+        for job in queued {
+            job();
+        }
+        first
     }
 
     /// Whether [`close`](Self::close) was called.
     pub fn is_closed(&self) -> bool {
-        self.state.closed.load(Ordering::Acquire)
+        self.state().closed.load(Ordering::Acquire)
     }
 
     /// Closes the pool and waits up to `grace` for the running closures to
@@ -239,7 +320,7 @@ impl CpuPool {
     /// Dropping the future stops waiting; the pool stays closed.
     pub async fn shutdown(&self, grace: Duration) -> CpuShutdown {
         self.close();
-        let state = &*self.state;
+        let state = self.state();
         let idle = crate::sync::wait_for(&state.finished, || {
             state.running.load(Ordering::Acquire) == 0
         });
@@ -254,7 +335,27 @@ impl CpuPool {
         }
     }
 
-    /// Waits for a slot, then runs `f` on the blocking thread pool.
+    /// Starts the threads once; how many started.
+    fn threads(&self) -> usize {
+        *self.owner.started.get_or_init(|| {
+            let mut started = 0;
+            for i in 0..self.owner.limit {
+                let shared = self.owner.shared.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("smolkit-cpu-{i}"))
+                    .spawn(move || shared.work());
+                match spawned {
+                    Ok(_) => started += 1,
+                    Err(e) => {
+                        tracing::error!(error = %e, thread = i, "could not start a CPU pool thread");
+                    }
+                }
+            }
+            started
+        })
+    }
+
+    /// Queues `f` for the pool's threads and waits for its result.
     ///
     /// # Errors
     ///
@@ -269,36 +370,46 @@ impl CpuPool {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        let state = &self.state;
-        let refuse = || {
-            state.refused.fetch_add(1, Ordering::AcqRel);
-            Err(OffloadError::Closed)
-        };
+        let shared = &self.owner.shared;
         if self.is_closed() {
-            return refuse();
+            return shared.refuse();
         }
-        let permit = self.permits.acquire_arc().await;
-        if self.is_closed() {
-            return refuse();
+        if self.threads() == 0 {
+            // NOTE: not one thread could be started (the process is out of
+            // threads): the work still runs, on the blocking pool.
+            return blocking(f).await;
         }
-        state.running.fetch_add(1, Ordering::AcqRel);
-        let running = Running(state.clone());
-        blocking(move || {
-            // NOTE: the permit moves into the closure so that the slot is
-            // held for as long as the closure runs, even if the caller's
-            // future is dropped meanwhile; so does the running count.
-            let _permit = permit;
-            let _running = running;
-            f()
-        })
-        .await
+        let (tx, rx) = oneshot::channel();
+        let job_shared = shared.clone();
+        let job: Job = Box::new(move || {
+            // Its caller is gone before it started: it never runs.
+            if tx.is_abandoned() {
+                return;
+            }
+            let state = &job_shared.state;
+            if state.closed.load(Ordering::Acquire) {
+                tx.send(job_shared.refuse());
+                return;
+            }
+            state.running.fetch_add(1, Ordering::AcqRel);
+            let running = Running(state);
+            let out = catch_unwind(AssertUnwindSafe(f));
+            drop(running);
+            tx.send(out.map_err(|p| OffloadError::Panicked(panic_message(p))));
+        });
+        lock(&shared.queue).jobs.push_back(job);
+        shared.ready.notify_one();
+        // NOTE: the sender is dropped unsent only if its job is dropped
+        // unrun, which only the queue's end could do; report it as closed.
+        rx.await.unwrap_or(Err(OffloadError::Closed))
     }
 }
 
 impl fmt::Debug for CpuPool {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CpuPool")
-            .field("limit", &self.limit)
+            .field("limit", &self.owner.limit)
+            .field("running", &self.running())
             .finish()
     }
 }

@@ -1,10 +1,11 @@
-//! A one-value channel: the reply path of a submitted job. Cheaper than a
+//! A one-value channel: the reply path of a submitted job or an offloaded
+//! closure. Cheaper than a
 //! bounded async-channel (one allocation, no listener), and a dropped sender
 //! is seen as such so a lost reply is never a hang.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -20,6 +21,8 @@ struct Inner<T> {
     value: Mutex<Option<T>>,
     state: AtomicU8,
     waker: AtomicWaker,
+    /// The receiver was dropped: nobody wants the value.
+    abandoned: AtomicBool,
 }
 
 pub(crate) struct Sender<T> {
@@ -35,6 +38,7 @@ pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
         value: Mutex::new(None),
         state: AtomicU8::new(EMPTY),
         waker: AtomicWaker::new(),
+        abandoned: AtomicBool::new(false),
     });
     (
         Sender {
@@ -45,6 +49,13 @@ pub(crate) fn channel<T>() -> (Sender<T>, Receiver<T>) {
 }
 
 impl<T> Sender<T> {
+    /// Whether the receiver is gone (the value would be discarded).
+    pub(crate) fn is_abandoned(&self) -> bool {
+        self.inner
+            .as_ref()
+            .is_none_or(|i| i.abandoned.load(Ordering::Acquire))
+    }
+
     pub(crate) fn send(mut self, value: T) {
         if let Some(inner) = self.inner.take() {
             *lock(&inner.value) = Some(value);
@@ -66,6 +77,12 @@ impl<T> Drop for Sender<T> {
 impl<T> Receiver<T> {
     pub(crate) fn is_ready(&self) -> bool {
         self.inner.state.load(Ordering::Acquire) != EMPTY
+    }
+}
+
+impl<T> Drop for Receiver<T> {
+    fn drop(&mut self) {
+        self.inner.abandoned.store(true, Ordering::Release);
     }
 }
 

@@ -2,6 +2,8 @@
 //! std's normally, loom's under `--cfg smolkit_loom` so the model checker
 //! can explore every interleaving (see `tests/loom.rs`).
 
+pub(crate) mod oneshot;
+
 #[cfg(not(smolkit_loom))]
 pub(crate) use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 #[cfg(not(smolkit_loom))]
