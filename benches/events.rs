@@ -61,6 +61,37 @@ fn fanout(c: &mut Criterion) {
             })
         });
 
+        group.bench_with_input(
+            BenchmarkId::new("smolkit_bus_emit_many_64", subs),
+            &subs,
+            |b, &k| {
+                b.iter(|| {
+                    let bus = Bus::<u64>::builder()
+                        .with_capacity(CAPACITY)
+                        .build()
+                        .unwrap();
+                    let tasks: Vec<_> = (0..k)
+                        .map(|_| {
+                            let sub = bus.subscribe("ticks.#").unwrap();
+                            ex.spawn(sub.count())
+                        })
+                        .collect();
+                    smol::block_on(ex.run(async {
+                        for start in (0..EVENTS).step_by(64) {
+                            bus.emit_many("ticks.eu", start..(start + 64).min(EVENTS))
+                                .await
+                                .unwrap();
+                        }
+                        bus.shutdown().await;
+                        drop(bus);
+                        for t in tasks {
+                            assert_eq!(t.await as u64, EVENTS);
+                        }
+                    }));
+                })
+            },
+        );
+
         group.bench_with_input(BenchmarkId::new("async_broadcast", subs), &subs, |b, &k| {
             b.iter(|| {
                 let (tx, rx) = async_broadcast::broadcast::<u64>(CAPACITY);

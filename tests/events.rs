@@ -524,3 +524,89 @@ fn a_late_subscriber_never_sees_a_topic_go_back_in_time() {
         }
     });
 }
+
+/// Issue 18 #1: a batch is emitted in order to every matching
+/// subscription, counted once per queued copy; a full `Wait` subscription
+/// makes the batch wait and loses nothing; a `DropOldest` one keeps the
+/// newest of a batch larger than its queue.
+#[test]
+fn emit_many_keeps_order_waits_for_room_and_applies_each_policy() {
+    within(|| {
+        smol::block_on(async {
+            let bus = Bus::<u32>::new();
+            let mut wait = bus
+                .subscribe_with("t.*", SubscribeOptions::new().with_capacity(2))
+                .unwrap();
+            let mut newest = bus
+                .subscribe_with(
+                    "#",
+                    SubscribeOptions::new()
+                        .with_capacity(3)
+                        .with_overflow(Overflow::DropOldest),
+                )
+                .unwrap();
+            let mut other = bus.subscribe("u").unwrap();
+            let mut emit = Box::pin(bus.emit_many("t.a", 0..6));
+            assert!(
+                poll(&mut emit).is_pending(),
+                "waits: the queue holds 2 of 6"
+            );
+            assert_eq!(wait.len(), 2);
+            let (mut got, mut done) = (Vec::new(), None);
+            for _ in 0..6 {
+                got.push(wait.next().await.unwrap().payload);
+                if done.is_none()
+                    && let Poll::Ready(r) = poll(&mut emit)
+                {
+                    done = Some(r);
+                }
+            }
+            assert_eq!(got, [0, 1, 2, 3, 4, 5]);
+            let queued = done.expect("done once the last two had room").unwrap();
+            assert_eq!(queued, 6 + 6, "six copies each (three dropped later)");
+            let kept: Vec<u32> =
+                std::iter::from_fn(|| newest.try_next().map(|e| e.payload)).collect();
+            assert_eq!(kept, [3, 4, 5], "the newest three of the batch");
+            assert!(
+                other.try_next().is_none(),
+                "not routed to a topic it does not match"
+            );
+            let stats = bus.stats();
+            assert_eq!((stats.emitted, stats.delivered, stats.dropped), (6, 12, 3));
+        });
+    });
+}
+
+#[test]
+fn emit_many_hands_the_payloads_back_on_a_bad_topic_or_a_closed_bus() {
+    smol::block_on(async {
+        let bus = Bus::<u32>::new();
+        let _sub = bus.subscribe("#").unwrap();
+        match bus.emit_many("a..b", [1, 2]).await {
+            Err(EmitError::Topic(_, back)) => assert_eq!(back, [1, 2]),
+            other => panic!("{other:?}"),
+        }
+        bus.shutdown().await;
+        match bus.emit_many("a", [3, 4]).await {
+            Err(EmitError::Closed(back)) => assert_eq!(back, [3, 4]),
+            other => panic!("{other:?}"),
+        }
+    });
+}
+
+/// A subscriber's queue length is exact while it reads: what it has handed
+/// out is no longer counted, what it has not is.
+#[test]
+fn a_subscribers_len_counts_exactly_what_it_has_not_read() {
+    smol::block_on(async {
+        let bus = Bus::<u32>::new();
+        let mut sub = bus.subscribe("t").unwrap();
+        bus.emit_many("t", 0..100).await.unwrap();
+        for read in 0..100 {
+            assert_eq!(sub.len(), 100 - read);
+            assert_eq!(sub.next().await.unwrap().payload, read as u32);
+        }
+        assert!(sub.is_empty());
+        assert_eq!(bus.subscribers()[0].queued, 0);
+    });
+}

@@ -1,4 +1,4 @@
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::error::Error;
 use std::fmt;
 use std::future::Future;
@@ -8,13 +8,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_channel::{Receiver, Sender, TrySendError};
-use futures_lite::FutureExt;
+use futures_lite::{FutureExt, StreamExt};
 
-use super::subscription::{Offer, Sub, SubscribeOptions, Subscriber};
+use super::subscription::{Offer, Reader, Sub, SubscribeOptions, Subscriber};
 use super::topic::{Pattern, TopicError, validate_topic};
 use crate::ConfigError;
 use crate::limit::Semaphore;
-use crate::runtime::coop::Budget;
 use crate::runtime::{JoinHandle, Spawn, SpawnExt, default_spawner, panic_message};
 use crate::sync::lock_std as lock;
 
@@ -150,8 +149,6 @@ pub struct SubscriberStats {
     /// Events its overflow policy dropped.
     pub dropped: u64,
 }
-
-type Added<E> = (Arc<Sub<E>>, Receiver<Event<E>>);
 
 /// The subscriptions matching one topic.
 type Route<E> = Arc<[Arc<Sub<E>>]>;
@@ -417,6 +414,90 @@ impl<E: Clone + Send + 'static> Bus<E> {
         Ok(n)
     }
 
+    /// Emits every payload of `payloads` on `topic`, in order: what
+    /// [`emit`](Self::emit) does for each, with one lock and at most one
+    /// wake-up per subscription for the whole batch (and one route look-up),
+    /// waiting while a matching [`Overflow::Wait`] subscription is full.
+    /// Returns the number of copies queued over all subscriptions.
+    ///
+    /// ```
+    /// use futures_lite::StreamExt;
+    /// use smolkit::events::Bus;
+    ///
+    /// smol::block_on(async {
+    ///     let bus = Bus::<u32>::new();
+    ///     let mut a = bus.subscribe("ticks").unwrap();
+    ///     let mut b = bus.subscribe("#").unwrap();
+    ///     assert_eq!(bus.emit_many("ticks", [1, 2, 3]).await.unwrap(), 6);
+    ///     let got: Vec<u32> = a.by_ref().take(3).map(|e| e.payload).collect().await;
+    ///     assert_eq!(got, [1, 2, 3]);
+    ///     assert_eq!(b.next().await.unwrap().payload, 1);
+    /// });
+    /// ```
+    ///
+    /// # Errors
+    ///
+    /// [`EmitError::Topic`] for a malformed topic, [`EmitError::Closed`]
+    /// after [`shutdown`](Bus::shutdown) or when a shutdown during the wait
+    /// left no subscription that queued any of them; both hand the payloads
+    /// back.
+    ///
+    /// # Cancel safety
+    ///
+    /// Dropping the future while it waits leaves the batch queued, whole or
+    /// in part, for the subscriptions reached so far and not for the rest.
+    pub async fn emit_many<I>(&self, topic: &str, payloads: I) -> Result<usize, EmitError<Vec<E>>>
+    where
+        I: IntoIterator<Item = E>,
+    {
+        let payloads: Vec<E> = payloads.into_iter().collect();
+        if self.is_closed() {
+            return Err(EmitError::Closed(payloads));
+        }
+        if let Some(last) = payloads.last()
+            && let Err(e) = self.retain(topic, last)
+        {
+            return Err(EmitError::Topic(e, payloads));
+        }
+        let (topic, route) = match self.route(topic) {
+            Ok(r) => r,
+            Err(e) => return Err(EmitError::Topic(e, payloads)),
+        };
+        self.inner
+            .emitted
+            .fetch_add(payloads.len() as u64, Ordering::Relaxed);
+        let mut n = 0;
+        let mut payloads = Some(payloads);
+        let mut matched = route.iter().peekable();
+        while let Some(sub) = matched.next() {
+            // The last match takes the payloads themselves.
+            let batch = if matched.peek().is_some() {
+                payloads.clone().unwrap_or_default()
+            } else {
+                payloads.take().unwrap_or_default()
+            };
+            let mut evs: VecDeque<Event<E>> = batch
+                .into_iter()
+                .map(|payload| Event {
+                    topic: topic.clone(),
+                    payload,
+                })
+                .collect();
+            match sub.send_many(&mut evs).await {
+                Ok(q) => n += q,
+                // Closed (a shutdown) with nothing queued: hand back what
+                // the last one did not take.
+                Err(0) if n == 0 && matched.peek().is_none() => {
+                    return Err(EmitError::Closed(
+                        evs.into_iter().map(|e| e.payload).collect(),
+                    ));
+                }
+                Err(q) => n += q,
+            }
+        }
+        Ok(n)
+    }
+
     /// Queues `payload` for `sub`, waiting while a `Wait` subscription is
     /// full: `Ok(true)` queued, `Ok(false)` dropped by its policy, `Err`
     /// with the event when the subscription is (or gets) closed.
@@ -425,15 +506,9 @@ impl<E: Clone + Send + 'static> Bus<E> {
             Offer::Queued => Ok(true),
             Offer::Dropped => Ok(false),
             Offer::Closed(ev) => Err(ev),
-            Offer::Full(ev) => match sub.tx.send(ev).await {
-                Ok(()) => {
-                    sub.delivered.fetch_add(1, Ordering::Relaxed);
-                    Ok(true)
-                }
-                // The subscription closed while we waited (shutdown, or it
-                // was dropped).
-                Err(async_channel::SendError(ev)) => Err(ev),
-            },
+            // Waits for room; `Err` when the subscription closed while we
+            // waited (shutdown, or it was dropped).
+            Offer::Full(ev) => sub.send(ev).await,
         }
     }
 
@@ -456,7 +531,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
         };
         if matched
             .iter()
-            .any(|s| s.overflow == Overflow::Wait && s.tx.is_full())
+            .any(|s| s.overflow == Overflow::Wait && s.is_full())
         {
             return Err(TryEmitError::Full(payload));
         }
@@ -492,23 +567,19 @@ impl<E: Clone + Send + 'static> Bus<E> {
         Ok(n)
     }
 
-    fn add(&self, pattern: &str, opts: &SubscribeOptions) -> Result<Added<E>, ConfigError> {
+    fn add(&self, pattern: &str, opts: &SubscribeOptions) -> Result<Arc<Sub<E>>, ConfigError> {
         let pattern = Pattern::parse(pattern)?;
         if let Some(c) = opts.capacity {
             ConfigError::nonzero("capacity", c)?;
         }
         ConfigError::nonzero("concurrency", opts.concurrency)?;
-        let (tx, rx) = async_channel::bounded(opts.capacity.unwrap_or(self.inner.capacity));
-        let sub = Arc::new(Sub {
-            id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
-            name: opts.name.clone(),
+        let sub = Arc::new(Sub::new(
+            self.inner.next_id.fetch_add(1, Ordering::Relaxed),
+            opts.name.clone(),
             pattern,
-            overflow: opts.overflow,
-            tx,
-            rx: rx.clone(),
-            delivered: AtomicU64::new(0),
-            dropped: AtomicU64::new(0),
-        });
+            opts.overflow,
+            opts.capacity.unwrap_or(self.inner.capacity),
+        ));
         // NOTE: with retained values, the subscription becomes visible to
         // emitters and gets its replay while the retained map is locked. An
         // emitter records its value there before it looks up its route, so
@@ -519,7 +590,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
         {
             let mut subs = lock(&self.inner.subs);
             if self.inner.closed.load(Ordering::Acquire) {
-                sub.tx.close();
+                sub.close();
             } else {
                 let mut next = Vec::with_capacity(subs.list.len() + 1);
                 next.extend(subs.list.iter().cloned());
@@ -541,7 +612,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
                 }
             }
         }
-        Ok((sub, rx))
+        Ok(sub)
     }
 
     pub(super) fn remove(&self, id: u64) -> Option<Arc<Sub<E>>> {
@@ -558,7 +629,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
         self.inner
             .gone_dropped
             .fetch_add(sub.dropped.load(Ordering::Relaxed), Ordering::Relaxed);
-        sub.tx.close();
+        sub.close();
         Some(sub)
     }
 
@@ -582,12 +653,11 @@ impl<E: Clone + Send + 'static> Bus<E> {
         pattern: &str,
         opts: SubscribeOptions,
     ) -> Result<Subscriber<E>, ConfigError> {
-        let (sub, rx) = self.add(pattern, &opts)?;
+        let sub = self.add(pattern, &opts)?;
         Ok(Subscriber {
             bus: self.clone(),
             id: sub.id,
-            rx: Box::pin(rx),
-            budget: Budget::new(),
+            reader: Reader::new(sub),
         })
     }
 
@@ -627,8 +697,9 @@ impl<E: Clone + Send + 'static> Bus<E> {
         Fut: Future<Output = Result<(), HE>> + Send + 'static,
         HE: fmt::Display + 'static,
     {
-        let (sub, rx) = self.add(pattern, &opts)?;
+        let sub = self.add(pattern, &opts)?;
         let id = sub.id;
+        let mut events = Reader::new(sub);
         let name: Arc<str> = opts.name.into();
         let handler = Arc::new(handler);
         let inner = self.inner.clone();
@@ -636,9 +707,8 @@ impl<E: Clone + Send + 'static> Bus<E> {
         let spawner = self.inner.spawner.clone();
         let task = self.inner.spawner.spawn(async move {
             let slots = Arc::new(Semaphore::new(limit));
-            let mut budget = Budget::new();
-            while let Ok(ev) = rx.recv().await {
-                budget.tick().await;
+            // NOTE: the reader yields after a budget of ready events.
+            while let Some(ev) = events.next().await {
                 let call = run_handler(inner.clone(), name.clone(), handler.clone(), ev);
                 if limit == 1 {
                     call.await;
@@ -689,7 +759,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
         for sub in self.snapshot().iter() {
-            sub.tx.close();
+            sub.close();
         }
         let tasks: Vec<_> = std::mem::take(&mut *lock(&self.inner.dispatchers));
         for (_, task) in tasks {
@@ -729,7 +799,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
             .map(|s| SubscriberStats {
                 name: s.name.clone(),
                 pattern: s.pattern.as_str().to_owned(),
-                queued: s.tx.len(),
+                queued: s.len(),
                 delivered: s.delivered.load(Ordering::Relaxed),
                 dropped: s.dropped.load(Ordering::Relaxed),
             })
