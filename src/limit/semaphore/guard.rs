@@ -156,5 +156,5 @@ pub(super) fn forget_permits(sem: &Semaphore, n: usize) {
         sem.capacity.store(cap, Ordering::Release);
         sem.fail_too_large_locked(&mut q, cap, &mut wakers);
     }
-    wakers.into_iter().for_each(Waker::wake);
+    wakers.wake();
 }

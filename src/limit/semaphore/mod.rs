@@ -26,8 +26,6 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use std::collections::VecDeque;
-
 use super::error::{AcquireError, TryAcquireError};
 use crate::sync::{self, AtomicI64, AtomicUsize, Mutex, Ordering};
 
@@ -54,25 +52,204 @@ const GRANTED: usize = 1;
 const FAILED_CLOSED: usize = 2;
 const FAILED_TOO_LARGE: usize = 3;
 
-struct Slot {
-    state: AtomicUsize,
-}
+/// No slot: the end of the waiter list.
+const NIL: u32 = u32::MAX;
 
-struct Node {
-    id: u64,
+/// One waiter, in a slab under the queue's lock: no allocation per
+/// waiter (the slab's slots and the fate cells are reused), one waker,
+/// and a doubly linked FIFO through the slots so a cancelled waiter
+/// leaves in O(1).
+struct Waiter {
     needed: usize,
     assigned: usize,
-    slot: sync::Arc<Slot>,
     waker: Option<Waker>,
+    /// Shared with the waiter's future, which reads its fate without the
+    /// lock.
+    fate: Option<sync::Arc<AtomicUsize>>,
+    prev: u32,
+    next: u32,
+    /// Bumped when the slot is freed, so a stale key is never mistaken
+    /// for the slot's next waiter.
+    generation: u32,
+}
+
+/// Fate cells kept for reuse.
+const SPARE_CELLS: usize = 256;
+
+/// A queued waiter's key: its slot and that slot's generation.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Key {
+    slot: u32,
+    generation: u32,
 }
 
 struct Queue {
-    nodes: VecDeque<Node>,
-    next_id: u64,
+    slab: Vec<Waiter>,
+    free: Vec<u32>,
+    /// Fate cells of settled waiters; one is reused once its future has
+    /// let go of it (only this list holds it).
+    spare: Vec<sync::Arc<AtomicUsize>>,
+    head: u32,
+    tail: u32,
+    /// Linked (pending) waiters.
+    len: usize,
 }
 
-/// Wakers collected under the lock, woken after it is released.
-type Wakers = Vec<Waker>;
+impl Queue {
+    const fn new() -> Self {
+        Queue {
+            slab: Vec::new(),
+            free: Vec::new(),
+            spare: Vec::new(),
+            head: NIL,
+            tail: NIL,
+            len: 0,
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.head == NIL
+    }
+
+    fn at(&mut self, slot: u32) -> &mut Waiter {
+        &mut self.slab[slot as usize]
+    }
+
+    fn front_mut(&mut self) -> Option<&mut Waiter> {
+        let head = self.head;
+        (head != NIL).then(|| self.at(head))
+    }
+
+    /// A fate cell set to PENDING: a spare one nobody else holds, or a new
+    /// one.
+    fn cell(&mut self) -> sync::Arc<AtomicUsize> {
+        // NOTE: the last few settled are the likeliest to be let go of.
+        let n = self.spare.len();
+        for i in (n.saturating_sub(4)..n).rev() {
+            if sync::Arc::strong_count(&self.spare[i]) == 1 {
+                let cell = self.spare.swap_remove(i);
+                cell.store(PENDING, Ordering::Relaxed);
+                return cell;
+            }
+        }
+        sync::Arc::new(AtomicUsize::new(PENDING))
+    }
+
+    /// Queues a waiter at the back; returns its key and fate cell.
+    fn push_back(
+        &mut self,
+        needed: usize,
+        assigned: usize,
+        waker: Waker,
+    ) -> (Key, sync::Arc<AtomicUsize>) {
+        let tail = self.tail;
+        let cell = self.cell();
+        let fresh = |generation| Waiter {
+            needed,
+            assigned,
+            waker: Some(waker),
+            fate: Some(cell.clone()),
+            prev: tail,
+            next: NIL,
+            generation,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                let generation = self.slab[slot as usize].generation;
+                self.slab[slot as usize] = fresh(generation);
+                slot
+            }
+            None => {
+                // NOTE: more than u32::MAX - 1 waiters at once cannot be
+                // reached (each is a live future holding a slot).
+                let slot = u32::try_from(self.slab.len()).unwrap_or(NIL - 1);
+                self.slab.push(fresh(0));
+                slot
+            }
+        };
+        if tail == NIL {
+            self.head = slot;
+        } else {
+            self.at(tail).next = slot;
+        }
+        self.tail = slot;
+        self.len += 1;
+        let key = Key {
+            slot,
+            generation: self.slab[slot as usize].generation,
+        };
+        (key, cell)
+    }
+
+    /// Takes a linked waiter out of the list and frees its slot, settling
+    /// its fate; returns its collected permits and its waker.
+    fn unlink(&mut self, slot: u32, fate: usize) -> (usize, Option<Waker>) {
+        let w = self.at(slot);
+        let (prev, next) = (w.prev, w.next);
+        w.prev = NIL;
+        w.next = NIL;
+        w.generation = w.generation.wrapping_add(1);
+        let assigned = std::mem::take(&mut w.assigned);
+        let waker = w.waker.take();
+        let cell = w.fate.take();
+        if let Some(cell) = cell {
+            cell.store(fate, Ordering::Release);
+            if self.spare.len() < SPARE_CELLS {
+                self.spare.push(cell);
+            }
+        }
+        self.free.push(slot);
+        if prev == NIL {
+            self.head = next;
+        } else {
+            self.at(prev).next = next;
+        }
+        if next == NIL {
+            self.tail = prev;
+        } else {
+            self.at(next).prev = prev;
+        }
+        self.len -= 1;
+        (assigned, waker)
+    }
+
+    /// The waiter of `key`, if it is still queued.
+    fn get(&mut self, key: Key) -> Option<&mut Waiter> {
+        self.slab
+            .get_mut(key.slot as usize)
+            .filter(|w| w.generation == key.generation)
+    }
+}
+
+/// Wakers collected under the lock, woken after it is released; one
+/// without an allocation.
+#[derive(Default)]
+struct Wakers {
+    one: Option<Waker>,
+    more: Vec<Waker>,
+}
+
+impl Wakers {
+    fn new() -> Self {
+        Self::default()
+    }
+
+    fn extend(&mut self, waker: Option<Waker>) {
+        if let Some(w) = waker {
+            match self.one {
+                None => self.one = Some(w),
+                Some(_) => self.more.push(w),
+            }
+        }
+    }
+
+    fn wake(self) {
+        if let Some(w) = self.one {
+            w.wake();
+        }
+        self.more.into_iter().for_each(Waker::wake);
+    }
+}
 
 /// The fields of a new semaphore with `permits` free (already clamped):
 /// one body for the `const` constructor and the loom one.
@@ -82,11 +259,7 @@ macro_rules! semaphore_with {
             state: AtomicI64::new(($permits as i64) << SHIFT),
             capacity: AtomicUsize::new($permits),
             waiting: AtomicUsize::new(0),
-            assigned: AtomicUsize::new(0),
-            queue: Mutex::new(Queue {
-                nodes: VecDeque::new(),
-                next_id: 0,
-            }),
+            queue: Mutex::new(Queue::new()),
         }
     };
 }
@@ -135,10 +308,8 @@ macro_rules! semaphore_with {
 pub struct Semaphore {
     state: AtomicI64,
     capacity: AtomicUsize,
-    /// Waiters in the queue (mirrors `queue.nodes.len()`, for stats).
+    /// Waiters in the queue (mirrors `queue.len`, for stats).
     waiting: AtomicUsize,
-    /// Permits handed to queued waiters that have not got all theirs yet.
-    assigned: AtomicUsize,
     queue: Mutex<Queue>,
 }
 
@@ -370,7 +541,7 @@ impl Semaphore {
             self.capacity.store(new, Ordering::Release);
             self.release_locked(&mut q, new - cap, &mut wakers);
         }
-        wakers.into_iter().for_each(Waker::wake);
+        wakers.wake();
     }
 
     /// Sets the capacity to `n` (clamped to [`Semaphore::MAX_PERMITS`]), at once and
@@ -394,7 +565,7 @@ impl Semaphore {
                 self.fail_too_large_locked(&mut q, n, &mut wakers);
             }
         }
-        wakers.into_iter().for_each(Waker::wake);
+        wakers.wake();
     }
 
     /// Closes the semaphore: every queued waiter and every later acquire
@@ -407,16 +578,16 @@ impl Semaphore {
         {
             let mut q = sync::lock(&self.queue);
             let mut returned = 0;
-            for node in q.nodes.drain(..) {
-                returned += node.assigned;
-                node.slot.state.store(FAILED_CLOSED, Ordering::Release);
-                wakers.extend(node.waker);
+            while q.head != NIL {
+                let head = q.head;
+                let (assigned, waker) = q.unlink(head, FAILED_CLOSED);
+                returned += assigned;
+                wakers.extend(waker);
             }
-            self.assigned.store(0, Ordering::Release);
             self.waiting.store(0, Ordering::Release);
             self.add_and_clear_waiters(returned);
         }
-        wakers.into_iter().for_each(Waker::wake);
+        wakers.wake();
         prev & CLOSED == 0
     }
 
@@ -475,7 +646,7 @@ impl Semaphore {
             let mut q = sync::lock(&self.queue);
             self.redistribute_locked(&mut q, &mut wakers);
         }
-        wakers.into_iter().for_each(Waker::wake);
+        wakers.wake();
     }
 
     /// Adds `n` permits: they pay any debt, then go to the queue in order,
@@ -493,7 +664,7 @@ impl Semaphore {
         // A head that needs nothing more (a zero-weight request) goes at
         // once, even with no permit free.
         self.grant_satisfied_heads(q, wakers);
-        if q.nodes.is_empty() {
+        if q.is_empty() {
             self.add_and_clear_waiters(0);
             return;
         }
@@ -515,21 +686,19 @@ impl Semaphore {
             }
         };
         while free > 0 {
-            let Some(head) = q.nodes.front_mut() else {
+            let Some(head) = q.front_mut() else {
                 break;
             };
             let give = (head.needed - head.assigned).min(free);
             head.assigned += give;
             free -= give;
-            self.assigned.fetch_add(give, Ordering::AcqRel);
             if head.assigned == head.needed {
-                let node = q.nodes.pop_front().expect("front exists");
-                self.grant(node, wakers);
+                self.grant(q, wakers);
                 // Zero-weight requests right behind it go with it.
                 self.grant_satisfied_heads(q, wakers);
             }
         }
-        if q.nodes.is_empty() {
+        if q.is_empty() {
             // Keep what is left.
             self.add_and_clear_waiters(free);
         }
@@ -537,36 +706,35 @@ impl Semaphore {
 
     /// Grants the heads of the queue that already have all they asked for.
     fn grant_satisfied_heads(&self, q: &mut Queue, wakers: &mut Wakers) {
-        while q.nodes.front().is_some_and(|h| h.assigned == h.needed) {
-            let node = q.nodes.pop_front().expect("front exists");
-            self.grant(node, wakers);
+        while q.front_mut().is_some_and(|h| h.assigned == h.needed) {
+            self.grant(q, wakers);
         }
     }
 
-    fn grant(&self, node: Node, wakers: &mut Wakers) {
-        self.assigned.fetch_sub(node.assigned, Ordering::AcqRel);
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        node.slot.state.store(GRANTED, Ordering::Release);
-        wakers.extend(node.waker);
+    /// Grants the head of the queue (it has all it asked for).
+    fn grant(&self, q: &mut Queue, wakers: &mut Wakers) {
+        let head = q.head;
+        let (_, waker) = q.unlink(head, GRANTED);
+        self.waiting.store(q.len, Ordering::Release);
+        wakers.extend(waker);
     }
 
     /// Fails queued waiters asking for more than `capacity`.
     fn fail_too_large_locked(&self, q: &mut Queue, capacity: usize, wakers: &mut Wakers) {
         let mut returned = 0;
-        q.nodes.retain_mut(|node| {
-            if node.needed <= capacity {
-                return true;
+        let mut at = q.head;
+        while at != NIL {
+            let w = q.at(at);
+            let (next, needed) = (w.next, w.needed);
+            if needed > capacity {
+                let (assigned, waker) = q.unlink(at, FAILED_TOO_LARGE | (capacity << 2));
+                returned += assigned;
+                self.waiting.store(q.len, Ordering::Release);
+                wakers.extend(waker);
             }
-            returned += node.assigned;
-            self.assigned.fetch_sub(node.assigned, Ordering::AcqRel);
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
-            node.slot
-                .state
-                .store(FAILED_TOO_LARGE | (capacity << 2), Ordering::Release);
-            wakers.extend(node.waker.take());
-            false
-        });
-        if q.nodes.is_empty() {
+            at = next;
+        }
+        if q.is_empty() {
             self.add_and_clear_waiters(returned);
         } else {
             self.release_locked(q, returned, wakers);
@@ -592,8 +760,8 @@ enum AcquireState {
     },
     Queued {
         n: usize,
-        id: u64,
-        slot: sync::Arc<Slot>,
+        key: Key,
+        cell: sync::Arc<AtomicUsize>,
     },
     Done,
 }
@@ -640,29 +808,27 @@ impl AcquireState {
                             *self = AcquireState::Done;
                             return Poll::Ready(Err(e));
                         }
-                        Enqueued::Waiting { id, slot } => {
-                            *self = AcquireState::Queued { n, id, slot };
+                        Enqueued::Waiting(key, cell) => {
+                            *self = AcquireState::Queued { n, key, cell };
                             return Poll::Pending;
                         }
                     }
                 }
-                AcquireState::Queued { n, id, slot } => {
-                    if let Some(result) = fate(slot, *n) {
+                AcquireState::Queued { n, key, cell } => {
+                    let n = *n;
+                    let state = cell.load(Ordering::Acquire);
+                    if state != PENDING {
                         *self = AcquireState::Done;
-                        return Poll::Ready(result);
+                        return Poll::Ready(fate(state, n));
                     }
-                    let q = sync::lock(&sem.queue);
-                    // Re-check under the lock: grants happen under it.
-                    if fate(slot, *n).is_some() {
-                        drop(q);
-                        continue;
-                    }
-                    let mut q = q;
-                    if let Some(node) = q.nodes.iter_mut().find(|node| node.id == *id) {
-                        match &mut node.waker {
-                            Some(w) if w.will_wake(cx.waker()) => {}
-                            w => *w = Some(cx.waker().clone()),
-                        }
+                    let mut q = sync::lock(&sem.queue);
+                    // Re-checked under the lock: fates are settled under it.
+                    match q.get(*key) {
+                        Some(w) => match &mut w.waker {
+                            Some(waker) if waker.will_wake(cx.waker()) => {}
+                            waker => *waker = Some(cx.waker().clone()),
+                        },
+                        None => continue,
                     }
                     return Poll::Pending;
                 }
@@ -681,7 +847,7 @@ impl AcquireState {
 
     #[cold]
     fn cancel_queued(&mut self, sem: &Semaphore) {
-        let AcquireState::Queued { n, id, slot } = std::mem::replace(self, AcquireState::Done)
+        let AcquireState::Queued { n, key, cell } = std::mem::replace(self, AcquireState::Done)
         else {
             return;
         };
@@ -689,20 +855,17 @@ impl AcquireState {
         let mut release_all = false;
         {
             let mut q = sync::lock(&sem.queue);
-            match slot.state.load(Ordering::Acquire) & 0b11 {
+            match cell.load(Ordering::Acquire) & 0b11 {
                 GRANTED => release_all = true,
                 PENDING => {
-                    if let Some(pos) = q.nodes.iter().position(|node| node.id == id) {
-                        let node = q.nodes.remove(pos).expect("position is valid");
-                        sem.assigned.fetch_sub(node.assigned, Ordering::AcqRel);
-                        sem.waiting.fetch_sub(1, Ordering::AcqRel);
-                        if q.nodes.is_empty() {
-                            sem.add_and_clear_waiters(node.assigned);
-                        } else {
-                            // The next waiters may now be served: hand on
-                            // what this one had, including the wake-up.
-                            sem.release_locked(&mut q, node.assigned, &mut wakers);
-                        }
+                    let (assigned, _) = q.unlink(key.slot, FAILED_CLOSED);
+                    sem.waiting.store(q.len, Ordering::Release);
+                    if q.is_empty() {
+                        sem.add_and_clear_waiters(assigned);
+                    } else {
+                        // The next waiters may now be served: hand on what
+                        // this one had, including the wake-up.
+                        sem.release_locked(&mut q, assigned, &mut wakers);
                     }
                 }
                 _ => {} // failed: it holds nothing.
@@ -711,27 +874,25 @@ impl AcquireState {
         if release_all {
             sem.release(n);
         }
-        wakers.into_iter().for_each(Waker::wake);
+        wakers.wake();
     }
 }
 
-fn fate(slot: &Slot, n: usize) -> Option<Result<usize, AcquireError>> {
-    let state = slot.state.load(Ordering::Acquire);
+fn fate(state: usize, n: usize) -> Result<usize, AcquireError> {
     match state & 0b11 {
-        PENDING => None,
-        GRANTED => Some(Ok(n)),
-        FAILED_CLOSED => Some(Err(AcquireError::Closed)),
-        _ => Some(Err(AcquireError::TooLarge {
+        GRANTED => Ok(n),
+        FAILED_CLOSED => Err(AcquireError::Closed),
+        _ => Err(AcquireError::TooLarge {
             requested: n,
             capacity: state >> 2,
-        })),
+        }),
     }
 }
 
 enum Enqueued {
     Granted,
     Failed(AcquireError),
-    Waiting { id: u64, slot: sync::Arc<Slot> },
+    Waiting(Key, sync::Arc<AtomicUsize>),
 }
 
 /// The slow path: under the lock, take what is free and queue for the rest.
@@ -751,7 +912,7 @@ fn enqueue(sem: &Semaphore, n: usize, waker: &Waker) -> Enqueued {
         }
         // With waiters queued the word holds no free permits.
         let free = permits_of(cur).max(0) as usize;
-        if q.nodes.is_empty() && free >= n {
+        if q.is_empty() && free >= n {
             match sem.state.compare_exchange_weak(
                 cur,
                 cur - units(n),
@@ -765,7 +926,7 @@ fn enqueue(sem: &Semaphore, n: usize, waker: &Waker) -> Enqueued {
                 }
             }
         }
-        let take = if q.nodes.is_empty() { free.min(n) } else { 0 };
+        let take = if q.is_empty() { free.min(n) } else { 0 };
         match sem.state.compare_exchange_weak(
             cur,
             (cur - units(take)) | WAITERS,
@@ -776,19 +937,7 @@ fn enqueue(sem: &Semaphore, n: usize, waker: &Waker) -> Enqueued {
             Err(actual) => cur = actual,
         }
     };
-    let id = q.next_id;
-    q.next_id += 1;
-    let slot = sync::Arc::new(Slot {
-        state: AtomicUsize::new(PENDING),
-    });
-    sem.assigned.fetch_add(taken, Ordering::AcqRel);
-    sem.waiting.fetch_add(1, Ordering::AcqRel);
-    q.nodes.push_back(Node {
-        id,
-        needed: n,
-        assigned: taken,
-        slot: slot.clone(),
-        waker: Some(waker.clone()),
-    });
-    Enqueued::Waiting { id, slot }
+    let (key, cell) = q.push_back(n, taken, waker.clone());
+    sem.waiting.store(q.len, Ordering::Release);
+    Enqueued::Waiting(key, cell)
 }
