@@ -5,6 +5,8 @@
 //!   with the same concurrency and a tokio mpsc worker pool (2-thread tokio
 //!   runtime, workers sharing the receiver behind a mutex, results on a
 //!   second mpsc).
+//! - `worker_pool_1us/2`: 100k items of ~1 µs of CPU each, 2 workers,
+//!   against `buffer_unordered(2)` (one thread) and the tokio mpsc pool.
 //! - `pipeline/3_stages`: 100k items through map → filter → map.
 //! - Before criterion starts: 10M items through a 3-stage pipeline, with
 //!   the process's peak RSS (VmHWM) printed, for the memory target.
@@ -18,6 +20,9 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use futures_lite::StreamExt;
 use smolkit::pool::{Pipeline, Stage, WorkerPool};
 use smolkit::runtime::{Runtime, Spawn};
+
+mod common;
+use common::{calibrate, spin};
 
 const ITEMS: u64 = 1_000_000;
 const PIPELINE_ITEMS: u64 = 100_000;
@@ -185,7 +190,55 @@ fn memory_run() {
 fn benches(c: &mut Criterion) {
     memory_run();
     worker_pool(c);
+    worker_pool_cpu(c);
     pipeline(c);
+}
+
+/// 100k items of ~1 µs of CPU each: where a pool's parallelism shows.
+fn worker_pool_cpu(c: &mut Criterion) {
+    const CPU_ITEMS: u64 = 100_000;
+    let rounds = calibrate(Duration::from_micros(1));
+    let mut group = c.benchmark_group("worker_pool_1us");
+    group.throughput(Throughput::Elements(CPU_ITEMS));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(8));
+    let rt = runtime();
+    let spawner: Arc<dyn Spawn> = Arc::new(rt.handle());
+    let workers = 2usize;
+    let pool = WorkerPool::builder(move |x: u64| async move { Ok::<_, ()>(spin(rounds) ^ x) })
+        .with_workers(workers)
+        .with_capacity(1024)
+        .with_spawner(spawner)
+        .build()
+        .unwrap();
+    group.bench_with_input(
+        BenchmarkId::new("smolkit_process", workers),
+        &workers,
+        |b, _| {
+            b.iter(|| {
+                let n = rt.block_on(
+                    pool.process(futures_lite::stream::iter(0..CPU_ITEMS), false)
+                        .count(),
+                );
+                assert_eq!(n as u64, CPU_ITEMS);
+            })
+        },
+    );
+    group.bench_with_input(
+        BenchmarkId::new("buffer_unordered", workers),
+        &workers,
+        |b, &w| {
+            use futures_util::StreamExt as Fu;
+            b.iter(|| {
+                let stream = Fu::map(futures_util::stream::iter(0..CPU_ITEMS), |x| async move {
+                    Ok::<_, ()>(spin(rounds) ^ x)
+                });
+                let n = smol::block_on(Fu::count(Fu::buffer_unordered(stream, w)));
+                assert_eq!(n as u64, CPU_ITEMS);
+            })
+        },
+    );
+    group.finish();
 }
 
 criterion_group!(group, benches);

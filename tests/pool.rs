@@ -242,6 +242,90 @@ fn process_ordered_keeps_input_order_and_unordered_loses_nothing() {
     });
 }
 
+/// Issue 18 #2: `process` hands items to the workers in batches sized to
+/// the time an item takes; slow items still run side by side: with two
+/// workers, two jobs sleep at once.
+#[test]
+fn slow_process_items_spread_over_the_workers() {
+    within(|| {
+        smol::block_on(async {
+            let clock = Arc::new(ManualClock::new());
+            let pool = WorkerPool::builder({
+                let clock = clock.clone();
+                move |x: u32| {
+                    let clock = clock.clone();
+                    async move {
+                        clock.sleep(Duration::from_millis(10)).await;
+                        Ok::<_, ()>(x)
+                    }
+                }
+            })
+            .with_workers(2)
+            // A window of 3 (the queue plus the workers): batches of one,
+            // whatever the measured time per item, so the test does not
+            // depend on how fast the machine is.
+            .with_capacity(1)
+            .build()
+            .unwrap();
+            let results = pool.process(futures_lite::stream::iter(0..6u32), false);
+            let collect = smol::spawn(results.map(|(x, r)| (x, r.unwrap())).collect::<Vec<_>>());
+            for _ in 0..3 {
+                clock.wait_for_sleepers(2).await;
+                clock.advance(Duration::from_millis(10));
+            }
+            let mut out: Vec<u32> = collect.await.into_iter().map(|(x, _)| x).collect();
+            out.sort();
+            assert_eq!(out, (0..6).collect::<Vec<_>>());
+        });
+    });
+}
+
+/// A panicking or failing item in a batch is that item's result; the rest
+/// of the batch runs, and a pool closed under a running `process` reports
+/// every item it did not run as `Closed`.
+#[test]
+fn process_reports_every_item_of_a_batch_whatever_happens_to_it() {
+    within(|| {
+        smol::block_on(async {
+            let pool = WorkerPool::builder(|x: u32| async move {
+                match x % 5 {
+                    1 => panic!("item {x}"),
+                    2 => Err(x),
+                    _ => Ok(x),
+                }
+            })
+            .with_workers(1)
+            .build()
+            .unwrap();
+            let out: Vec<_> = pool
+                .process(futures_lite::stream::iter(0..100u32), true)
+                .collect()
+                .await;
+            assert_eq!(out.len(), 100);
+            for (i, (x, r)) in out.into_iter().enumerate() {
+                assert_eq!(x, i as u32);
+                match x % 5 {
+                    1 => assert_eq!(r, Err(JobError::Panicked(format!("item {x}")))),
+                    2 => assert_eq!(r, Err(JobError::Failed(x))),
+                    _ => assert_eq!(r, Ok(x)),
+                }
+            }
+            assert_eq!(pool.stats().panicked, 20);
+            // Closed: what is fed afterwards comes back as `Closed`.
+            pool.close();
+            let out: Vec<_> = pool
+                .process(futures_lite::stream::iter(0..10u32), true)
+                .collect()
+                .await;
+            assert_eq!(out.len(), 10);
+            assert!(
+                out.iter().all(|(_, r)| *r == Err(JobError::Closed)),
+                "{out:?}"
+            );
+        });
+    });
+}
+
 // ---------------------------------------------------------------------------
 // MemoryQueue
 

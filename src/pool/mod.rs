@@ -25,6 +25,7 @@ mod checkpoint;
 mod dead_letter;
 mod error;
 mod pipeline;
+mod process;
 mod queue;
 mod worker_pool;
 
@@ -34,9 +35,10 @@ pub use error::{JobError, SubmitError, TrySubmitError};
 pub use pipeline::{
     Pipeline, PipelineControl, PipelineError, PipelineReport, Stage, StageKind, StageStats,
 };
+pub use process::Process;
 pub use queue::{
     Delivery, MemoryQueue, Nack, PushError, Queue, QueueDeadLetter, QueueError, QueueStats,
 };
-pub use worker_pool::{JobHandle, PoolStats, Process, Processed, WorkerPool, WorkerPoolBuilder};
+pub use worker_pool::{JobHandle, PoolStats, Processed, WorkerPool, WorkerPoolBuilder};
 
 pub(crate) use worker_pool::BoxFut;

@@ -1,6 +1,5 @@
 //! [`WorkerPool`]: N worker tasks pulling jobs from one bounded queue.
 
-use std::collections::BTreeMap;
 use std::fmt;
 use std::future::Future;
 use std::panic::AssertUnwindSafe;
@@ -8,19 +7,17 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_channel::{Receiver, Sender, TryRecvError, TrySendError};
 use event_listener::Event;
-use futures_lite::{FutureExt, Stream, StreamExt};
+use futures_lite::{FutureExt, Stream};
 
 use super::error::{JobError, SubmitError, TrySubmitError};
+use super::process::{self, Batch, Process};
 use crate::ConfigError;
-use crate::limit::{Semaphore, SemaphoreGuardArc};
 use crate::runtime::coop::Budget;
-use crate::runtime::{
-    Clock, JoinHandle, Spawn, SpawnExt, SystemClock, default_spawner, panic_message,
-};
+use crate::runtime::{Clock, Spawn, SpawnExt, SystemClock, default_spawner, panic_message};
 use crate::sync::oneshot;
 
 /// A boxed, sendable future with a lifetime.
@@ -75,7 +72,7 @@ pub type Processed<I, O, E> = (I, Result<O, JobError<E>>);
 /// ```
 pub struct WorkerPool<I, O, E> {
     shared: Arc<Shared<I, O, E>>,
-    tx: Sender<Job<I, O, E>>,
+    tx: Sender<Work<I, O, E>>,
 }
 
 impl<I, O, E> Clone for WorkerPool<I, O, E> {
@@ -116,7 +113,7 @@ struct Autoscale {
 }
 
 struct Shared<I, O, E> {
-    rx: Receiver<Job<I, O, E>>,
+    rx: Receiver<Work<I, O, E>>,
     handler: Handler<I, O, E>,
     spawner: Arc<dyn Spawn>,
     clock: Arc<dyn Clock>,
@@ -132,65 +129,38 @@ struct Shared<I, O, E> {
     retire: Event,
     /// Notified when a worker exits.
     exited: Event,
+    /// Workers waiting for work.
+    idle: AtomicUsize,
+    /// See [`Shared::item_nanos`].
+    item_nanos: AtomicU64,
 }
 
-struct Job<I, O, E> {
+/// What travels through the pool's queue: one submitted job, or a batch
+/// of a `process` call's items.
+pub(super) enum Work<I, O, E> {
+    One(Job<I, O, E>),
+    Batch(Batch<I, O, E>),
+}
+
+pub(super) struct Job<I, O, E> {
     item: I,
-    reply: Reply<I, O, E>,
+    reply: Reply<O, E>,
 }
 
-/// Where a job's result goes. Dropped without a result (the job was
-/// dropped unrun), it reports [`JobError::Cancelled`], so nothing is lost
-/// silently.
-enum Reply<I, O, E> {
-    Handle(Option<oneshot::Sender<Result<O, JobError<E>>>>),
-    Stream {
-        seq: u64,
-        item: Option<I>,
-        tx: Sender<Finished<I, O, E>>,
-        permit: Option<SemaphoreGuardArc>,
-    },
-}
+/// Where a submitted job's result goes. Dropped without a result (the job
+/// was dropped unrun), it reports [`JobError::Cancelled`], so nothing is
+/// lost silently.
+struct Reply<O, E>(Option<oneshot::Sender<Result<O, JobError<E>>>>);
 
-type Reorder<I, O, E> = (BTreeMap<u64, Finished<I, O, E>>, u64);
-
-struct Finished<I, O, E> {
-    seq: u64,
-    item: I,
-    result: Result<O, JobError<E>>,
-    _permit: Option<SemaphoreGuardArc>,
-}
-
-impl<I, O, E> Reply<I, O, E> {
+impl<O, E> Reply<O, E> {
     fn finish(&mut self, result: Result<O, JobError<E>>) {
-        match self {
-            Reply::Handle(tx) => {
-                if let Some(tx) = tx.take() {
-                    tx.send(result);
-                }
-            }
-            Reply::Stream {
-                seq,
-                item,
-                tx,
-                permit,
-            } => {
-                if let Some(item) = item.take() {
-                    // NOTE: unbounded, and bounded in practice by the
-                    // process window; an error means the consumer is gone.
-                    let _ = tx.try_send(Finished {
-                        seq: *seq,
-                        item,
-                        result,
-                        _permit: permit.take(),
-                    });
-                }
-            }
+        if let Some(tx) = self.0.take() {
+            tx.send(result);
         }
     }
 }
 
-impl<I, O, E> Drop for Reply<I, O, E> {
+impl<O, E> Drop for Reply<O, E> {
     fn drop(&mut self) {
         self.finish(Err(JobError::Cancelled));
     }
@@ -342,6 +312,8 @@ where
             panicked: AtomicU64::new(0),
             retire: Event::new(),
             exited: Event::new(),
+            idle: AtomicUsize::new(0),
+            item_nanos: AtomicU64::new(0),
         });
         for _ in 0..workers {
             Shared::start_worker(&shared);
@@ -370,9 +342,9 @@ where
         let (reply, handle) = oneshot::channel();
         let job = Job {
             item,
-            reply: Reply::Handle(Some(reply)),
+            reply: Reply(Some(reply)),
         };
-        match self.tx.send(job).await {
+        match self.tx.send(Work::One(job)).await {
             Ok(()) => {
                 self.after_submit();
                 Ok(JobHandle { rx: handle })
@@ -390,9 +362,9 @@ where
         let (reply, handle) = oneshot::channel();
         let job = Job {
             item,
-            reply: Reply::Handle(Some(reply)),
+            reply: Reply(Some(reply)),
         };
-        match self.tx.try_send(job) {
+        match self.tx.try_send(Work::One(job)) {
             Ok(()) => {
                 self.after_submit();
                 Ok(JobHandle { rx: handle })
@@ -441,40 +413,34 @@ where
     {
         let window =
             self.tx.capacity().unwrap_or(1024) + self.shared.target.load(Ordering::Relaxed).max(1);
-        let permits = Arc::new(Semaphore::new(window));
+        let workers = self.shared.target.load(Ordering::Relaxed).max(1);
         let (res_tx, res_rx) = async_channel::unbounded();
-        let tx = self.tx.clone();
-        let pool = self.clone();
-        let feeder = self.shared.spawner.spawn(async move {
-            let mut items = std::pin::pin!(items);
-            let mut seq = 0u64;
-            let mut budget = Budget::new();
-            while let Some(item) = items.next().await {
-                budget.tick().await;
-                // NOTE: the semaphore is never closed, so this cannot fail.
-                let permit = permits.acquire_arc().await.ok();
-                let job = Job {
-                    item: item.clone(),
-                    reply: Reply::Stream {
-                        seq,
-                        item: Some(item),
-                        tx: res_tx.clone(),
-                        permit,
-                    },
-                };
-                seq += 1;
-                if let Err(e) = tx.send(job).await {
-                    e.into_inner().reply.finish(Err(JobError::Closed));
-                } else {
-                    pool.after_submit();
-                }
+        let feeder = process::feed(self.clone(), items, window, workers, res_tx);
+        Process::new(res_rx, ordered, self.shared.spawner.spawn(feeder))
+    }
+
+    /// The average time of a `process` item so far, in nanoseconds.
+    pub(super) fn item_nanos(&self) -> u64 {
+        self.shared.item_nanos()
+    }
+
+    /// A sender into the pool's queue (for a batch handing half back).
+    pub(super) fn queue_sender(&self) -> Sender<Work<I, O, E>> {
+        self.tx.clone()
+    }
+
+    /// Queues a batch of a `process` call; hands it back if the pool is
+    /// closed.
+    pub(super) async fn submit_batch(&self, batch: Batch<I, O, E>) -> Result<(), Batch<I, O, E>> {
+        match self.tx.send(Work::Batch(batch)).await {
+            Ok(()) => {
+                self.after_submit();
+                Ok(())
             }
-        });
-        Process {
-            rx: Box::pin(res_rx),
-            reorder: ordered.then(|| (BTreeMap::new(), 0)),
-            budget: Budget::new(),
-            _feeder: feeder,
+            Err(e) => match e.into_inner() {
+                Work::Batch(b) => Err(b),
+                Work::One(_) => unreachable!("sent a batch"),
+            },
         }
     }
 
@@ -575,15 +541,19 @@ where
     }
 }
 
-impl<I, O, E> Job<I, O, E> {
-    fn into_item(mut self) -> I {
-        // The reply is dropped unsent, but the item is going back to the
-        // caller, so nothing is reported: disarm it first.
-        if let Reply::Handle(tx) = &mut self.reply {
-            // A dropped oneshot sender tells a receiver nobody holds.
-            drop(tx.take());
+impl<I, O, E> Work<I, O, E> {
+    /// The item of a submitted job refused by the queue.
+    fn into_item(self) -> I {
+        match self {
+            Work::One(mut job) => {
+                // The reply is dropped unsent, but the item is going back
+                // to the caller, so nothing is reported: disarm it first (a
+                // dropped oneshot sender tells a receiver nobody holds).
+                drop(job.reply.0.take());
+                job.item
+            }
+            Work::Batch(_) => unreachable!("only `submit` hands items back"),
         }
-        self.item
     }
 }
 
@@ -680,11 +650,12 @@ where
         }
     }
 
-    async fn wait(&self) -> Wake<Job<I, O, E>> {
+    async fn wait(&self) -> Wake<Work<I, O, E>> {
         let retire = self.retire.listen();
         if self.live.load(Ordering::Acquire) > self.target.load(Ordering::Acquire) {
             return Wake::Recheck;
         }
+        let _idle = Idle::enter(&self.idle);
         let recv = async {
             match self.rx.recv().await {
                 Ok(job) => Wake::Job(job),
@@ -707,10 +678,20 @@ where
         }
     }
 
-    async fn run(&self, mut job: Job<I, O, E>) {
+    async fn run(&self, work: Work<I, O, E>) {
+        match work {
+            Work::One(mut job) => {
+                let result = self.call(job.item).await;
+                job.reply.finish(result);
+            }
+            Work::Batch(batch) => self.run_batch(batch).await,
+        }
+    }
+
+    /// Runs the handler on one item, counted.
+    pub(super) async fn call(&self, item: I) -> Result<O, JobError<E>> {
         self.running.fetch_add(1, Ordering::Relaxed);
         let handler = &self.handler;
-        let item = job.item;
         let result = match AssertUnwindSafe(async move { handler(item).await })
             .catch_unwind()
             .await
@@ -732,7 +713,65 @@ where
             }
         };
         self.running.fetch_sub(1, Ordering::Relaxed);
-        job.reply.finish(result);
+        result
+    }
+
+    /// Runs a batch's items in order. A batch taking longer than expected
+    /// while another worker is idle hands half of what is left back to
+    /// the queue for it, so slow jobs still spread over the workers. The
+    /// time per item feeds the next batches' size.
+    async fn run_batch(&self, mut batch: Batch<I, O, E>) {
+        let start = Instant::now();
+        let mut ran = 0u64;
+        while batch.has_next() {
+            if ran % 4 == 3
+                && self.idle.load(Ordering::Acquire) > 0
+                && start.elapsed() >= process::SPLIT_AFTER
+                && let Some(half) = batch.split()
+                && let Err(
+                    TrySendError::Full(Work::Batch(half)) | TrySendError::Closed(Work::Batch(half)),
+                ) = batch.requeue().try_send(Work::Batch(half))
+            {
+                batch.rejoin(half);
+            }
+            let item = batch.start();
+            let result = self.call(item).await;
+            batch.finish(result);
+            ran += 1;
+        }
+        let per_item = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX) / ran.max(1);
+        // A moving average: a quarter of the new sample.
+        let _ = self
+            .item_nanos
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |avg| {
+                Some(if avg == 0 {
+                    per_item.max(1)
+                } else {
+                    (avg - avg / 4 + per_item / 4).max(1)
+                })
+            });
+    }
+
+    /// The average time of a `process` item, in nanoseconds (0 before the
+    /// first batch).
+    pub(super) fn item_nanos(&self) -> u64 {
+        self.item_nanos.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a worker waiting for work while it waits.
+struct Idle<'a>(&'a AtomicUsize);
+
+impl<'a> Idle<'a> {
+    fn enter(idle: &'a AtomicUsize) -> Self {
+        idle.fetch_add(1, Ordering::AcqRel);
+        Idle(idle)
+    }
+}
+
+impl Drop for Idle<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -783,67 +822,6 @@ impl<O, E> fmt::Debug for JobHandle<O, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("JobHandle")
             .field("finished", &self.is_finished())
-            .finish()
-    }
-}
-
-/// The stream returned by [`WorkerPool::process`].
-#[must_use = "streams do nothing unless polled"]
-pub struct Process<I, O, E> {
-    rx: Pin<Box<Receiver<Finished<I, O, E>>>>,
-    /// Finished results waiting for their turn, and the next turn.
-    reorder: Option<Reorder<I, O, E>>,
-    budget: Budget,
-    _feeder: JoinHandle<()>,
-}
-
-impl<I, O, E> Stream for Process<I, O, E> {
-    type Item = Processed<I, O, E>;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        let this = &mut *self;
-        // A consumer that always finds a result ready yields now and then.
-        if this.budget.poll_proceed(cx).is_pending() {
-            return Poll::Pending;
-        }
-        loop {
-            if let Some((buf, next)) = &mut this.reorder
-                && let Some(done) = buf.remove(next)
-            {
-                *next += 1;
-                return Poll::Ready(Some((done.item, done.result)));
-            }
-            match this.rx.as_mut().poll_next(cx) {
-                Poll::Ready(Some(done)) => match &mut this.reorder {
-                    None => return Poll::Ready(Some((done.item, done.result))),
-                    Some((buf, _)) => {
-                        buf.insert(done.seq, done);
-                    }
-                },
-                // Every sender is gone: the feeder finished and every job
-                // reported. Anything still buffered is out of order only if
-                // a sequence number was never reported, which `Reply`'s
-                // drop rules out; flush it in order anyway.
-                Poll::Ready(None) => {
-                    return Poll::Ready(this.reorder.as_mut().and_then(|(buf, next)| {
-                        let (seq, done) = buf.pop_first()?;
-                        *next = seq + 1;
-                        Some((done.item, done.result))
-                    }));
-                }
-                Poll::Pending => {
-                    this.budget.reset();
-                    return Poll::Pending;
-                }
-            }
-        }
-    }
-}
-
-impl<I, O, E> fmt::Debug for Process<I, O, E> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Process")
-            .field("ordered", &self.reorder.is_some())
             .finish()
     }
 }

@@ -131,6 +131,27 @@ impl SemaphoreGuardArc {
     pub fn forget(mut self) {
         forget_permits(&self.sem, std::mem::take(&mut self.permits));
     }
+
+    /// Takes `other`'s permits into this guard, if both are of the same
+    /// semaphore; else hands `other` back.
+    pub(crate) fn merge(&mut self, mut other: SemaphoreGuardArc) -> Result<(), SemaphoreGuardArc> {
+        if !std::sync::Arc::ptr_eq(&self.sem, &other.sem) {
+            return Err(other);
+        }
+        self.permits += std::mem::take(&mut other.permits);
+        Ok(())
+    }
+
+    /// Moves `n` of this guard's permits (all of them if it holds fewer)
+    /// into a new guard; each returns its own on drop.
+    pub fn split(&mut self, n: usize) -> SemaphoreGuardArc {
+        let n = n.min(self.permits);
+        self.permits -= n;
+        SemaphoreGuardArc {
+            sem: self.sem.clone(),
+            permits: n,
+        }
+    }
 }
 
 impl Drop for SemaphoreGuardArc {
