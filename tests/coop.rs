@@ -28,12 +28,12 @@ const N: usize = 10_000;
 
 /// The most items a busy loop may take before a timeout around it fires:
 /// one budget before the timer is seen as due, one more before the timer
-/// is polled again (the crate's budget is 128 items).
-const TIMEOUT_BOUND: usize = 2 * 128 + 2;
+/// is polled again (the crate's budget is 256 items).
+const TIMEOUT_BOUND: usize = 2 * 256 + 2;
 
 /// The most items the busy tasks together may handle between two turns of
 /// a task that only yields: a budget for each of up to four busy tasks.
-const GAP_BOUND: usize = 4 * 128 + 4;
+const GAP_BOUND: usize = 4 * 256 + 4;
 
 type Ex = Arc<smol::Executor<'static>>;
 

@@ -18,7 +18,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 /// Ready items a source hands out in a row before it yields once.
-pub(crate) const BUDGET: u32 = 128;
+///
+/// NOTE: 256, not tokio's 128: a yield costs a trip through the executor,
+/// and on a consumer that drains ready events doing nothing else
+/// (callgrind, 200k events through a `Subscriber` on `smol::block_on`)
+/// the budget cost 3.7% of the instructions at 128 and 1.9% at 256.
+pub(crate) const BUDGET: u32 = 256;
 
 /// Counts ready items in a row; see the [module docs](self).
 #[derive(Debug, Clone, Copy)]
@@ -41,6 +46,7 @@ impl Budget {
     /// Call before handing out a ready item: `Ready` while the budget
     /// lasts; once it is spent, wakes the task and returns `Pending` (and
     /// starts a new budget), so the caller returns `Pending` too.
+    #[inline]
     pub(crate) fn poll_proceed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
         if self.spend() {
             Poll::Ready(())
@@ -52,6 +58,7 @@ impl Budget {
 
     /// Spends one item; `false` when the budget is spent (it starts over),
     /// and the caller should yield.
+    #[inline]
     pub(crate) fn spend(&mut self) -> bool {
         if self.left == 0 {
             self.left = BUDGET;
@@ -64,12 +71,14 @@ impl Budget {
 
     /// The source had nothing ready (it returned `Pending` on its own): the
     /// streak is over.
+    #[inline]
     pub(crate) fn reset(&mut self) {
         self.left = BUDGET;
     }
 
     /// For async loops: spends one item and, when the budget is spent,
     /// yields to the executor once.
+    #[inline]
     pub(crate) fn tick(&mut self) -> Tick {
         Tick {
             yield_now: !self.spend(),
