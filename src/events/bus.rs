@@ -142,7 +142,10 @@ pub struct SubscriberStats {
     pub name: String,
     /// Its pattern.
     pub pattern: String,
-    /// Events waiting in its queue.
+    /// Events waiting in its queue. A reader lowers this count every 32
+    /// events it hands out (and whenever it has read all), so while it
+    /// reads it may show up to 31 more than
+    /// [`Subscriber::len`](super::Subscriber::len).
     pub queued: usize,
     /// Events queued for it in total.
     pub delivered: u64,

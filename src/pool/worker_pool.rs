@@ -92,7 +92,8 @@ pub struct PoolStats {
     pub workers: usize,
     /// The number of workers the pool is steering towards.
     pub target_workers: usize,
-    /// Jobs waiting in the queue.
+    /// Queue slots taken: a submitted job each, or a batch of a
+    /// [`process`](WorkerPool::process) call's items (up to 64).
     pub queued: usize,
     /// Jobs being run right now.
     pub running: usize,
@@ -223,7 +224,8 @@ where
         self
     }
 
-    /// Items the queue holds before `submit` waits.
+    /// Slots the queue holds before `submit` waits: one per submitted
+    /// job; a [`process`](WorkerPool::process) batch of items takes one.
     pub fn with_capacity(mut self, capacity: usize) -> Self {
         self.capacity = capacity;
         self
@@ -259,7 +261,8 @@ where
         self
     }
 
-    /// Queue depth above which an autoscaling pool adds a worker.
+    /// Queue depth (in slots, see [`PoolStats::queued`]) above which an
+    /// autoscaling pool adds a worker.
     pub fn with_scale_up_at(mut self, depth: usize) -> Self {
         self.scale_up_at = Some(depth);
         self
