@@ -282,9 +282,10 @@ impl<C, H> Retry<C, H> {
         let deadline = start
             .zip(self.max_elapsed)
             .and_then(|(s, d)| s.checked_add(d));
-        // NOTE: the schedule is copied only when a retry needs it: an
-        // attempt that succeeds at once pays no clone.
-        let mut backoff: Option<Backoff> = None;
+        // NOTE: the schedule is copied only when a retry needs it, and
+        // boxed: an attempt that succeeds at once pays no clone, and the
+        // future stays small (it is moved into place by every caller).
+        let mut backoff: Option<Box<Backoff>> = None;
         if let Some(budget) = &self.budget {
             budget.deposit();
         }
@@ -306,7 +307,7 @@ impl<C, H> Retry<C, H> {
                 return stop(Stop::Permanent, outcome);
             }
             let backoff = backoff.get_or_insert_with(|| {
-                let mut b = self.backoff.clone();
+                let mut b = Box::new(self.backoff.clone());
                 b.reset();
                 b
             });
