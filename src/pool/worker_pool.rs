@@ -694,29 +694,37 @@ where
     /// Runs the handler on one item, counted.
     pub(super) async fn call(&self, item: I) -> Result<O, JobError<E>> {
         self.running.fetch_add(1, Ordering::Relaxed);
+        let mut tally = Tally::new(self);
+        let result = self.handle(item, &mut tally).await;
+        drop(tally);
+        self.running.fetch_sub(1, Ordering::Relaxed);
+        result
+    }
+
+    /// Runs the handler on one item, catching a panic; counts the outcome
+    /// in `tally`.
+    async fn handle(&self, item: I, tally: &mut Tally<'_, I, O, E>) -> Result<O, JobError<E>> {
         let handler = &self.handler;
-        let result = match AssertUnwindSafe(async move { handler(item).await })
+        match AssertUnwindSafe(async move { handler(item).await })
             .catch_unwind()
             .await
         {
             Ok(Ok(v)) => {
-                self.completed.fetch_add(1, Ordering::Relaxed);
+                tally.completed += 1;
                 Ok(v)
             }
             Ok(Err(e)) => {
-                self.failed.fetch_add(1, Ordering::Relaxed);
+                tally.failed += 1;
                 Err(JobError::Failed(e))
             }
             Err(payload) => {
                 let msg = panic_message(payload);
                 tracing::warn!(pool = %self.name, panic = %msg, "job panicked; worker carries on");
-                self.failed.fetch_add(1, Ordering::Relaxed);
-                self.panicked.fetch_add(1, Ordering::Relaxed);
+                tally.failed += 1;
+                tally.panicked += 1;
                 Err(JobError::Panicked(msg))
             }
-        };
-        self.running.fetch_sub(1, Ordering::Relaxed);
-        result
+        }
     }
 
     /// Runs a batch's items in order. A batch taking longer than expected
@@ -726,6 +734,10 @@ where
     async fn run_batch(&self, mut batch: Batch<I, O, E>) {
         let start = Instant::now();
         let mut ran = 0u64;
+        // NOTE: counted once per batch, not per item: the counters are
+        // shared by every worker.
+        self.running.fetch_add(1, Ordering::Relaxed);
+        let mut tally = Tally::new(self);
         while batch.has_next() {
             if ran % 4 == 3
                 && self.idle.load(Ordering::Acquire) > 0
@@ -738,10 +750,12 @@ where
                 batch.rejoin(half);
             }
             let item = batch.start();
-            let result = self.call(item).await;
+            let result = self.handle(item, &mut tally).await;
             batch.finish(result);
             ran += 1;
         }
+        drop(tally);
+        self.running.fetch_sub(1, Ordering::Relaxed);
         let per_item = u64::try_from(start.elapsed().as_nanos()).unwrap_or(u64::MAX) / ran.max(1);
         // A moving average: a quarter of the new sample.
         let _ = self
@@ -759,6 +773,41 @@ where
     /// first batch).
     pub(super) fn item_nanos(&self) -> u64 {
         self.item_nanos.load(Ordering::Relaxed)
+    }
+}
+
+/// Outcomes counted locally and added to the pool's counters once, when
+/// dropped (also when the worker is dropped mid-batch).
+struct Tally<'a, I, O, E> {
+    shared: &'a Shared<I, O, E>,
+    completed: u64,
+    failed: u64,
+    panicked: u64,
+}
+
+impl<'a, I, O, E> Tally<'a, I, O, E> {
+    fn new(shared: &'a Shared<I, O, E>) -> Self {
+        Tally {
+            shared,
+            completed: 0,
+            failed: 0,
+            panicked: 0,
+        }
+    }
+}
+
+impl<I, O, E> Drop for Tally<'_, I, O, E> {
+    fn drop(&mut self) {
+        let s = self.shared;
+        for (counter, n) in [
+            (&s.completed, self.completed),
+            (&s.failed, self.failed),
+            (&s.panicked, self.panicked),
+        ] {
+            if n > 0 {
+                counter.fetch_add(n, Ordering::Relaxed);
+            }
+        }
     }
 }
 
