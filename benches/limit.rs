@@ -208,6 +208,14 @@ fn rate_check(c: &mut Criterion) {
     group.bench_function("smolkit_rejecting", |b| {
         b.iter(|| ours_dry.check(1).unwrap_err())
     });
+    let coarse_dry = RateLimiter::with_clock(
+        Quota::new(1, Duration::from_secs(3600)).unwrap(),
+        std::sync::Arc::new(smolkit::runtime::CoarseClock::global()),
+    );
+    let _ = coarse_dry.check(1);
+    group.bench_function("smolkit_coarse_clock_rejecting", |b| {
+        b.iter(|| coarse_dry.check(1).unwrap_err())
+    });
     let gov_dry = governor::RateLimiter::direct(governor::Quota::per_hour(NonZeroU32::MIN));
     let _ = gov_dry.check();
     group.bench_function("governor_rejecting", |b| {
