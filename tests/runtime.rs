@@ -577,6 +577,25 @@ fn cpu_pool_never_runs_more_closures_than_its_limit() {
     assert_eq!(peak.load(Ordering::SeqCst), 2);
 }
 
+/// Occupies a one-thread pool with a closure that runs until the returned
+/// sender is used; returns once it has started (told by the closure).
+fn occupy(pool: &CpuPool) -> (mpsc::Sender<()>, smol::Task<Result<(), OffloadError>>) {
+    let (gate_tx, gate_rx) = mpsc::channel::<()>();
+    let (started_tx, started_rx) = mpsc::channel::<()>();
+    let pool = pool.clone();
+    let task = smol::spawn(async move {
+        pool.run(move || {
+            started_tx.send(()).unwrap();
+            gate_rx.recv().unwrap()
+        })
+        .await
+    });
+    started_rx
+        .recv_timeout(Duration::from_secs(20))
+        .expect("the occupying closure started");
+    (gate_tx, task)
+}
+
 /// Issue 18 #7: CPU work runs on the pool's own threads, started once and
 /// kept (not on the elastic blocking pool), never more of them than the
 /// limit, in the order it was submitted.
@@ -603,16 +622,7 @@ fn cpu_work_runs_in_order_on_the_pools_own_kept_threads() {
     // One thread: closures queued together run in submission order.
     let one = CpuPool::new(NonZeroUsize::MIN);
     let order = Arc::new(Mutex::new(Vec::new()));
-    let (gate_tx, gate_rx) = mpsc::channel::<()>();
-    let blocker = {
-        let one = one.clone();
-        smol::spawn(async move { one.run(move || gate_rx.recv().unwrap()).await })
-    };
-    within(async {
-        while one.running() == 0 {
-            async_io::Timer::after(Duration::from_millis(1)).await;
-        }
-    });
+    let (gate_tx, blocker) = occupy(&one);
     let queued: Vec<_> = (0..10)
         .map(|i| {
             let (one, order) = (one.clone(), order.clone());
@@ -638,17 +648,8 @@ fn cpu_work_runs_in_order_on_the_pools_own_kept_threads() {
 #[test]
 fn a_cpu_closure_dropped_while_queued_never_runs() {
     let pool = CpuPool::new(NonZeroUsize::MIN);
-    let (gate_tx, gate_rx) = mpsc::channel::<()>();
     let ran = Arc::new(AtomicUsize::new(0));
-    let blocker = {
-        let pool = pool.clone();
-        smol::spawn(async move { pool.run(move || gate_rx.recv().unwrap()).await })
-    };
-    within(async {
-        while pool.running() == 0 {
-            async_io::Timer::after(Duration::from_millis(1)).await;
-        }
-    });
+    let (gate_tx, blocker) = occupy(&pool);
     {
         let ran = ran.clone();
         let mut queued = Box::pin(pool.run(move || ran.fetch_add(1, Ordering::SeqCst)));
