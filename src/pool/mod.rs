@@ -27,6 +27,7 @@ mod error;
 mod pipeline;
 mod process;
 mod queue;
+mod worker;
 mod worker_pool;
 
 pub use checkpoint::{Checkpoint, CheckpointError, FileCheckpoint, MemoryCheckpoint};
