@@ -19,6 +19,37 @@ use smolkit::events::Bus;
 const EVENTS: u64 = 100_000;
 const CAPACITY: usize = 1024;
 
+/// `EVENTS` events to `k` subscribers, each counting on its own task of
+/// `ex`: one `emit` per event (`batch` 1) or `emit_many` of `batch`.
+fn bus_fan_out(ex: &smol::Executor<'static>, k: usize, batch: u64) {
+    let bus = Bus::<u64>::builder()
+        .with_capacity(CAPACITY)
+        .build()
+        .unwrap();
+    let tasks: Vec<_> = (0..k)
+        .map(|_| {
+            let sub = bus.subscribe("ticks.#").unwrap();
+            ex.spawn(sub.count())
+        })
+        .collect();
+    smol::block_on(ex.run(async {
+        for start in (0..EVENTS).step_by(batch as usize) {
+            if batch == 1 {
+                bus.emit("ticks.eu", start).await.unwrap();
+            } else {
+                bus.emit_many("ticks.eu", start..(start + batch).min(EVENTS))
+                    .await
+                    .unwrap();
+            }
+        }
+        bus.shutdown().await;
+        drop(bus);
+        for t in tasks {
+            assert_eq!(t.await as u64, EVENTS);
+        }
+    }));
+}
+
 fn fanout(c: &mut Criterion) {
     let mut group = c.benchmark_group("bus_fanout");
     group.throughput(Throughput::Elements(EVENTS));
@@ -37,59 +68,12 @@ fn fanout(c: &mut Criterion) {
 
     for subs in [1usize, 4, 16] {
         group.bench_with_input(BenchmarkId::new("smolkit_bus", subs), &subs, |b, &k| {
-            b.iter(|| {
-                let bus = Bus::<u64>::builder()
-                    .with_capacity(CAPACITY)
-                    .build()
-                    .unwrap();
-                let tasks: Vec<_> = (0..k)
-                    .map(|_| {
-                        let sub = bus.subscribe("ticks.#").unwrap();
-                        ex.spawn(sub.count())
-                    })
-                    .collect();
-                smol::block_on(ex.run(async {
-                    for i in 0..EVENTS {
-                        bus.emit("ticks.eu", i).await.unwrap();
-                    }
-                    bus.shutdown().await;
-                    drop(bus);
-                    for t in tasks {
-                        assert_eq!(t.await as u64, EVENTS);
-                    }
-                }));
-            })
+            b.iter(|| bus_fan_out(&ex, k, 1))
         });
-
         group.bench_with_input(
             BenchmarkId::new("smolkit_bus_emit_many_64", subs),
             &subs,
-            |b, &k| {
-                b.iter(|| {
-                    let bus = Bus::<u64>::builder()
-                        .with_capacity(CAPACITY)
-                        .build()
-                        .unwrap();
-                    let tasks: Vec<_> = (0..k)
-                        .map(|_| {
-                            let sub = bus.subscribe("ticks.#").unwrap();
-                            ex.spawn(sub.count())
-                        })
-                        .collect();
-                    smol::block_on(ex.run(async {
-                        for start in (0..EVENTS).step_by(64) {
-                            bus.emit_many("ticks.eu", start..(start + 64).min(EVENTS))
-                                .await
-                                .unwrap();
-                        }
-                        bus.shutdown().await;
-                        drop(bus);
-                        for t in tasks {
-                            assert_eq!(t.await as u64, EVENTS);
-                        }
-                    }));
-                })
-            },
+            |b, &k| b.iter(|| bus_fan_out(&ex, k, 64)),
         );
 
         group.bench_with_input(BenchmarkId::new("async_broadcast", subs), &subs, |b, &k| {

@@ -16,7 +16,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{
+    BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
+};
 use futures_lite::StreamExt;
 use smolkit::pool::{Pipeline, Stage, WorkerPool};
 use smolkit::runtime::{Runtime, Spawn};
@@ -35,6 +38,54 @@ fn runtime() -> Runtime {
         .unwrap()
 }
 
+/// Two rows of `group`: `items` items through `WorkerPool::process` with
+/// `workers` workers on `rt`, and through futures' `buffer_unordered` with
+/// as many in flight on the calling thread; each item is `work(x)`.
+fn pool_and_buffer_unordered<W>(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    rt: &Runtime,
+    spawner: &Arc<dyn Spawn>,
+    workers: usize,
+    items: u64,
+    work: W,
+) where
+    W: Fn(u64) -> u64 + Copy + Send + Sync + 'static,
+{
+    let pool = WorkerPool::builder(move |x: u64| async move { Ok::<_, ()>(work(x)) })
+        .with_workers(workers)
+        .with_capacity(1024)
+        .with_spawner(spawner.clone())
+        .build()
+        .unwrap();
+    group.bench_with_input(
+        BenchmarkId::new("smolkit_process", workers),
+        &workers,
+        |b, _| {
+            b.iter(|| {
+                let n = rt.block_on(
+                    pool.process(futures_lite::stream::iter(0..items), false)
+                        .count(),
+                );
+                assert_eq!(n as u64, items);
+            })
+        },
+    );
+    group.bench_with_input(
+        BenchmarkId::new("buffer_unordered", workers),
+        &workers,
+        |b, &w| {
+            use futures_util::StreamExt as Fu;
+            b.iter(|| {
+                let stream = Fu::map(futures_util::stream::iter(0..items), move |x| async move {
+                    Ok::<_, ()>(work(x))
+                });
+                let n = smol::block_on(Fu::count(Fu::buffer_unordered(stream, w)));
+                assert_eq!(n as u64, items);
+            })
+        },
+    );
+}
+
 fn worker_pool(c: &mut Criterion) {
     let mut group = c.benchmark_group("worker_pool");
     group.throughput(Throughput::Elements(ITEMS));
@@ -48,40 +99,7 @@ fn worker_pool(c: &mut Criterion) {
         .unwrap();
 
     for workers in [2usize, 8] {
-        let pool = WorkerPool::builder(|x: u64| async move { Ok::<_, ()>(x) })
-            .with_workers(workers)
-            .with_capacity(1024)
-            .with_spawner(spawner.clone())
-            .build()
-            .unwrap();
-        group.bench_with_input(
-            BenchmarkId::new("smolkit_process", workers),
-            &workers,
-            |b, _| {
-                b.iter(|| {
-                    let n = rt.block_on(
-                        pool.process(futures_lite::stream::iter(0..ITEMS), false)
-                            .count(),
-                    );
-                    assert_eq!(n as u64, ITEMS);
-                })
-            },
-        );
-
-        group.bench_with_input(
-            BenchmarkId::new("buffer_unordered", workers),
-            &workers,
-            |b, &w| {
-                use futures_util::StreamExt as Fu;
-                b.iter(|| {
-                    let stream = Fu::map(futures_util::stream::iter(0..ITEMS), |x| async move {
-                        Ok::<_, ()>(x)
-                    });
-                    let n = smol::block_on(Fu::count(Fu::buffer_unordered(stream, w)));
-                    assert_eq!(n as u64, ITEMS);
-                })
-            },
-        );
+        pool_and_buffer_unordered(&mut group, &rt, &spawner, workers, ITEMS, |x| x);
 
         group.bench_with_input(
             BenchmarkId::new("tokio_mpsc_pool", workers),
@@ -204,40 +222,9 @@ fn worker_pool_cpu(c: &mut Criterion) {
     group.measurement_time(Duration::from_secs(8));
     let rt = runtime();
     let spawner: Arc<dyn Spawn> = Arc::new(rt.handle());
-    let workers = 2usize;
-    let pool = WorkerPool::builder(move |x: u64| async move { Ok::<_, ()>(spin(rounds) ^ x) })
-        .with_workers(workers)
-        .with_capacity(1024)
-        .with_spawner(spawner)
-        .build()
-        .unwrap();
-    group.bench_with_input(
-        BenchmarkId::new("smolkit_process", workers),
-        &workers,
-        |b, _| {
-            b.iter(|| {
-                let n = rt.block_on(
-                    pool.process(futures_lite::stream::iter(0..CPU_ITEMS), false)
-                        .count(),
-                );
-                assert_eq!(n as u64, CPU_ITEMS);
-            })
-        },
-    );
-    group.bench_with_input(
-        BenchmarkId::new("buffer_unordered", workers),
-        &workers,
-        |b, &w| {
-            use futures_util::StreamExt as Fu;
-            b.iter(|| {
-                let stream = Fu::map(futures_util::stream::iter(0..CPU_ITEMS), |x| async move {
-                    Ok::<_, ()>(spin(rounds) ^ x)
-                });
-                let n = smol::block_on(Fu::count(Fu::buffer_unordered(stream, w)));
-                assert_eq!(n as u64, CPU_ITEMS);
-            })
-        },
-    );
+    pool_and_buffer_unordered(&mut group, &rt, &spawner, 2, CPU_ITEMS, move |x| {
+        spin(rounds) ^ x
+    });
     group.finish();
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_lite::{StreamExt, future};
+use futures_lite::{Stream, StreamExt, future};
 use smolkit::events::{Bus, SubscribeOptions};
 use smolkit::pool::{Pipeline, Stage, WorkerPool};
 use smolkit::resilience::timeout_on;
@@ -60,10 +60,10 @@ async fn until(what: &str, cond: impl Fn() -> bool) {
     panic!("never saw {what}");
 }
 
-/// Times `busy` out after 10 ms on a manual clock that a task beside it
-/// moves as soon as the timeout waits; returns what `busy` counted in
-/// `taken` and whether the timeout fired.
-async fn timed_out(ex: &Ex, taken: &AtomicUsize, busy: impl Future<Output = ()>) -> (bool, usize) {
+/// Reads `items` in a loop that a 10 ms timeout on a manual clock cuts
+/// short (a task beside it moves the clock as soon as the timeout waits);
+/// returns whether the timeout fired and how many items the loop took.
+async fn timed_out<S: Stream + Unpin>(ex: &Ex, mut items: S) -> (bool, usize) {
     let clock = Arc::new(ManualClock::new());
     let mover = ex.spawn({
         let clock = clock.clone();
@@ -72,9 +72,29 @@ async fn timed_out(ex: &Ex, taken: &AtomicUsize, busy: impl Future<Output = ()>)
             clock.advance(Duration::from_millis(10));
         }
     });
-    let out = timeout_on(&*clock, Duration::from_millis(10), busy).await;
+    let mut taken = 0;
+    let busy = async {
+        while items.next().await.is_some() {
+            taken += 1;
+        }
+    };
+    let fired = timeout_on(&*clock, Duration::from_millis(10), busy)
+        .await
+        .is_err();
     drop(mover);
-    (out.is_err(), taken.load(Ordering::Relaxed))
+    (fired, taken)
+}
+
+/// The timeout fired, within [`TIMEOUT_BOUND`] items.
+fn assert_fired((fired, taken): (bool, usize), what: &str) {
+    assert!(
+        fired,
+        "the timeout never fired: the loop took all {taken} {what}"
+    );
+    assert!(
+        taken <= TIMEOUT_BOUND,
+        "{taken} {what} taken before the timeout fired"
+    );
 }
 
 /// Runs `busy` beside a task that only yields (started first), and returns
@@ -110,62 +130,36 @@ async fn largest_gap(ex: &Ex, progress: Arc<AtomicUsize>, busy: impl Future<Outp
 
 #[test]
 fn a_timeout_around_a_busy_process_loop_fires() {
-    let (fired, taken) = one_thread(|ex| async move {
+    let out = one_thread(|ex| async move {
         let pool = WorkerPool::builder(|x: usize| async move { Ok::<_, ()>(x) })
             .with_workers(1)
             .with_capacity(2 * N)
             .with_spawner(ex.clone())
             .build()
             .unwrap();
-        let mut results = pool.process(futures_lite::stream::iter(0..N), false);
+        let results = pool.process(futures_lite::stream::iter(0..N), false);
         until("every job done", || pool.stats().completed == N as u64).await;
-        let taken = AtomicUsize::new(0);
-        let busy = async {
-            while results.next().await.is_some() {
-                taken.fetch_add(1, Ordering::Relaxed);
-            }
-        };
-        timed_out(&ex, &taken, busy).await
+        timed_out(&ex, results).await
     });
-    assert!(
-        fired,
-        "the timeout never fired: the loop took all {taken} results"
-    );
-    assert!(
-        taken <= TIMEOUT_BOUND,
-        "{taken} results taken before the timeout fired"
-    );
+    assert_fired(out, "results");
 }
 
 #[test]
 fn a_timeout_around_a_busy_subscriber_fires() {
-    let (fired, taken) = one_thread(|ex| async move {
+    let out = one_thread(|ex| async move {
         let bus = Bus::<usize>::builder()
             .with_spawner(ex.clone())
             .build()
             .unwrap();
-        let mut sub = bus
+        let sub = bus
             .subscribe_with("t", SubscribeOptions::new().with_capacity(2 * N))
             .unwrap();
         for i in 0..N {
             bus.try_emit("t", i).unwrap();
         }
-        let taken = AtomicUsize::new(0);
-        let busy = async {
-            while sub.next().await.is_some() {
-                taken.fetch_add(1, Ordering::Relaxed);
-            }
-        };
-        timed_out(&ex, &taken, busy).await
+        timed_out(&ex, sub).await
     });
-    assert!(
-        fired,
-        "the timeout never fired: the loop took all {taken} events"
-    );
-    assert!(
-        taken <= TIMEOUT_BOUND,
-        "{taken} events taken before the timeout fired"
-    );
+    assert_fired(out, "events");
 }
 
 #[test]
