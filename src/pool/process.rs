@@ -16,7 +16,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use async_channel::{Receiver, Sender};
+use async_channel::{Receiver, Sender, TrySendError, WeakSender};
 use futures_lite::{Stream, StreamExt, future};
 
 use super::error::JobError;
@@ -71,7 +71,6 @@ pub(super) struct Batch<I, O, E> {
     since: Instant,
     permit: Option<SemaphoreGuardArc>,
     tx: Sender<Vec<Finished<I, O, E>>>,
-    requeue: Sender<Work<I, O, E>>,
     clone: fn(&I) -> I,
     /// What the items never run are reported as.
     unrun: fn() -> JobError<E>,
@@ -80,11 +79,6 @@ pub(super) struct Batch<I, O, E> {
 impl<I, O, E> Batch<I, O, E> {
     pub(super) fn has_next(&self) -> bool {
         !self.items.is_empty()
-    }
-
-    /// The sender to hand a split-off half back to the queue with.
-    pub(super) fn requeue(&self) -> &Sender<Work<I, O, E>> {
-        &self.requeue
     }
 
     /// Takes the next item to run (a copy stays for its result).
@@ -126,29 +120,30 @@ impl<I, O, E> Batch<I, O, E> {
         }
     }
 
-    /// The back half of the items not started, with their permits, as a
-    /// batch of its own (`None` with fewer than two left).
-    pub(super) fn split(&mut self) -> Option<Batch<I, O, E>> {
+    /// Hands the back half of the items not started, with their permits,
+    /// to the queue as a batch of its own (for an idle worker); keeps them
+    /// if fewer than two are left or the queue has no room.
+    pub(super) fn hand_half_back(&mut self, queue: &WeakSender<Work<I, O, E>>) {
         let n = self.items.len() / 2;
-        if n == 0 {
-            return None;
-        }
-        let items = self.items.split_off(self.items.len() - n);
-        Some(Batch {
-            items,
+        let Some(queue) = queue.upgrade().filter(|_| n > 0) else {
+            return;
+        };
+        let half = Batch {
+            items: self.items.split_off(self.items.len() - n),
             current: None,
             done: Vec::new(),
             since: Instant::now(),
             permit: self.permit.as_mut().map(|p| p.split(n)),
             tx: self.tx.clone(),
-            requeue: self.requeue.clone(),
             clone: self.clone,
             unrun: self.unrun,
-        })
-    }
-
-    /// Takes back a split-off half the queue had no room for.
-    pub(super) fn rejoin(&mut self, mut half: Batch<I, O, E>) {
+        };
+        let mut half = match queue.try_send(Work::Batch(half)) {
+            Ok(()) => return,
+            Err(TrySendError::Full(Work::Batch(h)) | TrySendError::Closed(Work::Batch(h))) => h,
+            Err(_) => unreachable!("sent a batch"),
+        };
+        // Taken back: the items, and the permits into this batch's guard.
         self.items.append(&mut half.items);
         if let Some(theirs) = half.permit.take() {
             match &mut self.permit {
@@ -244,7 +239,6 @@ pub(super) async fn feed<I, O, E, S>(
             since: Instant::now(),
             permit,
             tx: res_tx.clone(),
-            requeue: pool.queue_sender(),
             clone: I::clone,
             unrun: || JobError::Cancelled,
         };
@@ -339,5 +333,50 @@ impl<I, O, E> fmt::Debug for Process<I, O, E> {
             .field("ordered", &self.reorder.is_some())
             .field("ready", &self.ready.len())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    type W = Work<u32, u32, ()>;
+
+    fn batch(n: u32, sem: &Arc<Semaphore>) -> Batch<u32, u32, ()> {
+        Batch {
+            items: (0..n).map(|i| (u64::from(i), i)).collect(),
+            current: None,
+            done: Vec::new(),
+            since: Instant::now(),
+            permit: sem.try_acquire_many_arc(n as usize).ok(),
+            tx: async_channel::unbounded().0,
+            clone: u32::clone,
+            unrun: || JobError::Cancelled,
+        }
+    }
+
+    #[test]
+    fn half_a_batch_goes_back_to_the_queue_with_its_permits_or_stays_whole() {
+        let sem = Arc::new(Semaphore::new(16));
+        let (tx, rx) = async_channel::bounded::<W>(1);
+        let queue = tx.downgrade();
+        let mut b = batch(5, &sem);
+        b.hand_half_back(&queue);
+        let Ok(Work::Batch(mut half)) = rx.try_recv() else {
+            panic!("no half in the queue")
+        };
+        let seqs = |b: &Batch<u32, u32, ()>| b.items.iter().map(|(s, _)| *s).collect::<Vec<_>>();
+        assert_eq!((seqs(&b), seqs(&half)), (vec![0, 1, 2], vec![3, 4]));
+        let permits = |b: &Batch<u32, u32, ()>| b.permit.as_ref().map_or(0, |p| p.permits());
+        assert_eq!((permits(&b), permits(&half)), (3, 2));
+        // A full queue: the half comes back, permits and all.
+        tx.try_send(Work::Batch(batch(1, &sem))).unwrap();
+        b.hand_half_back(&queue);
+        assert_eq!((seqs(&b), permits(&b)), (vec![0, 1, 2], 3));
+        assert_eq!(sem.available(), 16 - 5 - 1);
+        half.items.clear();
+        drop((b, half, rx, tx, queue));
+        assert_eq!(sem.available(), 16, "every permit given back");
     }
 }

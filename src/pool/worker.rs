@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
-use async_channel::{TryRecvError, TrySendError};
+use async_channel::TryRecvError;
 use futures_lite::FutureExt;
 
 use super::error::JobError;
@@ -198,12 +198,8 @@ where
             if ran % 4 == 3
                 && self.idle.load(Ordering::Acquire) > 0
                 && start.elapsed() >= process::SPLIT_AFTER
-                && let Some(half) = batch.split()
-                && let Err(
-                    TrySendError::Full(Work::Batch(half)) | TrySendError::Closed(Work::Batch(half)),
-                ) = batch.requeue().try_send(Work::Batch(half))
             {
-                batch.rejoin(half);
+                batch.hand_half_back(&self.requeue);
             }
             let item = batch.start();
             let result = self.handle(item, &mut tally).await;

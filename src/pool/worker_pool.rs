@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use async_channel::{Receiver, Sender, TrySendError};
+use async_channel::{Receiver, Sender, TrySendError, WeakSender};
 use event_listener::Event;
 use futures_lite::Stream;
 
@@ -113,6 +113,9 @@ pub(super) struct Autoscale {
 
 pub(super) struct Shared<I, O, E> {
     pub(super) rx: Receiver<Work<I, O, E>>,
+    /// For a worker handing half a batch back. Weak, so that the workers
+    /// do not keep the queue open.
+    pub(super) requeue: WeakSender<Work<I, O, E>>,
     pub(super) handler: Handler<I, O, E>,
     pub(super) spawner: Arc<dyn Spawn>,
     pub(super) clock: Arc<dyn Clock>,
@@ -298,8 +301,10 @@ where
             }
         };
         let (tx, rx) = async_channel::bounded(self.capacity);
+        let requeue = tx.downgrade();
         let shared = Arc::new(Shared {
             rx,
+            requeue,
             handler: self.handler,
             spawner: self.spawner,
             clock: self.clock,
@@ -423,11 +428,6 @@ where
     /// The average time of a `process` item so far, in nanoseconds.
     pub(super) fn item_nanos(&self) -> u64 {
         self.shared.item_nanos()
-    }
-
-    /// A sender into the pool's queue (for a batch handing half back).
-    pub(super) fn queue_sender(&self) -> Sender<Work<I, O, E>> {
-        self.tx.clone()
     }
 
     /// Queues a batch of a `process` call; hands it back if the pool is
