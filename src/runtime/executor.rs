@@ -10,11 +10,11 @@ use std::sync::{Arc, Condvar, Mutex, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use async_executor::Executor;
-use event_listener::{Event, Listener};
+use event_listener::Listener;
 
 use super::join::{CatchPanic, JoinHandle};
-use super::monitor::{Monitor, RuntimeStats, TaskInfo};
+use super::monitor::{Monitor, RuntimeStats, TaskInfo, instrument};
+use super::scheduler::Scheduler;
 use super::{BoxFuture, Spawn};
 use crate::ConfigError;
 
@@ -152,11 +152,8 @@ impl Builder {
             None => thread::available_parallelism().map_or(1, NonZeroUsize::get),
         };
         let inner = Arc::new(Inner {
-            ex: Executor::new(),
+            sched: Scheduler::new(threads, Monitor::new(self.monitor, self.slow_poll)),
             closed: AtomicBool::new(false),
-            stop: AtomicBool::new(false),
-            stop_event: Event::new(),
-            monitor: Arc::new(Monitor::new(self.monitor, self.slow_poll)),
         });
         let exited: Exits = Arc::new((Mutex::new(vec![false; threads]), Condvar::new()));
         // NOTE: only a real subscriber is propagated; pinning the no-op one
@@ -180,14 +177,16 @@ impl Builder {
                     let _exit = ExitSignal(exited, i);
                     let _trace = dispatch.as_ref().map(tracing::dispatcher::set_default);
                     let _current = EnterGuard::enter(handle);
-                    async_io::block_on(inner.ex.run(inner.stopped()));
-                    // Drop our share of the executor before signalling exit,
-                    // so that once every thread has exited, the executor is
-                    // gone and every remaining task is cancelled.
-                    drop(inner);
+                    inner.sched.run(i);
+                    // A worker that returns late (it was stuck in a poll)
+                    // cancels what was queued or woken meanwhile.
+                    if inner.sched.is_drained() {
+                        inner.cancel_all();
+                    }
                 });
             match spawned {
                 Ok(t) => rt.threads.push(t),
+                // NOTE: dropping `rt` stops and joins the threads started.
                 Err(e) => return Err(BuildError::Spawn(e)),
             }
         }
@@ -216,21 +215,17 @@ impl Drop for ExitSignal {
 }
 
 struct Inner {
-    ex: Executor<'static>,
+    sched: Arc<Scheduler>,
     /// No new tasks are accepted.
     closed: AtomicBool,
-    /// Worker threads should return.
-    stop: AtomicBool,
-    stop_event: Event,
-    monitor: Arc<Monitor>,
 }
 
 impl Inner {
-    async fn stopped(&self) {
-        if self.stop.load(Ordering::Acquire) {
-            return;
-        }
-        crate::sync::wait_for(&self.stop_event, || self.stop.load(Ordering::Acquire)).await
+    /// Cancels every task left: drops the queued ones and wakes the waiting
+    /// ones, whose wake-up the drained scheduler turns into a drop.
+    fn cancel_all(&self) {
+        self.sched.drain();
+        self.sched.monitor.wake_all_waiting();
     }
 
     fn spawn<F>(&self, name: Option<&str>, fut: F) -> JoinHandle<F::Output>
@@ -241,15 +236,17 @@ impl Inner {
         if self.closed.load(Ordering::Acquire) {
             return JoinHandle::cancelled();
         }
-        let fut = self.monitor.instrument(name, CatchPanic::new(fut));
-        JoinHandle::native(self.ex.spawn(fut))
+        let fut = instrument(&self.sched, name, CatchPanic::new(fut));
+        JoinHandle::native(self.sched.spawn(fut))
     }
 
     fn spawn_boxed(&self, name: Option<&str>, fut: BoxFuture) {
         if self.closed.load(Ordering::Acquire) {
             return; // `fut` is dropped: its handle reports `Cancelled`.
         }
-        self.ex.spawn(self.monitor.instrument(name, fut)).detach();
+        self.sched
+            .spawn(instrument(&self.sched, name, fut))
+            .detach();
     }
 }
 
@@ -375,12 +372,12 @@ impl Runtime {
     /// A snapshot of the live tasks, in spawn order (empty when the monitor
     /// is off).
     pub fn tasks(&self) -> Vec<TaskInfo> {
-        self.inner().monitor.tasks()
+        self.inner().sched.monitor.tasks()
     }
 
     /// The task counters.
     pub fn stats(&self) -> RuntimeStats {
-        self.inner().monitor.stats()
+        self.inner().sched.monitor.stats()
     }
 
     /// The number of worker threads.
@@ -405,27 +402,22 @@ impl Runtime {
             };
         };
         inner.closed.store(true, Ordering::Release);
+        inner.sched.monitor.close();
         let deadline = Instant::now() + grace;
         loop {
-            if inner.monitor.live() == 0 {
+            if inner.sched.monitor.live() == 0 {
                 break;
             }
-            let listener = inner.monitor.idle_listener();
-            if inner.monitor.live() == 0 {
+            let listener = inner.sched.monitor.idle_listener();
+            if inner.sched.monitor.live() == 0 {
                 break;
             }
             if listener.wait_deadline(deadline).is_none() {
                 break;
             }
         }
-        let left = inner.monitor.live();
-        inner.stop.store(true, Ordering::Release);
-        inner.stop_event.notify(usize::MAX);
-        let monitor = inner.monitor.clone();
-        // Dropping the last `Arc<Inner>` drops the executor, which cancels
-        // every task left; a worker still running holds its own clone and
-        // does so when it returns.
-        drop(inner);
+        let left = inner.sched.monitor.live();
+        inner.sched.stop();
 
         let join_deadline = Instant::now() + JOIN_TIMEOUT;
         let exited = {
@@ -443,6 +435,11 @@ impl Runtime {
             }
             exited.clone()
         };
+        // Every task left is cancelled here; a worker still stuck in a poll
+        // cancels what it leaves when it returns.
+        inner.cancel_all();
+        let stats = inner.sched.monitor.stats();
+        drop(inner);
         let mut unjoined = 0;
         for (t, exited) in self.threads.drain(..).zip(exited) {
             if exited {
@@ -466,7 +463,7 @@ impl Runtime {
         tracing::debug!(
             drained = report.drained,
             cancelled = report.cancelled,
-            stats = ?monitor.stats(),
+            stats = ?stats,
             "runtime shut down"
         );
         report
@@ -484,7 +481,7 @@ impl fmt::Debug for Runtime {
         let mut d = f.debug_struct("Runtime");
         d.field("threads", &self.threads.len());
         if let Some(inner) = &self.inner {
-            d.field("stats", &inner.monitor.stats());
+            d.field("stats", &inner.sched.monitor.stats());
         }
         d.finish()
     }
@@ -544,7 +541,7 @@ impl Handle {
 
     /// The runtime's task counters, or `None` once it has shut down.
     pub fn stats(&self) -> Option<RuntimeStats> {
-        self.inner.upgrade().map(|i| i.monitor.stats())
+        self.inner.upgrade().map(|i| i.sched.monitor.stats())
     }
 }
 

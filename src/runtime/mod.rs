@@ -43,6 +43,7 @@ mod executor;
 mod join;
 mod monitor;
 pub mod offload;
+mod scheduler;
 
 pub(crate) use clock::saturating_add;
 pub use clock::{Clock, CoarseClock, Sleep, SystemClock};

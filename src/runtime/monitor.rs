@@ -1,17 +1,19 @@
 //! The task monitor: counters, a live task registry and slow-poll warnings.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use event_listener::Event;
 use pin_project_lite::pin_project;
 
 use super::join::{Outcome, begin_task_poll, end_task_poll, take_outcome};
+use super::scheduler::Scheduler;
 
 /// Counters of a [`Runtime`](super::Runtime)'s tasks since it started.
 ///
@@ -39,7 +41,12 @@ pub struct TaskInfo {
     pub id: u64,
     /// The name given to `spawn_named`, if any.
     pub name: Option<Arc<str>>,
-    /// When the task was spawned.
+    /// When the task was spawned: for a task spawned from inside another
+    /// task of the runtime, when the spawning poll began; for one spawned
+    /// from elsewhere (`block_on`, another thread), when its first poll
+    /// began (so its time waiting for that first poll is not in its
+    /// [`age`](TaskInfo::age)). Reading the clock at every spawn would cost
+    /// more than the rest of the monitor together.
     pub spawned_at: Instant,
     /// How many times it has been polled.
     pub polls: u64,
@@ -65,6 +72,50 @@ impl TaskInfo {
 }
 
 const SHARDS: usize = 16;
+/// Finish counters are kept per thread stripe so workers finishing tasks
+/// side by side do not pass one cache line back and forth.
+const STRIPES: usize = 8;
+
+thread_local! {
+    /// This thread's stripe (`usize::MAX` until first used).
+    static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
+    /// When the last timed poll on this worker ended, while the worker has
+    /// gone straight from poll to poll: the next poll's start, so a timed
+    /// poll reads the clock once, not twice.
+    static LAST_END: Cell<Option<Instant>> = const { Cell::new(None) };
+    /// When the timed poll running on this thread began.
+    static POLL_START: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+/// The worker is about to wait or hand its thread to the reactor: the next
+/// poll's start is not the last one's end.
+pub(crate) fn break_poll_chain() {
+    let _ = LAST_END.try_with(|c| c.set(None));
+}
+
+static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
+
+fn stripe() -> usize {
+    STRIPE
+        .try_with(|s| {
+            let mut i = s.get();
+            if i == usize::MAX {
+                i = NEXT_STRIPE.fetch_add(1, Ordering::Relaxed) % STRIPES;
+                s.set(i);
+            }
+            i
+        })
+        .unwrap_or(0)
+}
+
+/// One stripe of the finish counters, on a cache line of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Finished {
+    completed: AtomicU64,
+    cancelled: AtomicU64,
+    panicked: AtomicU64,
+}
 
 struct TaskMeta {
     id: u64,
@@ -77,46 +128,63 @@ struct TaskMeta {
     last_poll_ns: AtomicU64,
 }
 
-pub(crate) struct Monitor {
-    spawned: AtomicU64,
-    completed: AtomicU64,
-    cancelled: AtomicU64,
-    panicked: AtomicU64,
-    /// Notified whenever the live count may have reached zero.
-    idle: Event,
-    /// `None` when the registry and per-poll timing are off.
-    registry: Option<Registry>,
+/// A task that has waited at least once: its waker (to cancel it at
+/// shutdown) and, with the monitor on, its figures.
+struct Entry {
+    waker: Waker,
+    meta: Option<Arc<TaskMeta>>,
 }
 
-struct Registry {
-    next_id: AtomicU64,
+/// A value on a cache line of its own.
+#[derive(Default)]
+#[repr(align(128))]
+struct Padded<T>(T);
+
+pub(crate) struct Monitor {
+    /// Also the source of task ids. Written by spawners: kept off the line
+    /// of `closing`, which every finishing task reads.
+    spawned: Padded<AtomicU64>,
+    finished: [Finished; STRIPES],
+    /// Shutdown is waiting for the live count to reach zero.
+    closing: AtomicBool,
+    /// Notified whenever the live count may have reached zero while closing.
+    idle: Event,
+    /// Per-poll timing, `tasks()` and slow-poll warnings are on.
+    timing: bool,
     slow_poll: Duration,
-    shards: [Mutex<HashMap<u64, Arc<TaskMeta>>>; SHARDS],
+    /// Tasks that have returned `Pending` at least once and not finished.
+    waiting: [Mutex<HashMap<u64, Entry>>; SHARDS],
 }
 
 impl Monitor {
-    pub(crate) fn new(registry: bool, slow_poll: Duration) -> Self {
+    pub(crate) fn new(timing: bool, slow_poll: Duration) -> Self {
         Monitor {
-            spawned: AtomicU64::new(0),
-            completed: AtomicU64::new(0),
-            cancelled: AtomicU64::new(0),
-            panicked: AtomicU64::new(0),
+            spawned: Padded(AtomicU64::new(0)),
+            finished: std::array::from_fn(|_| Finished::default()),
+            closing: AtomicBool::new(false),
             idle: Event::new(),
-            registry: registry.then(|| Registry {
-                next_id: AtomicU64::new(1),
-                slow_poll,
-                shards: std::array::from_fn(|_| Mutex::new(HashMap::new())),
-            }),
+            timing,
+            slow_poll,
+            waiting: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         }
+    }
+
+    fn shard(&self, id: u64) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+        self.waiting[id as usize % SHARDS]
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     pub(crate) fn stats(&self) -> RuntimeStats {
         // Read the finishing counters before `spawned` so `live` never
         // underflows.
-        let completed = self.completed.load(Ordering::Acquire);
-        let cancelled = self.cancelled.load(Ordering::Acquire);
-        let panicked = self.panicked.load(Ordering::Acquire);
-        let spawned = self.spawned.load(Ordering::Acquire);
+        let (mut completed, mut cancelled, mut panicked) = (0, 0, 0);
+        for f in &self.finished {
+            completed += f.completed.load(Ordering::SeqCst);
+            cancelled += f.cancelled.load(Ordering::SeqCst);
+            panicked += f.panicked.load(Ordering::SeqCst);
+        }
+        let spawned = self.spawned.0.load(Ordering::SeqCst);
         RuntimeStats {
             spawned,
             completed,
@@ -130,75 +198,111 @@ impl Monitor {
         self.stats().live
     }
 
+    /// From now on, finishing the last live task notifies
+    /// [`idle_listener`](Monitor::idle_listener).
+    pub(crate) fn close(&self) {
+        self.closing.store(true, Ordering::SeqCst);
+    }
+
     pub(crate) fn idle_listener(&self) -> event_listener::EventListener {
         self.idle.listen()
     }
 
+    /// Wakes every task that is waiting, so that a scheduler that drops
+    /// what it is given cancels them all.
+    pub(crate) fn wake_all_waiting(&self) {
+        for shard in &self.waiting {
+            let wakers: Vec<Waker> = shard
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .values()
+                .map(|e| e.waker.clone())
+                .collect();
+            // Outside the lock: a cancelled task removes its entry.
+            for w in wakers {
+                w.wake();
+            }
+        }
+    }
+
     pub(crate) fn tasks(&self) -> Vec<TaskInfo> {
-        let Some(registry) = &self.registry else {
-            return Vec::new();
-        };
         let mut out = Vec::new();
-        for shard in &registry.shards {
-            let shard = shard.lock().unwrap_or_else(|e| e.into_inner());
-            out.extend(shard.values().map(|m| TaskInfo {
-                id: m.id,
-                name: m.name.clone(),
-                spawned_at: m.spawned_at,
-                polls: m.polls.load(Ordering::Relaxed),
-                busy: Duration::from_nanos(m.busy_ns.load(Ordering::Relaxed)),
-                longest_poll: Duration::from_nanos(m.longest_ns.load(Ordering::Relaxed)),
-                last_poll: match m.last_poll_ns.load(Ordering::Relaxed) {
-                    0 => None,
-                    ns => m.spawned_at.checked_add(Duration::from_nanos(ns)),
-                },
-            }));
+        for shard in &self.waiting {
+            let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+            out.extend(
+                shard
+                    .values()
+                    .filter_map(|e| e.meta.as_ref())
+                    .map(|m| TaskInfo {
+                        id: m.id,
+                        name: m.name.clone(),
+                        spawned_at: m.spawned_at,
+                        polls: m.polls.load(Ordering::Relaxed),
+                        busy: Duration::from_nanos(m.busy_ns.load(Ordering::Relaxed)),
+                        longest_poll: Duration::from_nanos(m.longest_ns.load(Ordering::Relaxed)),
+                        last_poll: match m.last_poll_ns.load(Ordering::Relaxed) {
+                            0 => None,
+                            ns => m.spawned_at.checked_add(Duration::from_nanos(ns)),
+                        },
+                    }),
+            );
         }
         out.sort_by_key(|t| t.id);
         out
     }
 
-    /// Wraps a future so that it is counted (and, with the registry on,
-    /// listed and timed).
-    pub(crate) fn instrument<F>(self: &Arc<Self>, name: Option<&str>, fut: F) -> Instrumented<F> {
-        self.spawned.fetch_add(1, Ordering::AcqRel);
-        let meta = self.registry.as_ref().map(|registry| {
-            let id = registry.next_id.fetch_add(1, Ordering::Relaxed);
-            let meta = Arc::new(TaskMeta {
-                id,
-                name: name.map(Arc::from),
-                spawned_at: Instant::now(),
-                polls: AtomicU64::new(0),
-                busy_ns: AtomicU64::new(0),
-                longest_ns: AtomicU64::new(0),
-                last_poll_ns: AtomicU64::new(0),
-            });
-            registry.shards[id as usize % SHARDS]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .insert(id, meta.clone());
-            meta
-        });
-        Instrumented {
-            fut,
-            monitor: self.clone(),
-            meta,
-            finished: false,
+    fn finish(&self, id: u64, waiting: bool, outcome: Outcome) {
+        if waiting {
+            self.shard(id).remove(&id);
         }
-    }
-
-    fn finish(&self, meta: Option<&Arc<TaskMeta>>, counter: &AtomicU64) {
-        if let (Some(registry), Some(meta)) = (&self.registry, meta) {
-            registry.shards[meta.id as usize % SHARDS]
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(&meta.id);
-        }
-        counter.fetch_add(1, Ordering::AcqRel);
-        if self.live() == 0 {
+        let f = &self.finished[stripe()];
+        let counter = match outcome {
+            Outcome::Completed => &f.completed,
+            Outcome::Panicked => &f.panicked,
+            Outcome::Aborted => &f.cancelled,
+        };
+        counter.fetch_add(1, Ordering::SeqCst);
+        // Pairs with `close`: either this sees `closing`, or shutdown's
+        // count after `close` sees this task finished.
+        if self.closing.load(Ordering::SeqCst) && self.live() == 0 {
             self.idle.notify(usize::MAX);
         }
     }
+}
+
+/// Wraps a future so that it is counted (and, with timing on, timed and,
+/// once it waits, listed) by `owner`'s monitor. The task holds the
+/// scheduler, not the monitor: one shared count per task, not two.
+pub(crate) fn instrument<F>(owner: &Arc<Scheduler>, name: Option<&str>, fut: F) -> Instrumented<F> {
+    let this = &owner.monitor;
+    let id = this.spawned.0.fetch_add(1, Ordering::SeqCst) + 1;
+    let timing = this.timing.then(|| Timing {
+        name: name.map(Arc::from),
+        spawned_at: POLL_START.try_with(Cell::get).ok().flatten(),
+        polls: 0,
+        busy_ns: 0,
+        longest_ns: 0,
+    });
+    Instrumented {
+        fut,
+        owner: owner.clone(),
+        id,
+        timing,
+        meta: None,
+        waiting: false,
+        finished: false,
+    }
+}
+
+/// A task's figures before it first waits (kept inline: a task that
+/// finishes in its first poll never touches the registry).
+struct Timing {
+    name: Option<Arc<str>>,
+    /// `None`: spawned outside a poll; the first poll's start is used.
+    spawned_at: Option<Instant>,
+    polls: u64,
+    busy_ns: u64,
+    longest_ns: u64,
 }
 
 pin_project! {
@@ -206,8 +310,14 @@ pin_project! {
     pub(crate) struct Instrumented<F> {
         #[pin]
         fut: F,
-        monitor: Arc<Monitor>,
+        owner: Arc<Scheduler>,
+        id: u64,
+        // With timing on: figures until the task first waits.
+        timing: Option<Timing>,
+        // With timing on, once the task has waited: its listed figures.
         meta: Option<Arc<TaskMeta>>,
+        // In the registry of waiting tasks.
+        waiting: bool,
         finished: bool,
     }
 
@@ -215,7 +325,7 @@ pin_project! {
         fn drop(this: Pin<&mut Self>) {
             let this = this.project();
             if !*this.finished {
-                this.monitor.finish(this.meta.as_ref(), &this.monitor.cancelled);
+                this.owner.monitor.finish(*this.id, *this.waiting, Outcome::Aborted);
             }
         }
     }
@@ -227,43 +337,124 @@ impl<F: Future> Future for Instrumented<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let enclosing = begin_task_poll();
-        let result = match this.meta {
-            None => this.fut.poll(cx),
-            Some(meta) => {
-                let start = Instant::now();
-                let result = this.fut.poll(cx);
-                let took = start.elapsed();
-                let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-                meta.polls.fetch_add(1, Ordering::Relaxed);
-                meta.busy_ns.fetch_add(ns, Ordering::Relaxed);
-                meta.longest_ns.fetch_max(ns, Ordering::Relaxed);
-                let end = (start + took).saturating_duration_since(meta.spawned_at);
-                let end_ns = u64::try_from(end.as_nanos()).unwrap_or(u64::MAX).max(1);
-                meta.last_poll_ns.store(end_ns, Ordering::Relaxed);
-                if let Some(registry) = &this.monitor.registry
-                    && took > registry.slow_poll
-                {
-                    tracing::warn!(
-                        task.id = meta.id,
-                        task.name = meta.name.as_deref().unwrap_or("<unnamed>"),
-                        poll_ms = took.as_secs_f64() * 1e3,
-                        threshold_ms = registry.slow_poll.as_secs_f64() * 1e3,
-                        "slow poll: a task blocked its worker thread"
-                    );
-                }
-                result
-            }
+        let (result, ended) = if this.timing.is_none() && this.meta.is_none() {
+            (this.fut.poll(cx), None)
+        } else {
+            let start = LAST_END
+                .try_with(Cell::take)
+                .ok()
+                .flatten()
+                .unwrap_or_else(Instant::now);
+            let outer = POLL_START
+                .try_with(|c| c.replace(Some(start)))
+                .ok()
+                .flatten();
+            let result = this.fut.poll(cx);
+            let end = Instant::now();
+            let _ = POLL_START.try_with(|c| c.set(outer));
+            let _ = LAST_END.try_with(|c| c.set(Some(end)));
+            record_poll(
+                &this.owner.monitor,
+                *this.id,
+                this.timing,
+                this.meta.as_deref(),
+                start,
+                end,
+            );
+            (result, Some(end))
         };
         end_task_poll(enclosing);
-        if result.is_ready() {
-            *this.finished = true;
-            let counter = match take_outcome() {
-                Outcome::Completed => &this.monitor.completed,
-                Outcome::Panicked => &this.monitor.panicked,
-                Outcome::Aborted => &this.monitor.cancelled,
-            };
-            this.monitor.finish(this.meta.as_ref(), counter);
+        match &result {
+            Poll::Ready(_) => {
+                *this.finished = true;
+                this.owner
+                    .monitor
+                    .finish(*this.id, *this.waiting, take_outcome());
+            }
+            Poll::Pending if !*this.waiting => {
+                *this.waiting = true;
+                let meta = this.timing.take().map(|t| {
+                    Arc::new(TaskMeta {
+                        id: *this.id,
+                        name: t.name,
+                        spawned_at: t.spawned_at.unwrap_or_else(Instant::now),
+                        polls: AtomicU64::new(t.polls),
+                        busy_ns: AtomicU64::new(t.busy_ns),
+                        longest_ns: AtomicU64::new(t.longest_ns),
+                        last_poll_ns: AtomicU64::new(0),
+                    })
+                });
+                if let (Some(m), Some(end)) = (&meta, ended) {
+                    m.last_poll_ns
+                        .store(ns_after(m.spawned_at, end), Ordering::Relaxed);
+                }
+                *this.meta = meta.clone();
+                this.owner.monitor.shard(*this.id).insert(
+                    *this.id,
+                    Entry {
+                        waker: cx.waker().clone(),
+                        meta,
+                    },
+                );
+            }
+            Poll::Pending => {}
         }
         result
+    }
+}
+
+/// `at` in ns after `origin`, at least 1 (0 means "never").
+fn ns_after(origin: Instant, at: Instant) -> u64 {
+    let d = at.saturating_duration_since(origin);
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Adds one poll's figures to the task's counters and warns if it was slow.
+fn record_poll(
+    monitor: &Monitor,
+    id: u64,
+    timing: &mut Option<Timing>,
+    meta: Option<&TaskMeta>,
+    start: Instant,
+    end: Instant,
+) {
+    let took = end.saturating_duration_since(start);
+    let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
+    if let Some(t) = timing {
+        t.spawned_at.get_or_insert(start);
+        t.polls += 1;
+        t.busy_ns = t.busy_ns.saturating_add(ns);
+        t.longest_ns = t.longest_ns.max(ns);
+    } else if let Some(m) = meta {
+        // NOTE: one thread polls a task at a time, and the task's state
+        // hand-off orders consecutive polls: plain load + store suffice
+        // (readers only ever see a whole value).
+        let add = |a: &AtomicU64, n: u64| {
+            a.store(
+                a.load(Ordering::Relaxed).saturating_add(n),
+                Ordering::Relaxed,
+            )
+        };
+        add(&m.polls, 1);
+        add(&m.busy_ns, ns);
+        if ns > m.longest_ns.load(Ordering::Relaxed) {
+            m.longest_ns.store(ns, Ordering::Relaxed);
+        }
+        m.last_poll_ns
+            .store(ns_after(m.spawned_at, end), Ordering::Relaxed);
+    }
+    if took > monitor.slow_poll {
+        let name = match (timing, meta) {
+            (Some(t), _) => t.name.clone(),
+            (None, Some(m)) => m.name.clone(),
+            (None, None) => None,
+        };
+        tracing::warn!(
+            task.id = id,
+            task.name = name.as_deref().unwrap_or("<unnamed>"),
+            poll_ms = took.as_secs_f64() * 1e3,
+            threshold_ms = monitor.slow_poll.as_secs_f64() * 1e3,
+            "slow poll: a task blocked its worker thread"
+        );
     }
 }
