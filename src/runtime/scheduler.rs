@@ -73,7 +73,7 @@ pub(crate) struct Scheduler {
     /// Workers should return.
     stop: AtomicBool,
     /// Queued tasks have been dropped; tasks woken from now on are dropped
-    /// at once (cancelled) instead of queued.
+    /// (cancelled) on the `blocking` pool instead of queued.
     drained: AtomicBool,
     /// Counts and lists the tasks (here, not beside: a task holds one
     /// `Arc`, the scheduler's, whose count the spawner and the workers
@@ -117,7 +117,11 @@ impl Scheduler {
     /// (not a new task, not a task that woke itself).
     fn schedule(&self, runnable: Runnable, lifo: bool) {
         if self.drained.load(Ordering::Acquire) {
-            drop(runnable); // cancels the task: the runtime is gone
+            // The runtime is gone: dropping the runnable cancels the task.
+            // Not here: the waker's caller may hold a lock that the task's
+            // future takes as it drops (a channel closing wakes its
+            // receiver under the channel's lock).
+            blocking::unblock(move || drop(runnable)).detach();
             return;
         }
         let mut runnable = Some(runnable);
@@ -173,11 +177,23 @@ impl Scheduler {
         self.recheck_drained();
     }
 
-    /// A push that raced with [`drain`](Scheduler::drain) drops what it
-    /// pushed (nothing runs a drained scheduler's queues).
+    /// A push that raced with [`drain`](Scheduler::drain): nothing runs a
+    /// drained scheduler's queues, so what is queued is dropped, on the
+    /// `blocking` pool (see `schedule`).
     fn recheck_drained(&self) {
         if self.drained.load(Ordering::SeqCst) {
-            self.drop_queued();
+            let mut left = Vec::new();
+            while let Ok(r) = self.global.pop() {
+                left.push(r);
+            }
+            for local in &self.locals {
+                while let Ok(r) = local.pop() {
+                    left.push(r);
+                }
+            }
+            if !left.is_empty() {
+                blocking::unblock(move || drop(left)).detach();
+            }
         }
     }
 
@@ -221,12 +237,9 @@ impl Scheduler {
 
     /// Drops every queued task (cancelling it) and makes later wake-ups drop
     /// theirs. Tasks waiting elsewhere are cancelled by waking them.
+    /// Call it holding no lock: the tasks' futures are dropped here.
     pub(crate) fn drain(&self) {
         self.drained.store(true, Ordering::SeqCst);
-        self.drop_queued();
-    }
-
-    fn drop_queued(&self) {
         while self.global.pop().is_ok() {}
         for local in &self.locals {
             while local.pop().is_ok() {}
