@@ -265,12 +265,17 @@ pub struct ShutdownReport {
 
 /// The crate's own small multi-threaded executor, with a task monitor.
 ///
-/// Built from `async-executor` (smol's executor): N named worker threads run
-/// one shared executor. What it adds is what the seeds' "count and monitor
-/// running tasks" asks for, done properly:
+/// N named worker threads run `async-task` tasks with a scheduler of the
+/// crate's own: a local queue per worker, work stealing between them, and a
+/// LIFO slot, so a task woken by the task running on a worker runs next on
+/// that worker (a request and its reply stay on one core). Idle workers
+/// drive the IO reactor and timers (`async-io`). What it adds to an executor
+/// is what the seeds' "count and monitor running tasks" asks for, done
+/// properly:
 ///
-/// - [`tasks`](Runtime::tasks): a snapshot of every live task with its name,
-///   age, poll count, busy time and longest poll;
+/// - [`tasks`](Runtime::tasks): a snapshot of every live task that has
+///   waited at least once, with its name, age, poll count, busy time and
+///   longest poll;
 /// - [`stats`](Runtime::stats): spawned / completed / cancelled / panicked /
 ///   live counters;
 /// - a `tracing` warning naming any task whose single poll blocked its
@@ -371,6 +376,11 @@ impl Runtime {
 
     /// A snapshot of the live tasks, in spawn order (empty when the monitor
     /// is off).
+    ///
+    /// A task is listed from the end of its first poll that returns
+    /// `Pending`: one that finishes in its first poll never costs a
+    /// registry entry (it is still counted by [`stats`](Runtime::stats),
+    /// and a first poll that blocks still logs the slow-poll warning).
     pub fn tasks(&self) -> Vec<TaskInfo> {
         self.inner().sched.monitor.tasks()
     }

@@ -16,8 +16,9 @@
 //! - [`Clock`] gives `now` and `sleep`. [`SystemClock`] sleeps on
 //!   `async_io::Timer`, which works under every executor. Tests use
 //!   `testing::ManualClock` (feature `testing`), which moves only when told.
-//! - [`Runtime`] is a small multi-threaded executor built from
-//!   `async-executor`, with a live task registry ([`Runtime::tasks`]),
+//! - [`Runtime`] is a small multi-threaded executor (`async-task` tasks,
+//!   per-worker queues, work stealing, a LIFO slot), with a live task
+//!   registry ([`Runtime::tasks`]),
 //!   counters ([`Runtime::stats`]) and a `tracing` warning for polls that
 //!   block a thread too long.
 //! - [`offload`] runs blocking IO on the `blocking` thread pool and CPU-heavy
