@@ -1,6 +1,7 @@
 //! Limit benchmarks: smolkit's Semaphore against async-lock's and tokio's
 //! (uncontended, and contended by 8/64/512 tasks over 2 and 16 permits on a
-//! 2-thread smol executor), and RateLimiter::check against governor.
+//! 2-thread smol executor; and each on its own stack: smolkit's on its
+//! `Runtime`, tokio's on tokio's), and RateLimiter::check against governor.
 //!
 //! Run: `cargo bench --bench limit`
 
@@ -166,6 +167,82 @@ fn contended(c: &mut Criterion) {
     }
 }
 
+/// Each semaphore on its own stack, as a user would run it: smolkit's on
+/// smolkit's `Runtime`, tokio's on tokio's multi-thread runtime (both 2
+/// worker threads; the yield is each runtime's own).
+fn contended_stack(c: &mut Criterion) {
+    let mut group = c.benchmark_group("semaphore_contended_stack");
+    group.throughput(Throughput::Elements(CONTENDED_OPS as u64));
+    group.sample_size(10);
+    group.measurement_time(Duration::from_secs(3));
+    let rt = smolkit::runtime::Runtime::builder()
+        .with_threads(2)
+        .build()
+        .unwrap();
+    let tk = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+
+    for (tasks, permits) in [
+        (8usize, 2usize),
+        (64, 2),
+        (512, 2),
+        (64, 4),
+        (8, 16),
+        (64, 16),
+        (512, 16),
+    ] {
+        let per_task = CONTENDED_OPS / tasks;
+        let param = format!("{tasks}_tasks_{permits}_permits");
+        group.bench_function(BenchmarkId::new("smolkit_on_runtime", &param), |b| {
+            b.iter(|| {
+                let sem = Arc::new(Semaphore::new(permits));
+                rt.block_on(async {
+                    let handles: Vec<_> = (0..tasks)
+                        .map(|_| {
+                            let sem = sem.clone();
+                            rt.spawn(async move {
+                                for _ in 0..per_task {
+                                    let g = sem.acquire().await.unwrap();
+                                    yield_now().await;
+                                    drop(g);
+                                }
+                            })
+                        })
+                        .collect();
+                    for h in handles {
+                        h.await.unwrap();
+                    }
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("tokio_on_tokio", &param), |b| {
+            b.iter(|| {
+                let sem = Arc::new(tokio::sync::Semaphore::new(permits));
+                tk.block_on(async {
+                    let handles: Vec<_> = (0..tasks)
+                        .map(|_| {
+                            let sem = sem.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..per_task {
+                                    let g = sem.acquire().await.unwrap();
+                                    tokio::task::yield_now().await;
+                                    drop(g);
+                                }
+                            })
+                        })
+                        .collect();
+                    for h in handles {
+                        h.await.unwrap();
+                    }
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
 fn rate_check(c: &mut Criterion) {
     let mut group = c.benchmark_group("rate_limiter_check");
     group.throughput(Throughput::Elements(1));
@@ -224,5 +301,5 @@ fn rate_check(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, uncontended, contended, rate_check);
+criterion_group!(benches, uncontended, contended, contended_stack, rate_check);
 criterion_main!(benches);

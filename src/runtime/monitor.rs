@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -82,9 +82,29 @@ thread_local! {
     /// When the last timed poll on this worker ended, while the worker has
     /// gone straight from poll to poll: the next poll's start, so a timed
     /// poll reads the clock once, not twice.
-    static LAST_END: Cell<Option<Instant>> = const { Cell::new(None) };
+    static LAST_END: Cell<Option<u64>> = const { Cell::new(None) };
     /// When the timed poll running on this thread began.
-    static POLL_START: Cell<Option<Instant>> = const { Cell::new(None) };
+    static POLL_START: Cell<Option<u64>> = const { Cell::new(None) };
+}
+
+/// Where the monitor's timestamps count from (process-wide, so a task
+/// spawned from a poll of one runtime into another is stamped right).
+static ORIGIN: OnceLock<Instant> = OnceLock::new();
+
+fn origin() -> Instant {
+    *ORIGIN.get_or_init(Instant::now)
+}
+
+/// Now, in ns after [`origin`], at least 1 (0 is "never"): one clock read
+/// and one subtraction, after which a poll's figures are integer sums.
+fn now_ns() -> u64 {
+    let since = Instant::now().saturating_duration_since(origin());
+    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX).max(1)
+}
+
+fn instant_at(ns: u64) -> Instant {
+    let o = origin();
+    o.checked_add(Duration::from_nanos(ns)).unwrap_or(o)
 }
 
 /// The worker is about to wait or hand its thread to the reactor: the next
@@ -120,11 +140,12 @@ struct Finished {
 struct TaskMeta {
     id: u64,
     name: Option<Arc<str>>,
-    spawned_at: Instant,
+    /// In ns after [`origin`].
+    spawned_ns: u64,
     polls: AtomicU64,
     busy_ns: AtomicU64,
     longest_ns: AtomicU64,
-    /// When the last poll ended, in ns after `spawned_at` (0: never).
+    /// When the last poll ended, in ns after [`origin`] (0: never).
     last_poll_ns: AtomicU64,
 }
 
@@ -152,6 +173,7 @@ pub(crate) struct Monitor {
     /// Per-poll timing, `tasks()` and slow-poll warnings are on.
     timing: bool,
     slow_poll: Duration,
+    slow_poll_ns: u64,
     /// Tasks that have returned `Pending` at least once and not finished.
     waiting: [Mutex<HashMap<u64, Entry>>; SHARDS],
 }
@@ -165,6 +187,7 @@ impl Monitor {
             idle: Event::new(),
             timing,
             slow_poll,
+            slow_poll_ns: u64::try_from(slow_poll.as_nanos()).unwrap_or(u64::MAX),
             waiting: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         }
     }
@@ -236,13 +259,13 @@ impl Monitor {
                     .map(|m| TaskInfo {
                         id: m.id,
                         name: m.name.clone(),
-                        spawned_at: m.spawned_at,
+                        spawned_at: instant_at(m.spawned_ns),
                         polls: m.polls.load(Ordering::Relaxed),
                         busy: Duration::from_nanos(m.busy_ns.load(Ordering::Relaxed)),
                         longest_poll: Duration::from_nanos(m.longest_ns.load(Ordering::Relaxed)),
                         last_poll: match m.last_poll_ns.load(Ordering::Relaxed) {
                             0 => None,
-                            ns => m.spawned_at.checked_add(Duration::from_nanos(ns)),
+                            ns => Some(instant_at(ns)),
                         },
                     }),
             );
@@ -278,10 +301,7 @@ pub(crate) fn instrument<F>(owner: &Arc<Scheduler>, name: Option<&str>, fut: F) 
     let id = this.spawned.0.fetch_add(1, Ordering::SeqCst) + 1;
     let timing = this.timing.then(|| Timing {
         name: name.map(Arc::from),
-        spawned_at: POLL_START.try_with(Cell::get).ok().flatten(),
-        polls: 0,
-        busy_ns: 0,
-        longest_ns: 0,
+        spawned_ns: POLL_START.try_with(Cell::get).ok().flatten(),
     });
     Instrumented {
         fut,
@@ -294,15 +314,14 @@ pub(crate) fn instrument<F>(owner: &Arc<Scheduler>, name: Option<&str>, fut: F) 
     }
 }
 
-/// A task's figures before it first waits (kept inline: a task that
-/// finishes in its first poll never touches the registry).
+/// What the monitor keeps of a task before it first waits (inline: a task
+/// that finishes in its first poll never touches the registry). A task
+/// waits at the end of its first poll or never, so there is at most one
+/// poll to count here, and it is counted when the task is listed.
 struct Timing {
     name: Option<Arc<str>>,
     /// `None`: spawned outside a poll; the first poll's start is used.
-    spawned_at: Option<Instant>,
-    polls: u64,
-    busy_ns: u64,
-    longest_ns: u64,
+    spawned_ns: Option<u64>,
 }
 
 pin_project! {
@@ -337,59 +356,63 @@ impl<F: Future> Future for Instrumented<F> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
         let enclosing = begin_task_poll();
-        let (result, ended) = if this.timing.is_none() && this.meta.is_none() {
-            (this.fut.poll(cx), None)
-        } else {
+        let timed = this.timing.is_some() || this.meta.is_some();
+        let (result, span) = if timed {
             let start = LAST_END
                 .try_with(Cell::take)
                 .ok()
                 .flatten()
-                .unwrap_or_else(Instant::now);
+                .unwrap_or_else(now_ns);
             let outer = POLL_START
                 .try_with(|c| c.replace(Some(start)))
                 .ok()
                 .flatten();
             let result = this.fut.poll(cx);
-            let end = Instant::now();
+            let end = now_ns();
             let _ = POLL_START.try_with(|c| c.set(outer));
             let _ = LAST_END.try_with(|c| c.set(Some(end)));
-            record_poll(
-                &this.owner.monitor,
-                *this.id,
-                this.timing,
-                this.meta.as_deref(),
-                start,
-                end,
-            );
-            (result, Some(end))
+            (result, Some((start, end)))
+        } else {
+            (this.fut.poll(cx), None)
         };
         end_task_poll(enclosing);
+        let monitor = &this.owner.monitor;
+        if let Some((start, end)) = span {
+            let took = end.saturating_sub(start);
+            if took > monitor.slow_poll_ns {
+                let name = match (&*this.timing, &*this.meta) {
+                    (Some(t), _) => t.name.clone(),
+                    (None, Some(m)) => m.name.clone(),
+                    (None, None) => None,
+                };
+                warn_slow(monitor, *this.id, name.as_deref(), took);
+            }
+            if let Some(m) = this.meta {
+                m.record(took, end);
+            }
+        }
         match &result {
             Poll::Ready(_) => {
                 *this.finished = true;
-                this.owner
-                    .monitor
-                    .finish(*this.id, *this.waiting, take_outcome());
+                monitor.finish(*this.id, *this.waiting, take_outcome());
             }
             Poll::Pending if !*this.waiting => {
                 *this.waiting = true;
-                let meta = this.timing.take().map(|t| {
-                    Arc::new(TaskMeta {
+                let meta = this.timing.take().zip(span).map(|(t, (start, end))| {
+                    let m = TaskMeta {
                         id: *this.id,
                         name: t.name,
-                        spawned_at: t.spawned_at.unwrap_or_else(Instant::now),
-                        polls: AtomicU64::new(t.polls),
-                        busy_ns: AtomicU64::new(t.busy_ns),
-                        longest_ns: AtomicU64::new(t.longest_ns),
+                        spawned_ns: t.spawned_ns.unwrap_or(start),
+                        polls: AtomicU64::new(0),
+                        busy_ns: AtomicU64::new(0),
+                        longest_ns: AtomicU64::new(0),
                         last_poll_ns: AtomicU64::new(0),
-                    })
+                    };
+                    m.record(end.saturating_sub(start), end);
+                    Arc::new(m)
                 });
-                if let (Some(m), Some(end)) = (&meta, ended) {
-                    m.last_poll_ns
-                        .store(ns_after(m.spawned_at, end), Ordering::Relaxed);
-                }
                 *this.meta = meta.clone();
-                this.owner.monitor.shard(*this.id).insert(
+                monitor.shard(*this.id).insert(
                     *this.id,
                     Entry {
                         waker: cx.waker().clone(),
@@ -403,29 +426,9 @@ impl<F: Future> Future for Instrumented<F> {
     }
 }
 
-/// `at` in ns after `origin`, at least 1 (0 means "never").
-fn ns_after(origin: Instant, at: Instant) -> u64 {
-    let d = at.saturating_duration_since(origin);
-    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1)
-}
-
-/// Adds one poll's figures to the task's counters and warns if it was slow.
-fn record_poll(
-    monitor: &Monitor,
-    id: u64,
-    timing: &mut Option<Timing>,
-    meta: Option<&TaskMeta>,
-    start: Instant,
-    end: Instant,
-) {
-    let took = end.saturating_duration_since(start);
-    let ns = u64::try_from(took.as_nanos()).unwrap_or(u64::MAX);
-    if let Some(t) = timing {
-        t.spawned_at.get_or_insert(start);
-        t.polls += 1;
-        t.busy_ns = t.busy_ns.saturating_add(ns);
-        t.longest_ns = t.longest_ns.max(ns);
-    } else if let Some(m) = meta {
+impl TaskMeta {
+    /// Adds one poll that took `took` and ended at `end`.
+    fn record(&self, ns: u64, end: u64) {
         // NOTE: one thread polls a task at a time, and the task's state
         // hand-off orders consecutive polls: plain load + store suffice
         // (readers only ever see a whole value).
@@ -435,26 +438,22 @@ fn record_poll(
                 Ordering::Relaxed,
             )
         };
-        add(&m.polls, 1);
-        add(&m.busy_ns, ns);
-        if ns > m.longest_ns.load(Ordering::Relaxed) {
-            m.longest_ns.store(ns, Ordering::Relaxed);
+        add(&self.polls, 1);
+        add(&self.busy_ns, ns);
+        if ns > self.longest_ns.load(Ordering::Relaxed) {
+            self.longest_ns.store(ns, Ordering::Relaxed);
         }
-        m.last_poll_ns
-            .store(ns_after(m.spawned_at, end), Ordering::Relaxed);
+        self.last_poll_ns.store(end, Ordering::Relaxed);
     }
-    if took > monitor.slow_poll {
-        let name = match (timing, meta) {
-            (Some(t), _) => t.name.clone(),
-            (None, Some(m)) => m.name.clone(),
-            (None, None) => None,
-        };
-        tracing::warn!(
-            task.id = id,
-            task.name = name.as_deref().unwrap_or("<unnamed>"),
-            poll_ms = took.as_secs_f64() * 1e3,
-            threshold_ms = monitor.slow_poll.as_secs_f64() * 1e3,
-            "slow poll: a task blocked its worker thread"
-        );
-    }
+}
+
+fn warn_slow(monitor: &Monitor, id: u64, name: Option<&str>, took_ns: u64) {
+    let took = Duration::from_nanos(took_ns);
+    tracing::warn!(
+        task.id = id,
+        task.name = name.unwrap_or("<unnamed>"),
+        poll_ms = took.as_secs_f64() * 1e3,
+        threshold_ms = monitor.slow_poll.as_secs_f64() * 1e3,
+        "slow poll: a task blocked its worker thread"
+    );
 }
