@@ -49,6 +49,17 @@ thread_local! {
     static WORKER: RefCell<Option<Local>> = const { RefCell::new(None) };
 }
 
+/// Why a task is being scheduled.
+#[derive(Clone, Copy)]
+enum Kind {
+    /// Just spawned: to the back of the queue (the spawner still runs).
+    New,
+    /// Woken by someone else: the LIFO slot, if woken from a poll here.
+    Woken,
+    /// Woken while it was running (it yielded): to the back of the queue.
+    Yielded,
+}
+
 /// A worker's thread-local state.
 struct Local {
     /// The scheduler's id.
@@ -104,18 +115,21 @@ impl Scheduler {
         F::Output: Send + 'static,
     {
         let shared = self.clone();
-        let schedule =
-            move |r: Runnable, info: ScheduleInfo| shared.schedule(r, !info.woken_while_running);
+        let schedule = move |r: Runnable, info: ScheduleInfo| {
+            let kind = if info.woken_while_running {
+                Kind::Yielded
+            } else {
+                Kind::Woken
+            };
+            shared.schedule(r, kind)
+        };
         let (runnable, task) = async_task::spawn(fut, WithInfo(schedule));
-        // A new task goes to the back of the queue, never the LIFO slot:
-        // the spawner is still running.
-        self.schedule(runnable, false);
+        self.schedule(runnable, Kind::New);
         task
     }
 
-    /// Where a woken (or new) task goes; `lifo`: it may take the LIFO slot
-    /// (not a new task, not a task that woke itself).
-    fn schedule(&self, runnable: Runnable, lifo: bool) {
+    /// Where a task goes.
+    fn schedule(&self, runnable: Runnable, kind: Kind) {
         if self.drained.load(Ordering::Acquire) {
             // The runtime is gone: dropping the runnable cancels the task.
             // Not here: the waker's caller may hold a lock that the task's
@@ -133,22 +147,24 @@ impl Scheduler {
                 return;
             };
             let index = local.index;
-            let (to_queue, wake_another) = if lifo && local.polling {
-                if local.lifo_run < LIFO_LIMIT {
+            let (to_queue, wake_another) = match kind {
+                Kind::Woken if local.polling && local.lifo_run < LIFO_LIMIT => {
                     // Runs next on this worker; whatever it displaces goes
                     // to the queue, where others may steal it.
                     (
                         local.lifo.replace(runnable.take().expect("taken once")),
                         true,
                     )
-                } else {
-                    // The LIFO limit only keeps this worker fair to its own
-                    // queue: the task is as good as next here, so waking
-                    // another worker to steal it would only move it.
-                    (runnable.take(), false)
                 }
-            } else {
-                (runnable.take(), true)
+                // The LIFO limit only keeps this worker fair to its own
+                // queue, and a task that was woken while it ran (a yield)
+                // was running here: either is as good as next on this
+                // worker, so waking another to steal it would only move it
+                // (and cost a futex wake per yield).
+                Kind::Woken if local.polling => (runnable.take(), false),
+                Kind::Yielded => (runnable.take(), false),
+                // New work, or woken from outside a poll: others may help.
+                Kind::New | Kind::Woken => (runnable.take(), true),
             };
             drop(w);
             if let Some(r) = to_queue {
