@@ -79,12 +79,12 @@ const STRIPES: usize = 8;
 thread_local! {
     /// This thread's stripe (`usize::MAX` until first used).
     static STRIPE: Cell<usize> = const { Cell::new(usize::MAX) };
-    /// When the last timed poll on this worker ended, while the worker has
-    /// gone straight from poll to poll: the next poll's start, so a timed
-    /// poll reads the clock once, not twice.
-    static LAST_END: Cell<Option<u64>> = const { Cell::new(None) };
-    /// When the timed poll running on this thread began.
-    static POLL_START: Cell<Option<u64>> = const { Cell::new(None) };
+    /// The worker's last timestamp, while it goes straight from poll to
+    /// poll: during a timed poll, when it began (a task spawned from it is
+    /// stamped with that); between polls, when the last one ended (the
+    /// next one's start, so a timed poll reads the clock once, not twice).
+    /// `None` off the runtime's workers and after a break.
+    static LAST: Cell<Option<u64>> = const { Cell::new(None) };
 }
 
 /// Where the monitor's timestamps count from (process-wide, so a task
@@ -110,7 +110,7 @@ fn instant_at(ns: u64) -> Instant {
 /// The worker is about to wait or hand its thread to the reactor: the next
 /// poll's start is not the last one's end.
 pub(crate) fn break_poll_chain() {
-    let _ = LAST_END.try_with(|c| c.set(None));
+    let _ = LAST.try_with(|c| c.set(None));
 }
 
 static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
@@ -301,7 +301,7 @@ pub(crate) fn instrument<F>(owner: &Arc<Scheduler>, name: Option<&str>, fut: F) 
     let id = this.spawned.0.fetch_add(1, Ordering::SeqCst) + 1;
     let timing = this.timing.then(|| Timing {
         name: name.map(Arc::from),
-        spawned_ns: POLL_START.try_with(Cell::get).ok().flatten(),
+        spawned_ns: LAST.try_with(Cell::get).ok().flatten(),
     });
     Instrumented {
         fut,
@@ -358,19 +358,19 @@ impl<F: Future> Future for Instrumented<F> {
         let enclosing = begin_task_poll();
         let timed = this.timing.is_some() || this.meta.is_some();
         let (result, span) = if timed {
-            let start = LAST_END
-                .try_with(Cell::take)
-                .ok()
-                .flatten()
-                .unwrap_or_else(now_ns);
-            let outer = POLL_START
-                .try_with(|c| c.replace(Some(start)))
-                .ok()
-                .flatten();
+            let start = LAST
+                .try_with(|c| match c.get() {
+                    Some(t) => t,
+                    None => {
+                        let t = now_ns();
+                        c.set(Some(t));
+                        t
+                    }
+                })
+                .unwrap_or_else(|_| now_ns());
             let result = this.fut.poll(cx);
             let end = now_ns();
-            let _ = POLL_START.try_with(|c| c.set(outer));
-            let _ = LAST_END.try_with(|c| c.set(Some(end)));
+            let _ = LAST.try_with(|c| c.set(Some(end)));
             (result, Some((start, end)))
         } else {
             (this.fut.poll(cx), None)
