@@ -4,6 +4,9 @@
 //!
 //! - `echo_round_trip`: one 32-byte text message sent and its echo
 //!   received, one at a time.
+//! - `echo_round_trip_on_runtime`: the same, with the caller, the
+//!   session's driver and the raw peer all tasks on one 2-thread smolkit
+//!   `Runtime`.
 //! - `throughput_1kib`: 1000 messages of 1 KiB sent while their echoes are
 //!   read (pipelined).
 //!
@@ -112,6 +115,59 @@ fn round_trip(c: &mut Criterion) {
                 raw.send(WsMessage::text(msg.clone())).await.unwrap();
                 raw.next().await.unwrap().unwrap()
             })
+        })
+    });
+    g.finish();
+}
+
+/// The same round trip with everything on one 2-thread smolkit `Runtime`
+/// (the caller a task, the session's driver a task), beside raw
+/// async-tungstenite in a task on the same runtime: as an application on
+/// the runtime would run either. Timed inside the task (`iter_custom`), so
+/// no hop to the benchmark thread per round trip.
+fn round_trip_on_runtime(c: &mut Criterion) {
+    let s = setup();
+    let rt = Runtime::builder().with_threads(2).build().unwrap();
+    let mut g = c.benchmark_group("ws/echo_round_trip_on_runtime");
+    g.throughput(Throughput::Elements(1));
+    let msg: Arc<str> = Arc::from(payload(32));
+
+    let url = s.server.ws_url("/ws");
+    let sess = rt
+        .block_on(Session::builder(&url).with_spawner(rt.handle()).connect())
+        .unwrap();
+    g.bench_function("session", |b| {
+        b.iter_custom(|iters| {
+            let (sess, msg) = (sess.clone(), msg.clone());
+            rt.block_on(rt.spawn(async move {
+                let start = Instant::now();
+                for _ in 0..iters {
+                    sess.send(&*msg).await.unwrap();
+                    sess.recv().await.unwrap();
+                }
+                start.elapsed()
+            }))
+            .unwrap()
+        })
+    });
+    rt.block_on(sess.close());
+
+    let raw = Arc::new(async_lock::Mutex::new(
+        rt.block_on(rt.spawn(raw_connect(s.server.addr()))).unwrap(),
+    ));
+    g.bench_function("raw_async_tungstenite", |b| {
+        b.iter_custom(|iters| {
+            let (raw, msg) = (raw.clone(), msg.clone());
+            rt.block_on(rt.spawn(async move {
+                let mut raw = raw.lock().await;
+                let start = Instant::now();
+                for _ in 0..iters {
+                    raw.send(WsMessage::text(&*msg)).await.unwrap();
+                    raw.next().await.unwrap().unwrap();
+                }
+                start.elapsed()
+            }))
+            .unwrap()
         })
     });
     g.finish();
@@ -263,5 +319,11 @@ fn reconnect(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, round_trip, throughput, reconnect);
+criterion_group!(
+    benches,
+    round_trip,
+    round_trip_on_runtime,
+    throughput,
+    reconnect
+);
 criterion_main!(benches);
