@@ -7,6 +7,10 @@
 //! (it is counted as done when the sender finishes and every receiver has
 //! drained what it still holds).
 //!
+//! `bus_fanout_on_runtime`: single `emit` and async-broadcast again, with
+//! the emitter and the subscribers all tasks on one 2-thread smolkit
+//! `Runtime`.
+//!
 //! Run: `cargo bench --bench events`
 
 use std::sync::Arc;
@@ -48,6 +52,64 @@ fn bus_fan_out(ex: &smol::Executor<'static>, k: usize, batch: u64) {
             assert_eq!(t.await as u64, EVENTS);
         }
     }));
+}
+
+/// The single-`emit` row and async-broadcast with every task (emitter and
+/// subscribers) on one 2-thread smolkit `Runtime`: a wake-up from the
+/// emitter's poll goes to the emitter's worker (LIFO slot, local queue).
+fn fanout_on_runtime(c: &mut Criterion) {
+    let mut group = c.benchmark_group("bus_fanout_on_runtime");
+    group.throughput(Throughput::Elements(EVENTS));
+    group.sample_size(10);
+    let rt = smolkit::runtime::Runtime::builder()
+        .with_threads(2)
+        .build()
+        .unwrap();
+
+    for subs in [1usize, 4, 16] {
+        group.bench_with_input(BenchmarkId::new("smolkit_bus", subs), &subs, |b, &k| {
+            b.iter(|| {
+                let bus = Bus::<u64>::builder()
+                    .with_capacity(CAPACITY)
+                    .build()
+                    .unwrap();
+                let tasks: Vec<_> = (0..k)
+                    .map(|_| rt.spawn(bus.subscribe("ticks.#").unwrap().count()))
+                    .collect();
+                let emitter = rt.spawn(async move {
+                    for i in 0..EVENTS {
+                        bus.emit("ticks.eu", i).await.unwrap();
+                    }
+                    bus.shutdown().await;
+                });
+                rt.block_on(async {
+                    emitter.await.unwrap();
+                    for t in tasks {
+                        assert_eq!(t.await.unwrap() as u64, EVENTS);
+                    }
+                });
+            })
+        });
+        group.bench_with_input(BenchmarkId::new("async_broadcast", subs), &subs, |b, &k| {
+            b.iter(|| {
+                let (tx, rx) = async_broadcast::broadcast::<u64>(CAPACITY);
+                let tasks: Vec<_> = (0..k).map(|_| rt.spawn(rx.clone().count())).collect();
+                drop(rx);
+                let emitter = rt.spawn(async move {
+                    for i in 0..EVENTS {
+                        tx.broadcast(i).await.unwrap();
+                    }
+                });
+                rt.block_on(async {
+                    emitter.await.unwrap();
+                    for t in tasks {
+                        assert_eq!(t.await.unwrap() as u64, EVENTS);
+                    }
+                });
+            })
+        });
+    }
+    group.finish();
 }
 
 fn fanout(c: &mut Criterion) {
@@ -132,5 +194,5 @@ fn fanout(c: &mut Criterion) {
     drop(stop);
 }
 
-criterion_group!(benches, fanout);
+criterion_group!(benches, fanout, fanout_on_runtime);
 criterion_main!(benches);
