@@ -67,6 +67,11 @@ struct Local {
     index: usize,
     /// A task is being polled by this worker right now.
     polling: bool,
+    /// Another worker was woken during the current poll: a burst of
+    /// wake-ups from one poll (an emit to k subscribers) wakes one other
+    /// worker, not k times one; the one woken wakes the next if it finds
+    /// work.
+    woke_another: bool,
     lifo: Option<Runnable>,
     /// LIFO-slot runs in a row.
     lifo_run: u32,
@@ -166,6 +171,10 @@ impl Scheduler {
                 // New work, or woken from outside a poll: others may help.
                 Kind::New | Kind::Woken => (runnable.take(), true),
             };
+            let wake_another = wake_another && !(local.polling && local.woke_another);
+            if wake_another && local.polling {
+                local.woke_another = true;
+            }
             drop(w);
             if let Some(r) = to_queue {
                 self.push_local(index, r);
@@ -291,6 +300,7 @@ impl LocalGuard {
                 id,
                 index,
                 polling: false,
+                woke_another: false,
                 lifo: None,
                 lifo_run: 0,
             })
@@ -429,6 +439,7 @@ fn set_polling(on: bool) {
     let _ = WORKER.try_with(|w| {
         if let Some(l) = w.borrow_mut().as_mut() {
             l.polling = on;
+            l.woke_another = false;
         }
     });
 }
