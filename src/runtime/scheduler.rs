@@ -16,7 +16,10 @@
 //!   cannot be starved by busy local queues;
 //! - idle workers sleep in `async_io::block_on` (so an idle worker drives the
 //!   IO reactor and timers); a push wakes at most one sleeper, and only when
-//!   no sleeper has been woken already (async-executor's `Sleepers` scheme).
+//!   no sleeper has been woken already (async-executor's `Sleepers` scheme);
+//!   one poll wakes at most one other worker however many tasks it wakes or
+//!   spawns (a worker woken that finds work wakes the next), and a task
+//!   that yields, or passes the LIFO limit, wakes nobody: it runs here next.
 //!
 //! async-executor, which the runtime used before, pushes every wake to its
 //! global queue and has no LIFO slot: each wake of a ping-pong crosses cores.
