@@ -14,15 +14,8 @@ use smolkit::runtime::offload::{self, CpuPool, OffloadError};
 use smolkit::runtime::{Clock, JoinError, Runtime, SmolGlobal, Spawn, SpawnExt};
 use smolkit::testing::ManualClock;
 
-/// Fails the test instead of hanging when `fut` never completes. Not a speed
-/// assertion: the bound is far above anything the code under test needs.
-fn within<F: Future>(fut: F) -> F::Output {
-    let limit = async {
-        async_io::Timer::after(Duration::from_secs(20)).await;
-        panic!("test future did not complete within 20 s");
-    };
-    async_io::block_on(future::or(fut, limit))
-}
+mod common;
+use common::block_within as within;
 
 /// Sends on `tx` when dropped: proves a task's future was dropped. A task
 /// cancelled before its first poll drops the sender without sending, which

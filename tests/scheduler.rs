@@ -3,23 +3,14 @@
 //! on a one-worker runtime, where they are deterministic; nothing here
 //! measures time.
 
-use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
-use futures_lite::future;
-use smolkit::runtime::Runtime;
+use smolkit::runtime::{JoinHandle, Runtime};
 
-/// Fails the test instead of hanging when `fut` never completes (not a
-/// speed assertion: far above what the code needs).
-fn within<F: Future>(fut: F) -> F::Output {
-    let limit = async {
-        async_io::Timer::after(Duration::from_secs(20)).await;
-        panic!("test future did not complete within 20 s");
-    };
-    async_io::block_on(future::or(fut, limit))
-}
+mod common;
+use common::block_within as within;
 
 fn runtime(threads: usize) -> Runtime {
     Runtime::builder().with_threads(threads).build().unwrap()
@@ -66,10 +57,14 @@ fn a_task_woken_by_the_running_task_runs_next_on_its_worker() {
     assert_eq!(*order.lock().unwrap(), ["waker", "woken", "queued"]);
 }
 
-/// Two tasks that wake each other `limit` times (or until `stop` is set);
-/// returns how many round trips were done, live.
-fn ping_pong(rt: &Runtime, limit: usize, stop: Arc<AtomicUsize>) -> Arc<AtomicUsize> {
-    let trips = Arc::new(AtomicUsize::new(0));
+/// An echo task and a driver that wake each other up to `limit` round
+/// trips; after each, `after_trip(trips done)` says whether to go on. The
+/// driver's handle gives the round trips done.
+fn ping_pong(
+    rt: &Runtime,
+    limit: usize,
+    mut after_trip: impl FnMut(usize) -> bool + Send + 'static,
+) -> JoinHandle<usize> {
     let (ping_tx, ping_rx) = async_channel::bounded::<()>(1);
     let (pong_tx, pong_rx) = async_channel::bounded::<()>(1);
     rt.spawn(async move {
@@ -80,95 +75,66 @@ fn ping_pong(rt: &Runtime, limit: usize, stop: Arc<AtomicUsize>) -> Arc<AtomicUs
         }
     })
     .detach();
-    rt.spawn({
-        let trips = trips.clone();
-        async move {
-            for _ in 0..limit {
-                if stop.load(Ordering::Acquire) != 0 {
-                    break;
-                }
-                ping_tx.send(()).await.unwrap();
-                pong_rx.recv().await.unwrap();
-                trips.fetch_add(1, Ordering::AcqRel);
+    rt.spawn(async move {
+        let mut trips = 0;
+        while trips < limit {
+            ping_tx.send(()).await.unwrap();
+            pong_rx.recv().await.unwrap();
+            trips += 1;
+            if !after_trip(trips) {
+                break;
             }
         }
+        trips
     })
-    .detach();
-    trips
 }
 
 #[test]
 fn two_tasks_waking_each_other_do_not_starve_a_queued_task() {
     let rt = runtime(1);
-    let stop = Arc::new(AtomicUsize::new(0));
     let handle = rt.handle();
-    let seen = Arc::new(AtomicUsize::new(usize::MAX));
-    let (ping_tx, ping_rx) = async_channel::bounded::<()>(1);
-    let (pong_tx, pong_rx) = async_channel::bounded::<()>(1);
-    rt.spawn(async move {
-        while ping_rx.recv().await.is_ok() {
-            if pong_tx.send(()).await.is_err() {
-                break;
-            }
+    let ran = Arc::new(AtomicBool::new(false));
+    let pair = ping_pong(&rt, 10_000, move |trips| {
+        if trips == 1 {
+            // Queued behind the pair on this worker's queue.
+            let ran = ran.clone();
+            handle
+                .spawn(async move { ran.store(true, Ordering::Release) })
+                .detach();
         }
-    })
-    .detach();
-    let pair = rt.spawn({
-        let (seen, stop) = (seen.clone(), stop.clone());
-        async move {
-            let mut trips = 0;
-            while trips < 10_000 && stop.load(Ordering::Acquire) == 0 {
-                if trips == 1 {
-                    // Queued behind the pair on this worker's queue.
-                    let (seen, stop) = (seen.clone(), stop.clone());
-                    handle
-                        .spawn(async move {
-                            seen.store(0, Ordering::Release);
-                            stop.store(1, Ordering::Release);
-                        })
-                        .detach();
-                }
-                ping_tx.send(()).await.unwrap();
-                pong_rx.recv().await.unwrap();
-                trips += 1;
-                if seen.load(Ordering::Acquire) == 0 {
-                    seen.store(trips, Ordering::Release);
-                }
-            }
-            trips
-        }
+        // Stop at the first round trip after it ran.
+        !ran.load(Ordering::Acquire)
     });
-    let trips = within(pair).unwrap();
-    let at = seen.load(Ordering::Acquire);
+    let at = within(pair).unwrap();
     // It ran within a few round trips of being queued, not after all of
     // them (the LIFO slot gives up after 3 runs in a row).
     assert!(
         at <= 10,
-        "the queued task ran after round trip {at} of {trips}"
+        "the queued task ran after round trip {at} of 10000"
     );
 }
 
 #[test]
 fn a_task_spawned_from_outside_runs_while_a_worker_stays_busy() {
     let rt = runtime(1);
-    let stop = Arc::new(AtomicUsize::new(0));
-    let trips = ping_pong(&rt, 1_000_000, stop.clone());
-    // Wait (bounded) until the pair is under way, then queue from outside.
-    within(async {
-        while trips.load(Ordering::Acquire) < 10 {
-            async_io::Timer::after(Duration::from_millis(1)).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (started_tx, started_rx) = async_channel::bounded::<()>(1);
+    let pair = ping_pong(&rt, 1_000_000, {
+        let stop = stop.clone();
+        move |trips| {
+            if trips == 10 {
+                let _ = started_tx.try_send(());
+            }
+            !stop.load(Ordering::Acquire)
         }
     });
-    let outside = rt.spawn({
-        let (trips, stop) = (trips.clone(), stop.clone());
-        async move {
-            stop.store(1, Ordering::Release);
-            trips.load(Ordering::Acquire)
-        }
-    });
-    let at = within(outside).unwrap();
+    // Once the pair is under way, queue a task from outside: it must run
+    // (and stop the pair) before the pair has done all its round trips.
+    within(started_rx.recv()).unwrap();
+    within(rt.spawn(async move { stop.store(true, Ordering::Release) })).unwrap();
+    let trips = within(pair).unwrap();
     assert!(
-        at < 1_000_000,
+        trips < 1_000_000,
         "the task from outside ran only after the pair had finished"
     );
 }

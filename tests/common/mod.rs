@@ -20,6 +20,17 @@ pub fn within_for<T: Send + 'static>(bound: Duration, f: impl FnOnce() -> T + Se
         .unwrap_or_else(|_| panic!("test body hung for {bound:?}"))
 }
 
+/// Runs `fut` on this thread and fails the test instead of hanging when it
+/// has not completed in 20 s (a bound, not a speed assertion: far above
+/// anything the code under test needs).
+pub fn block_within<F: std::future::Future>(fut: F) -> F::Output {
+    let limit = async {
+        async_io::Timer::after(Duration::from_secs(20)).await;
+        panic!("test future did not complete within 20 s");
+    };
+    async_io::block_on(futures_lite::future::or(fut, limit))
+}
+
 /// Waits (bounded: 20 s of 1 ms naps) until `cond` holds, for state that
 /// real threads reach on their own time.
 pub fn eventually(what: &str, cond: impl Fn() -> bool) {
