@@ -174,7 +174,10 @@ impl Scheduler {
                 // New work, or woken from outside a poll: others may help.
                 Kind::New | Kind::Woken => (runnable.take(), true),
             };
-            let wake_another = wake_another && !(local.polling && local.woke_another);
+            // At most one other worker per poll, and only for a task that
+            // went to the queue (one in the LIFO slot is this worker's).
+            let wake_another =
+                to_queue.is_some() && wake_another && !(local.polling && local.woke_another);
             if wake_another && local.polling {
                 local.woke_another = true;
             }
@@ -210,19 +213,25 @@ impl Scheduler {
     /// `blocking` pool (see `schedule`).
     fn recheck_drained(&self) {
         if self.drained.load(Ordering::SeqCst) {
-            let mut left = Vec::new();
-            while let Ok(r) = self.global.pop() {
-                left.push(r);
-            }
-            for local in &self.locals {
-                while let Ok(r) = local.pop() {
-                    left.push(r);
-                }
-            }
+            let left = self.take_queued();
             if !left.is_empty() {
                 blocking::unblock(move || drop(left)).detach();
             }
         }
+    }
+
+    /// Everything in the queues.
+    fn take_queued(&self) -> Vec<Runnable> {
+        let mut left = Vec::new();
+        while let Ok(r) = self.global.pop() {
+            left.push(r);
+        }
+        for local in &self.locals {
+            while let Ok(r) = local.pop() {
+                left.push(r);
+            }
+        }
+        left
     }
 
     /// Wakes one sleeping worker unless one was woken already.
@@ -268,10 +277,7 @@ impl Scheduler {
     /// Call it holding no lock: the tasks' futures are dropped here.
     pub(crate) fn drain(&self) {
         self.drained.store(true, Ordering::SeqCst);
-        while self.global.pop().is_ok() {}
-        for local in &self.locals {
-            while local.pop().is_ok() {}
-        }
+        drop(self.take_queued());
     }
 
     pub(crate) fn is_drained(&self) -> bool {
