@@ -217,6 +217,51 @@ fn contended_stack(c: &mut Criterion) {
                 })
             })
         });
+        // The crossed pairs tell the semaphore's share from the runtime's.
+        group.bench_function(BenchmarkId::new("tokio_on_runtime", &param), |b| {
+            b.iter(|| {
+                let sem = Arc::new(tokio::sync::Semaphore::new(permits));
+                rt.block_on(async {
+                    let handles: Vec<_> = (0..tasks)
+                        .map(|_| {
+                            let sem = sem.clone();
+                            rt.spawn(async move {
+                                for _ in 0..per_task {
+                                    let g = sem.acquire().await.unwrap();
+                                    yield_now().await;
+                                    drop(g);
+                                }
+                            })
+                        })
+                        .collect();
+                    for h in handles {
+                        h.await.unwrap();
+                    }
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("smolkit_on_tokio", &param), |b| {
+            b.iter(|| {
+                let sem = Arc::new(Semaphore::new(permits));
+                tk.block_on(async {
+                    let handles: Vec<_> = (0..tasks)
+                        .map(|_| {
+                            let sem = sem.clone();
+                            tokio::spawn(async move {
+                                for _ in 0..per_task {
+                                    let g = sem.acquire().await.unwrap();
+                                    tokio::task::yield_now().await;
+                                    drop(g);
+                                }
+                            })
+                        })
+                        .collect();
+                    for h in handles {
+                        h.await.unwrap();
+                    }
+                })
+            })
+        });
         group.bench_function(BenchmarkId::new("tokio_on_tokio", &param), |b| {
             b.iter(|| {
                 let sem = Arc::new(tokio::sync::Semaphore::new(permits));

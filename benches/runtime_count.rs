@@ -1,10 +1,12 @@
 //! Fixed work on smolkit's `Runtime` (2 threads) for instruction counts:
 //! 5 × spawn + join of 100k tiny tasks, or 5 × a 10k ping-pong between two
-//! tasks, with the monitor on or off. Criterion's rows of the same
+//! tasks, with the monitor on or off; or (`sem-smolkit` / `sem-tokio`)
+//! 51 200 contended acquisitions by 64 tasks over 16 permits, each holding
+//! its permit across a yield, with smolkit's or tokio's semaphore. Criterion's rows of the same
 //! workloads swing by ±20% on this machine; callgrind's counts do not.
 //!
 //! Run: `cargo build --release --manifest-path benches/Cargo.toml --example runtime_count`,
-//! then `valgrind --tool=callgrind benches/target/release/examples/runtime_count <on|off> <spawn|ping>`.
+//! then `valgrind --tool=callgrind benches/target/release/examples/runtime_count <on|off> <spawn|ping|sem-smolkit|sem-tokio>`.
 
 use smolkit::runtime::Runtime;
 
@@ -15,7 +17,7 @@ const ROUND_TRIPS: u64 = 10_000;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(monitor), Some(work)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: runtime_count <on|off> <spawn|ping>");
+        eprintln!("usage: runtime_count <on|off> <spawn|ping|sem-smolkit|sem-tokio>");
         std::process::exit(2);
     };
     let rt = Runtime::builder()
@@ -24,7 +26,9 @@ fn main() {
         .build()
         .expect("a runtime");
     for _ in 0..ROUNDS {
-        if work == "spawn" {
+        if let Some(which) = work.strip_prefix("sem-") {
+            contended(&rt, which == "tokio");
+        } else if work == "spawn" {
             let sum = rt.block_on(async {
                 let handles: Vec<_> = (0..TASKS).map(|i| rt.spawn(async move { i })).collect();
                 let mut sum = 0;
@@ -56,4 +60,36 @@ fn main() {
             });
         }
     }
+}
+
+/// 64 tasks, 16 permits, 800 acquisitions each.
+fn contended(rt: &Runtime, tokio_sem: bool) {
+    use std::sync::Arc;
+    const TASKS: usize = 64;
+    const EACH: usize = 800;
+    let ours = Arc::new(smolkit::limit::Semaphore::new(16));
+    let theirs = Arc::new(tokio::sync::Semaphore::new(16));
+    rt.block_on(async {
+        let handles: Vec<_> = (0..TASKS)
+            .map(|_| {
+                let (ours, theirs) = (ours.clone(), theirs.clone());
+                rt.spawn(async move {
+                    for _ in 0..EACH {
+                        if tokio_sem {
+                            let g = theirs.acquire().await.expect("open");
+                            futures_lite::future::yield_now().await;
+                            drop(g);
+                        } else {
+                            let g = ours.acquire().await.expect("open");
+                            futures_lite::future::yield_now().await;
+                            drop(g);
+                        }
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.await.expect("no panic");
+        }
+    });
 }

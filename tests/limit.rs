@@ -88,6 +88,30 @@ fn waiters_are_served_in_fifo_order() {
 }
 
 #[test]
+fn a_granted_waiter_not_yet_polled_keeps_its_grant_when_its_slot_is_reused() {
+    // The waiter slot (and the cell its future reads the grant from) is
+    // reused by the next waiter; a granted future that has not looked yet
+    // must still find its grant, not the newcomer's wait (which made its
+    // poll spin: hence the thread with a bound).
+    common::within(|| {
+        let sem = Arc::new(Semaphore::new(1));
+        let held = sem.try_acquire().unwrap();
+        let mut granted = Probe::new(sem.acquire());
+        assert!(granted.poll().is_pending());
+        drop(held);
+        assert!(granted.woken());
+        let mut next = Probe::new(sem.acquire());
+        assert!(next.poll().is_pending());
+        let guard = granted.ready().unwrap();
+        assert!(next.poll().is_pending());
+        drop(guard);
+        assert!(next.woken());
+        assert_eq!(next.ready().unwrap().permits(), 1);
+        assert_eq!(sem.available(), 1);
+    });
+}
+
+#[test]
 fn try_acquire_does_not_overtake_a_waiter() {
     let sem = Semaphore::new(3);
     let held = sem.try_acquire_many(2).unwrap();

@@ -431,16 +431,31 @@ impl Semaphore {
         if n == 0 {
             return;
         }
-        let prev = self.state.fetch_add(units(n), Ordering::AcqRel);
-        if prev & WAITERS == 0 {
-            return;
+        let mut cur = self.state.load(Ordering::Acquire);
+        while cur & WAITERS == 0 {
+            match self.state.compare_exchange_weak(
+                cur,
+                cur + units(n),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(actual) => cur = actual,
+            }
         }
-        // Waiters are queued: the permits just added are theirs. No
-        // fast-path acquire takes them meanwhile (it sees WAITERS).
+        // Waiters are queued: the permits go to them from hand, without
+        // a trip through the word (no fast-path acquire takes permits
+        // while WAITERS is set, and only the lock's holder changes the
+        // count then).
         let mut wakers = Wakers::new();
         {
             let mut q = sync::lock(&self.queue);
-            self.redistribute_locked(&mut q, &mut wakers);
+            if q.is_empty() || permits_of(self.state.load(Ordering::Acquire)) != 0 {
+                // The queue emptied meanwhile, or a debt to pay first.
+                self.release_locked(&mut q, n, &mut wakers);
+            } else {
+                self.hand_out_locked(&mut q, n, &mut wakers);
+            }
         }
         wakers.wake();
     }
@@ -466,7 +481,7 @@ impl Semaphore {
         }
         // Take the free permits out of the word (a debt stays there).
         let mut cur = self.state.load(Ordering::Acquire);
-        let mut free = loop {
+        let free = loop {
             let p = permits_of(cur);
             if p <= 0 {
                 return;
@@ -481,6 +496,13 @@ impl Semaphore {
                 Err(actual) => cur = actual,
             }
         };
+        self.hand_out_locked(q, free, wakers);
+    }
+
+    /// Gives `free` permits (taken out of the word) to the queue, front
+    /// first; what is left goes back to the word once the queue is empty.
+    /// Called with the queue locked.
+    fn hand_out_locked(&self, q: &mut Queue, mut free: usize, wakers: &mut Wakers) {
         while free > 0 {
             let Some(head) = q.front_mut() else {
                 break;

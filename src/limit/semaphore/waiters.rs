@@ -25,17 +25,18 @@ pub(super) struct Waiter {
     pub(super) assigned: usize,
     pub(super) waker: Option<Waker>,
     /// Shared with the waiter's future, which reads its fate without the
-    /// lock.
+    /// lock. It stays with the slot when the slot is freed, and the slot's
+    /// next waiter reuses it once the last future has let go of it: no
+    /// list of spare cells to search (each look at a cell another thread
+    /// let go of is a cache miss).
     fate: Option<sync::Arc<AtomicUsize>>,
     prev: u32,
+    /// The next waiter in the FIFO, or, on a free slot, the next free slot.
     pub(super) next: u32,
     /// Bumped when the slot is freed, so a stale key is never mistaken
     /// for the slot's next waiter.
     generation: u32,
 }
-
-/// Fate cells kept for reuse.
-const SPARE_CELLS: usize = 256;
 
 /// A queued waiter's key: its slot and that slot's generation.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -46,10 +47,13 @@ pub(super) struct Key {
 
 pub(super) struct Queue {
     slab: Vec<Waiter>,
-    free: Vec<u32>,
-    /// Fate cells of settled waiters; one is reused once its future has
-    /// let go of it (only this list holds it).
-    spare: Vec<sync::Arc<AtomicUsize>>,
+    /// The free slots, oldest first, linked through their `next` (no
+    /// second buffer for both threads to write). Oldest first: the slot
+    /// freed last usually belongs to a future woken but not yet run, which
+    /// still holds the slot's fate cell (reusing that slot would allocate
+    /// a new cell).
+    free: u32,
+    free_tail: u32,
     pub(super) head: u32,
     tail: u32,
     /// Linked (pending) waiters.
@@ -60,8 +64,8 @@ impl Queue {
     pub(super) const fn new() -> Self {
         Queue {
             slab: Vec::new(),
-            free: Vec::new(),
-            spare: Vec::new(),
+            free: NIL,
+            free_tail: NIL,
             head: NIL,
             tail: NIL,
             len: 0,
@@ -81,21 +85,6 @@ impl Queue {
         (head != NIL).then(|| self.at(head))
     }
 
-    /// A fate cell set to PENDING: a spare one nobody else holds, or a new
-    /// one.
-    fn cell(&mut self) -> sync::Arc<AtomicUsize> {
-        // NOTE: the last few settled are the likeliest to be let go of.
-        let n = self.spare.len();
-        for i in (n.saturating_sub(4)..n).rev() {
-            if sync::Arc::strong_count(&self.spare[i]) == 1 {
-                let cell = self.spare.swap_remove(i);
-                cell.store(PENDING, Ordering::Relaxed);
-                return cell;
-            }
-        }
-        sync::Arc::new(AtomicUsize::new(PENDING))
-    }
-
     /// Queues a waiter at the back; returns its key and fate cell.
     pub(super) fn push_back(
         &mut self,
@@ -104,29 +93,60 @@ impl Queue {
         waker: Waker,
     ) -> (Key, sync::Arc<AtomicUsize>) {
         let tail = self.tail;
-        let cell = self.cell();
-        let fresh = |generation| Waiter {
-            needed,
-            assigned,
-            waker: Some(waker),
-            fate: Some(cell.clone()),
-            prev: tail,
-            next: NIL,
-            generation,
+        // The oldest free slot, unless its last waiter's future still
+        // holds the fate cell (woken, not yet run) and the slab has room
+        // to grow: then a new slot, so that there is slack for cells to be
+        // reused instead of allocated. The slab stays within twice the
+        // waiters queued plus 16.
+        let held = self.free != NIL
+            && self.slab[self.free as usize]
+                .fate
+                .as_ref()
+                .is_some_and(|cell| sync::Arc::strong_count(cell) > 1);
+        let reusable = self.free != NIL && (!held || self.slab.len() >= 2 * self.len + 16);
+        let slot = if reusable {
+            let slot = self.free;
+            self.free = self.slab[slot as usize].next;
+            if self.free == NIL {
+                self.free_tail = NIL;
+            }
+            slot
+        } else {
+            // NOTE: more than u32::MAX - 1 waiters at once cannot be
+            // reached (each is a live future holding a slot).
+            let slot = u32::try_from(self.slab.len()).unwrap_or(NIL - 1);
+            self.slab.push(Waiter {
+                needed: 0,
+                assigned: 0,
+                waker: None,
+                fate: None,
+                prev: NIL,
+                next: NIL,
+                generation: 0,
+            });
+            slot
         };
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                let generation = self.slab[slot as usize].generation;
-                self.slab[slot as usize] = fresh(generation);
-                slot
+        let w = self.at(slot);
+        w.needed = needed;
+        w.assigned = assigned;
+        w.waker = Some(waker);
+        w.prev = tail;
+        w.next = NIL;
+        let cell = match &w.fate {
+            // The slot's last future has let go of its cell: reuse it.
+            Some(cell) if sync::Arc::strong_count(cell) == 1 => {
+                cell.store(PENDING, Ordering::Relaxed);
+                cell.clone()
             }
-            None => {
-                // NOTE: more than u32::MAX - 1 waiters at once cannot be
-                // reached (each is a live future holding a slot).
-                let slot = u32::try_from(self.slab.len()).unwrap_or(NIL - 1);
-                self.slab.push(fresh(0));
-                slot
+            _ => {
+                let cell = sync::Arc::new(AtomicUsize::new(PENDING));
+                w.fate = Some(cell.clone());
+                cell
             }
+        };
+        let key = Key {
+            slot,
+            generation: w.generation,
         };
         if tail == NIL {
             self.head = slot;
@@ -135,10 +155,6 @@ impl Queue {
         }
         self.tail = slot;
         self.len += 1;
-        let key = Key {
-            slot,
-            generation: self.slab[slot as usize].generation,
-        };
         (key, cell)
     }
 
@@ -152,14 +168,9 @@ impl Queue {
         w.generation = w.generation.wrapping_add(1);
         let assigned = std::mem::take(&mut w.assigned);
         let waker = w.waker.take();
-        let cell = w.fate.take();
-        if let Some(cell) = cell {
+        if let Some(cell) = &w.fate {
             cell.store(fate, Ordering::Release);
-            if self.spare.len() < SPARE_CELLS {
-                self.spare.push(cell);
-            }
         }
-        self.free.push(slot);
         if prev == NIL {
             self.head = next;
         } else {
@@ -170,6 +181,12 @@ impl Queue {
         } else {
             self.at(next).prev = prev;
         }
+        if self.free_tail == NIL {
+            self.free = slot;
+        } else {
+            self.at(self.free_tail).next = slot;
+        }
+        self.free_tail = slot;
         self.len -= 1;
         (assigned, waker)
     }
