@@ -6,6 +6,10 @@
 //!   64 for the 64-caller run), surf 2.3 (`h1-client-rustls`), and
 //!   hyper-util's legacy client on a smol connector and executor (no tokio
 //!   runtime).
+//! - `requests_on_runtime`: each client with its callers and connection
+//!   tasks on one 2-thread smolkit `Runtime`, against an nginx the bench
+//!   starts (skipped without `nginx` on the PATH) and the ChaosServer, at
+//!   1, 16 and 64 callers; and a new connection per request against nginx.
 //! - `body_256mib`: one 256 MiB response body read to the end, per client.
 //! - `api_batch`: 10 000 GETs through one `ApiClient` (64 connections) at
 //!   concurrency 64, by `ApiClient::batch` and by futures-util's
@@ -23,7 +27,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use futures_lite::StreamExt;
 use http_body_util::{BodyExt, Empty};
 use smolkit::http::{Body, Client, HyperClient, Request, SurfClient};
-use smolkit::runtime::Spawn;
+use smolkit::runtime::{Runtime, Spawn};
 use smolkit::testing::ChaosServer;
 
 const REQUESTS: usize = 512;
@@ -291,5 +295,213 @@ fn api_batch(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, requests, body_256mib, api_batch);
+criterion_group!(
+    benches,
+    requests,
+    requests_on_runtime,
+    body_256mib,
+    api_batch
+);
 criterion_main!(benches);
+
+/// An nginx started for the bench (Debian's binary, as `.ci/run` uses):
+/// one worker, a 10-byte file, keep-alive for 100 000 requests. `None`
+/// (the group is skipped) when there is no `nginx` on the PATH.
+struct Nginx {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        // SIGTERM: the master stops its worker (SIGKILL would orphan it).
+        let _ = std::process::Command::new("kill")
+            .arg(self.child.id().to_string())
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+fn nginx() -> Option<Nginx> {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    for sub in ["www", "logs", "tmp"] {
+        std::fs::create_dir_all(root.join(sub)).unwrap();
+    }
+    std::fs::write(root.join("www/ten.txt"), b"0123456789").unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let conf = format!(
+        "worker_processes 1;\npid {r}/nginx.pid;\nerror_log {r}/logs/error.log;\n\
+         events {{ worker_connections 1024; }}\n\
+         http {{ access_log off; keepalive_requests 100000;\n\
+         client_body_temp_path {r}/tmp/body; proxy_temp_path {r}/tmp/proxy;\n\
+         fastcgi_temp_path {r}/tmp/fastcgi; uwsgi_temp_path {r}/tmp/uwsgi; scgi_temp_path {r}/tmp/scgi;\n\
+         server {{ listen 127.0.0.1:{port}; root {r}/www; }} }}\n",
+        r = root.display()
+    );
+    std::fs::write(root.join("nginx.conf"), conf).unwrap();
+    let child = std::process::Command::new("nginx")
+        .args(["-g", "daemon off;", "-p"])
+        .arg(root)
+        .arg("-c")
+        .arg(root.join("nginx.conf"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .ok()?;
+    let nginx = Nginx {
+        child,
+        url: format!("http://127.0.0.1:{port}/ten.txt"),
+        _dir: dir,
+    };
+    for _ in 0..200 {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Some(nginx);
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    None
+}
+
+/// hyper-util's legacy client spawning its connection tasks on the crate's
+/// `Runtime`.
+#[derive(Clone)]
+struct OnRuntime(smolkit::runtime::Handle);
+
+impl<F: Future<Output = ()> + Send + 'static> hyper::rt::Executor<F> for OnRuntime {
+    fn execute(&self, fut: F) {
+        self.0.spawn(fut).detach();
+    }
+}
+
+/// `n` requests by `callers` concurrent tasks on `rt`, timed inside the
+/// runtime (no hop to the bench thread per request).
+fn timed_on<F, Fut>(rt: &Runtime, callers: usize, n: u64, f: F) -> Duration
+where
+    F: Fn() -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = usize> + Send + 'static,
+{
+    let per = n.div_ceil(callers as u64);
+    let handle = rt.handle();
+    rt.block_on(rt.spawn(async move {
+        let start = std::time::Instant::now();
+        let tasks: Vec<_> = (0..callers)
+            .map(|_| {
+                let f = f.clone();
+                handle.spawn(async move {
+                    for _ in 0..per {
+                        assert_eq!(f().await, 10);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        start.elapsed()
+    }))
+    .unwrap()
+}
+
+/// Each stack on the crate's 2-thread `Runtime` (callers and connection
+/// tasks), against nginx (so the server is not the limit) and the
+/// ChaosServer: keep-alive at 1, 16 and 64 callers, and a new connection
+/// per request (item 8's row; hyper-util legacy with no idle pool is
+/// reqwest's core).
+fn requests_on_runtime(c: &mut Criterion) {
+    let Some(nginx) = nginx() else {
+        eprintln!("no nginx on the PATH: requests_on_runtime skipped");
+        return;
+    };
+    let chaos = smol::block_on(ChaosServer::start()).unwrap();
+    let rt = Runtime::builder().with_threads(2).build().unwrap();
+    let mut group = c.benchmark_group("requests_on_runtime");
+    group.throughput(Throughput::Elements(1));
+    group.sample_size(20);
+    group.measurement_time(Duration::from_secs(5));
+    let surf = Arc::new(SurfClient::default());
+    for (server, url) in [
+        ("nginx", nginx.url.clone()),
+        ("chaos", chaos.url("/status/200")),
+    ] {
+        for callers in [1usize, 16, 64] {
+            let hyper = Arc::new(
+                HyperClient::builder()
+                    .with_max_connections_per_host(callers.max(16))
+                    .with_spawner(rt.handle())
+                    .build()
+                    .unwrap(),
+            );
+            let legacy = Arc::new(
+                hyper_util::client::legacy::Client::builder(OnRuntime(rt.handle()))
+                    .build(SmolConnector),
+            );
+            let id = |name: &str| BenchmarkId::new(format!("{server}/{name}"), callers);
+            group.bench_function(id("smolkit_hyper"), |b| {
+                b.iter_custom(|n| {
+                    let (client, url) = (hyper.clone(), url.clone());
+                    timed_on(&rt, callers, n, move || {
+                        let (client, url) = (client.clone(), url.clone());
+                        async move { smolkit_get(&*client, &url).await }
+                    })
+                })
+            });
+            group.bench_function(id("surf"), |b| {
+                b.iter_custom(|n| {
+                    let (client, url) = (surf.clone(), url.clone());
+                    timed_on(&rt, callers, n, move || {
+                        let (client, url) = (client.clone(), url.clone());
+                        async move { smolkit_get(&*client, &url).await }
+                    })
+                })
+            });
+            group.bench_function(id("hyper_util_legacy"), |b| {
+                b.iter_custom(|n| {
+                    let (client, url) = (legacy.clone(), url.clone());
+                    timed_on(&rt, callers, n, move || {
+                        let (client, url) = (client.clone(), url.clone());
+                        async move { legacy_get(&client, &url).await }
+                    })
+                })
+            });
+        }
+    }
+    // A new connection per request, one caller (nginx).
+    let fresh = Arc::new(
+        HyperClient::builder()
+            .with_keep_alive(false)
+            .with_spawner(rt.handle())
+            .build()
+            .unwrap(),
+    );
+    let legacy_fresh = Arc::new(
+        hyper_util::client::legacy::Client::builder(OnRuntime(rt.handle()))
+            .pool_max_idle_per_host(0)
+            .build(SmolConnector),
+    );
+    let url = nginx.url.clone();
+    group.bench_function("nginx_new_connection/smolkit_hyper", |b| {
+        b.iter_custom(|n| {
+            let (client, url) = (fresh.clone(), url.clone());
+            timed_on(&rt, 1, n, move || {
+                let (client, url) = (client.clone(), url.clone());
+                async move { smolkit_get(&*client, &url).await }
+            })
+        })
+    });
+    group.bench_function("nginx_new_connection/hyper_util_legacy", |b| {
+        b.iter_custom(|n| {
+            let (client, url) = (legacy_fresh.clone(), url.clone());
+            timed_on(&rt, 1, n, move || {
+                let (client, url) = (client.clone(), url.clone());
+                async move { legacy_get(&client, &url).await }
+            })
+        })
+    });
+    group.finish();
+}
