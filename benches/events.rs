@@ -9,7 +9,7 @@
 //!
 //! `bus_fanout_on_runtime`: single `emit` and async-broadcast again, with
 //! the emitter and the subscribers all tasks on one 2-thread smolkit
-//! `Runtime`.
+//! `Runtime`, beside tokio's broadcast on its 2-thread runtime.
 //!
 //! Run: `cargo bench --bench events`
 
@@ -18,7 +18,7 @@ use std::thread;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use futures_lite::StreamExt;
-use smolkit::events::Bus;
+use smolkit::events::{Bus, Overflow, SubscribeOptions};
 
 const EVENTS: u64 = 100_000;
 const CAPACITY: usize = 1024;
@@ -65,6 +65,10 @@ fn fanout_on_runtime(c: &mut Criterion) {
         .with_threads(2)
         .build()
         .unwrap();
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
 
     for subs in [1usize, 4, 16] {
         group.bench_with_input(BenchmarkId::new("smolkit_bus", subs), &subs, |b, &k| {
@@ -108,8 +112,81 @@ fn fanout_on_runtime(c: &mut Criterion) {
                 });
             })
         });
+        // The bus lossy too (each subscription drops its oldest event
+        // when full, as tokio's receivers lag), beside tokio's broadcast.
+        group.bench_with_input(
+            BenchmarkId::new("smolkit_bus_drop_oldest", subs),
+            &subs,
+            |b, &k| {
+                b.iter(|| {
+                    let bus = Bus::<u64>::builder()
+                        .with_capacity(CAPACITY)
+                        .build()
+                        .unwrap();
+                    let opts = SubscribeOptions::new().with_overflow(Overflow::DropOldest);
+                    let tasks: Vec<_> = (0..k)
+                        .map(|_| {
+                            let sub = bus.subscribe_with("ticks.#", opts.clone()).unwrap();
+                            rt.spawn(sub.count())
+                        })
+                        .collect();
+                    let emitter = rt.spawn(async move {
+                        for i in 0..EVENTS {
+                            bus.emit("ticks.eu", i).await.unwrap();
+                        }
+                        bus.shutdown().await;
+                    });
+                    rt.block_on(async {
+                        emitter.await.unwrap();
+                        for t in tasks {
+                            assert!(t.await.unwrap() as u64 <= EVENTS);
+                        }
+                    });
+                })
+            },
+        );
+        // The lossy peer on its own stack (a 2-thread tokio runtime), as
+        // the bus runs on its own.
+        group.bench_with_input(
+            BenchmarkId::new("tokio_broadcast_on_tokio", subs),
+            &subs,
+            |b, &k| b.iter(|| tokio_broadcast_fan_out(&tokio_rt, k)),
+        );
     }
     group.finish();
+}
+
+/// `EVENTS` events to `k` subscribers of tokio's (lossy) broadcast, each
+/// counting on its own task of `rt`; the sender yields every 256 sends.
+fn tokio_broadcast_fan_out(rt: &tokio::runtime::Runtime, k: usize) {
+    rt.block_on(async {
+        let (tx, _) = tokio::sync::broadcast::channel::<u64>(CAPACITY);
+        let tasks: Vec<_> = (0..k)
+            .map(|_| {
+                let mut rx = tx.subscribe();
+                tokio::spawn(async move {
+                    let mut n = 0u64;
+                    loop {
+                        match rx.recv().await {
+                            Ok(_) => n += 1,
+                            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                            Err(_) => return n,
+                        }
+                    }
+                })
+            })
+            .collect();
+        for i in 0..EVENTS {
+            tx.send(i).unwrap();
+            if i % 256 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(tx);
+        for t in tasks {
+            t.await.unwrap();
+        }
+    })
 }
 
 fn fanout(c: &mut Criterion) {
@@ -156,38 +233,7 @@ fn fanout(c: &mut Criterion) {
         });
 
         group.bench_with_input(BenchmarkId::new("tokio_broadcast", subs), &subs, |b, &k| {
-            b.iter(|| {
-                tokio_rt.block_on(async {
-                    let (tx, _) = tokio::sync::broadcast::channel::<u64>(CAPACITY);
-                    let tasks: Vec<_> = (0..k)
-                        .map(|_| {
-                            let mut rx = tx.subscribe();
-                            tokio::spawn(async move {
-                                let mut n = 0u64;
-                                loop {
-                                    match rx.recv().await {
-                                        Ok(_) => n += 1,
-                                        Err(tokio::sync::broadcast::error::RecvError::Lagged(
-                                            _,
-                                        )) => {}
-                                        Err(_) => return n,
-                                    }
-                                }
-                            })
-                        })
-                        .collect();
-                    for i in 0..EVENTS {
-                        tx.send(i).unwrap();
-                        if i % 256 == 0 {
-                            tokio::task::yield_now().await;
-                        }
-                    }
-                    drop(tx);
-                    for t in tasks {
-                        t.await.unwrap();
-                    }
-                })
-            })
+            b.iter(|| tokio_broadcast_fan_out(&tokio_rt, k))
         });
     }
     group.finish();

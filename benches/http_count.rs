@@ -1,0 +1,81 @@
+//! Fixed work for callgrind (the steady figure when the HTTP rows swing):
+//! 2 000 GETs of a 10-byte file from an nginx started for the run, one
+//! caller on a 2-thread smolkit `Runtime`, by `HyperClient` or hyper-util's
+//! legacy client (reqwest's core), over a new connection each (`fresh`:
+//! keep-alive off / no idle pool) or one kept alive (`keepalive`).
+//!
+//! Run: `cargo build --release --manifest-path benches/Cargo.toml --example http_count`,
+//! then `valgrind --tool=callgrind benches/target/release/examples/http_count <smolkit|hyper-util> <fresh|keepalive>`
+//! (nginx runs outside valgrind: only the client's instructions count).
+
+#[path = "http_common.rs"]
+mod http_common;
+
+use http_body_util::BodyExt;
+use http_common::{Legacy, OnRuntime, SmolConnector, nginx};
+use smolkit::http::{Body, Client, HyperClient, Request};
+use smolkit::runtime::Runtime;
+
+const REQUESTS: usize = 2_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let (Some(client), Some(mode)) = (args.get(1), args.get(2)) else {
+        eprintln!("usage: http_count <smolkit|hyper-util> <fresh|keepalive>");
+        std::process::exit(2);
+    };
+    let fresh = mode == "fresh";
+    let Some(nginx) = nginx() else {
+        eprintln!("no nginx on the PATH");
+        std::process::exit(2);
+    };
+    let rt = Runtime::builder()
+        .with_threads(2)
+        .build()
+        .expect("a runtime");
+    let url = nginx.url.clone();
+    let bytes = if client == "smolkit" {
+        let hyper = HyperClient::builder()
+            .with_keep_alive(!fresh)
+            .with_spawner(rt.handle())
+            .build()
+            .expect("a client");
+        rt.block_on(rt.spawn(async move {
+            let mut n = 0;
+            for _ in 0..REQUESTS {
+                let r = hyper
+                    .send(Request::get(&url).body(Body::empty()).expect("a request"))
+                    .await
+                    .expect("a response");
+                n += r.into_body().bytes().await.expect("a body").len();
+            }
+            n
+        }))
+        .expect("no panic")
+    } else {
+        let mut builder = hyper_util::client::legacy::Client::builder(OnRuntime(rt.handle()));
+        if fresh {
+            builder.pool_max_idle_per_host(0);
+        }
+        let legacy: Legacy = builder.build(SmolConnector);
+        rt.block_on(rt.spawn(async move {
+            let mut n = 0;
+            for _ in 0..REQUESTS {
+                let r = legacy
+                    .get(url.parse().expect("a uri"))
+                    .await
+                    .expect("a response");
+                n += r
+                    .into_body()
+                    .collect()
+                    .await
+                    .expect("a body")
+                    .to_bytes()
+                    .len();
+            }
+            n
+        }))
+        .expect("no panic")
+    };
+    assert_eq!(bytes, REQUESTS * 10);
+}
