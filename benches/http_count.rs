@@ -1,11 +1,12 @@
 //! Fixed work for callgrind (the steady figure when the HTTP rows swing):
 //! 2 000 GETs of a 10-byte file from an nginx started for the run, one
-//! caller on a 2-thread smolkit `Runtime`, by `HyperClient` or hyper-util's
-//! legacy client (reqwest's core), over a new connection each (`fresh`:
-//! keep-alive off / no idle pool) or one kept alive (`keepalive`).
+//! caller on a 2-thread smolkit `Runtime`, by `HyperClient`, hyper-util's
+//! legacy client (reqwest's core) or surf (keep-alive only), over a new
+//! connection each (`fresh`: keep-alive off / no idle pool) or one kept
+//! alive (`keepalive`).
 //!
 //! Run: `cargo build --release --manifest-path benches/Cargo.toml --example http_count`,
-//! then `valgrind --tool=callgrind benches/target/release/examples/http_count <smolkit|hyper-util> <fresh|keepalive>`
+//! then `valgrind --tool=callgrind benches/target/release/examples/http_count <smolkit|hyper-util|surf> <fresh|keepalive>`
 //! (nginx runs outside valgrind: only the client's instructions count).
 
 #[path = "http_common.rs"]
@@ -13,7 +14,7 @@ mod http_common;
 
 use http_body_util::BodyExt;
 use http_common::{Legacy, OnRuntime, SmolConnector, nginx};
-use smolkit::http::{Body, Client, HyperClient, Request};
+use smolkit::http::{Body, Client, HyperClient, Request, SurfClient};
 use smolkit::runtime::Runtime;
 
 const REQUESTS: usize = 2_000;
@@ -21,7 +22,7 @@ const REQUESTS: usize = 2_000;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(client), Some(mode)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: http_count <smolkit|hyper-util> <fresh|keepalive>");
+        eprintln!("usage: http_count <smolkit|hyper-util|surf> <fresh|keepalive>");
         std::process::exit(2);
     };
     let fresh = mode == "fresh";
@@ -34,12 +35,19 @@ fn main() {
         .build()
         .expect("a runtime");
     let url = nginx.url.clone();
-    let bytes = if client == "smolkit" {
-        let hyper = HyperClient::builder()
-            .with_keep_alive(!fresh)
-            .with_spawner(rt.handle())
-            .build()
-            .expect("a client");
+    let bytes = if client == "smolkit" || client == "surf" {
+        let hyper: Box<dyn Client> = if client == "surf" {
+            assert!(!fresh, "surf: keep-alive only");
+            Box::new(SurfClient::default())
+        } else {
+            Box::new(
+                HyperClient::builder()
+                    .with_keep_alive(!fresh)
+                    .with_spawner(rt.handle())
+                    .build()
+                    .expect("a client"),
+            )
+        };
         rt.block_on(rt.spawn(async move {
             let mut n = 0;
             for _ in 0..REQUESTS {
