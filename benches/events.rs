@@ -54,6 +54,37 @@ fn bus_fan_out(ex: &smol::Executor<'static>, k: usize, batch: u64) {
     }));
 }
 
+/// `EVENTS` single `emit`s to `k` subscriptions with `overflow`, the
+/// emitter and each subscriber a task on `rt`; a lossless bus delivers
+/// every event.
+fn bus_fan_out_on(rt: &smolkit::runtime::Runtime, k: usize, overflow: Overflow) {
+    let bus = Bus::<u64>::builder()
+        .with_capacity(CAPACITY)
+        .build()
+        .unwrap();
+    let opts = SubscribeOptions::new().with_overflow(overflow);
+    let tasks: Vec<_> = (0..k)
+        .map(|_| rt.spawn(bus.subscribe_with("ticks.#", opts.clone()).unwrap().count()))
+        .collect();
+    let emitter = rt.spawn(async move {
+        for i in 0..EVENTS {
+            bus.emit("ticks.eu", i).await.unwrap();
+        }
+        bus.shutdown().await;
+    });
+    rt.block_on(async {
+        emitter.await.unwrap();
+        for t in tasks {
+            let got = t.await.unwrap() as u64;
+            if overflow == Overflow::Wait {
+                assert_eq!(got, EVENTS);
+            } else {
+                assert!(got <= EVENTS);
+            }
+        }
+    });
+}
+
 /// The single-`emit` row and async-broadcast with every task (emitter and
 /// subscribers) on one 2-thread smolkit `Runtime`: a wake-up from the
 /// emitter's poll goes to the emitter's worker (LIFO slot, local queue).
@@ -72,27 +103,7 @@ fn fanout_on_runtime(c: &mut Criterion) {
 
     for subs in [1usize, 4, 16] {
         group.bench_with_input(BenchmarkId::new("smolkit_bus", subs), &subs, |b, &k| {
-            b.iter(|| {
-                let bus = Bus::<u64>::builder()
-                    .with_capacity(CAPACITY)
-                    .build()
-                    .unwrap();
-                let tasks: Vec<_> = (0..k)
-                    .map(|_| rt.spawn(bus.subscribe("ticks.#").unwrap().count()))
-                    .collect();
-                let emitter = rt.spawn(async move {
-                    for i in 0..EVENTS {
-                        bus.emit("ticks.eu", i).await.unwrap();
-                    }
-                    bus.shutdown().await;
-                });
-                rt.block_on(async {
-                    emitter.await.unwrap();
-                    for t in tasks {
-                        assert_eq!(t.await.unwrap() as u64, EVENTS);
-                    }
-                });
-            })
+            b.iter(|| bus_fan_out_on(&rt, k, Overflow::Wait))
         });
         group.bench_with_input(BenchmarkId::new("async_broadcast", subs), &subs, |b, &k| {
             b.iter(|| {
@@ -117,33 +128,7 @@ fn fanout_on_runtime(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new("smolkit_bus_drop_oldest", subs),
             &subs,
-            |b, &k| {
-                b.iter(|| {
-                    let bus = Bus::<u64>::builder()
-                        .with_capacity(CAPACITY)
-                        .build()
-                        .unwrap();
-                    let opts = SubscribeOptions::new().with_overflow(Overflow::DropOldest);
-                    let tasks: Vec<_> = (0..k)
-                        .map(|_| {
-                            let sub = bus.subscribe_with("ticks.#", opts.clone()).unwrap();
-                            rt.spawn(sub.count())
-                        })
-                        .collect();
-                    let emitter = rt.spawn(async move {
-                        for i in 0..EVENTS {
-                            bus.emit("ticks.eu", i).await.unwrap();
-                        }
-                        bus.shutdown().await;
-                    });
-                    rt.block_on(async {
-                        emitter.await.unwrap();
-                        for t in tasks {
-                            assert!(t.await.unwrap() as u64 <= EVENTS);
-                        }
-                    });
-                })
-            },
+            |b, &k| b.iter(|| bus_fan_out_on(&rt, k, Overflow::DropOldest)),
         );
         // The lossy peer on its own stack (a 2-thread tokio runtime), as
         // the bus runs on its own.

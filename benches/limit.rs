@@ -167,6 +167,39 @@ fn contended(c: &mut Criterion) {
     }
 }
 
+/// One row of the stack group: `tasks` tasks spawned by `spawn`, each
+/// acquiring `per_task` times and holding its permit across `yield`, all
+/// driven by `block_on`.
+macro_rules! contended_row {
+    ($group:expr, $name:literal, $param:expr, $tasks:expr, $per_task:expr, $sem:expr,
+     |$bf:ident| $block_on:expr, |$sf:ident| $spawn:expr, $yield:expr) => {
+        $group.bench_function(BenchmarkId::new($name, $param), |b| {
+            b.iter(|| {
+                let sem = Arc::new($sem);
+                let $bf = async {
+                    let handles: Vec<_> = (0..$tasks)
+                        .map(|_| {
+                            let sem = sem.clone();
+                            let $sf = async move {
+                                for _ in 0..$per_task {
+                                    let g = sem.acquire().await.unwrap();
+                                    $yield.await;
+                                    drop(g);
+                                }
+                            };
+                            $spawn
+                        })
+                        .collect();
+                    for h in handles {
+                        h.await.unwrap();
+                    }
+                };
+                $block_on
+            })
+        });
+    };
+}
+
 /// Each semaphore on its own stack, as a user would run it: smolkit's on
 /// smolkit's `Runtime`, tokio's on tokio's multi-thread runtime (both 2
 /// worker threads; the yield is each runtime's own).
@@ -195,95 +228,51 @@ fn contended_stack(c: &mut Criterion) {
     ] {
         let per_task = CONTENDED_OPS / tasks;
         let param = format!("{tasks}_tasks_{permits}_permits");
-        group.bench_function(BenchmarkId::new("smolkit_on_runtime", &param), |b| {
-            b.iter(|| {
-                let sem = Arc::new(Semaphore::new(permits));
-                rt.block_on(async {
-                    let handles: Vec<_> = (0..tasks)
-                        .map(|_| {
-                            let sem = sem.clone();
-                            rt.spawn(async move {
-                                for _ in 0..per_task {
-                                    let g = sem.acquire().await.unwrap();
-                                    yield_now().await;
-                                    drop(g);
-                                }
-                            })
-                        })
-                        .collect();
-                    for h in handles {
-                        h.await.unwrap();
-                    }
-                })
-            })
-        });
         // The crossed pairs tell the semaphore's share from the runtime's.
-        group.bench_function(BenchmarkId::new("tokio_on_runtime", &param), |b| {
-            b.iter(|| {
-                let sem = Arc::new(tokio::sync::Semaphore::new(permits));
-                rt.block_on(async {
-                    let handles: Vec<_> = (0..tasks)
-                        .map(|_| {
-                            let sem = sem.clone();
-                            rt.spawn(async move {
-                                for _ in 0..per_task {
-                                    let g = sem.acquire().await.unwrap();
-                                    yield_now().await;
-                                    drop(g);
-                                }
-                            })
-                        })
-                        .collect();
-                    for h in handles {
-                        h.await.unwrap();
-                    }
-                })
-            })
-        });
-        group.bench_function(BenchmarkId::new("smolkit_on_tokio", &param), |b| {
-            b.iter(|| {
-                let sem = Arc::new(Semaphore::new(permits));
-                tk.block_on(async {
-                    let handles: Vec<_> = (0..tasks)
-                        .map(|_| {
-                            let sem = sem.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..per_task {
-                                    let g = sem.acquire().await.unwrap();
-                                    tokio::task::yield_now().await;
-                                    drop(g);
-                                }
-                            })
-                        })
-                        .collect();
-                    for h in handles {
-                        h.await.unwrap();
-                    }
-                })
-            })
-        });
-        group.bench_function(BenchmarkId::new("tokio_on_tokio", &param), |b| {
-            b.iter(|| {
-                let sem = Arc::new(tokio::sync::Semaphore::new(permits));
-                tk.block_on(async {
-                    let handles: Vec<_> = (0..tasks)
-                        .map(|_| {
-                            let sem = sem.clone();
-                            tokio::spawn(async move {
-                                for _ in 0..per_task {
-                                    let g = sem.acquire().await.unwrap();
-                                    tokio::task::yield_now().await;
-                                    drop(g);
-                                }
-                            })
-                        })
-                        .collect();
-                    for h in handles {
-                        h.await.unwrap();
-                    }
-                })
-            })
-        });
+        contended_row!(
+            group,
+            "smolkit_on_runtime",
+            &param,
+            tasks,
+            per_task,
+            Semaphore::new(permits),
+            |f| rt.block_on(f),
+            |f| rt.spawn(f),
+            yield_now()
+        );
+        contended_row!(
+            group,
+            "tokio_on_runtime",
+            &param,
+            tasks,
+            per_task,
+            tokio::sync::Semaphore::new(permits),
+            |f| rt.block_on(f),
+            |f| rt.spawn(f),
+            yield_now()
+        );
+        contended_row!(
+            group,
+            "smolkit_on_tokio",
+            &param,
+            tasks,
+            per_task,
+            Semaphore::new(permits),
+            |f| tk.block_on(f),
+            |f| tokio::spawn(f),
+            tokio::task::yield_now()
+        );
+        contended_row!(
+            group,
+            "tokio_on_tokio",
+            &param,
+            tasks,
+            per_task,
+            tokio::sync::Semaphore::new(permits),
+            |f| tk.block_on(f),
+            |f| tokio::spawn(f),
+            tokio::task::yield_now()
+        );
     }
     group.finish();
 }
