@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use async_channel::{Receiver, Sender, TrySendError};
 use futures_lite::{FutureExt, StreamExt};
 
-use super::subscription::{Offer, Reader, Sub, SubscribeOptions, Subscriber};
+use super::ring::{Gone, Group, MemberStats, Push};
+use super::subscription::{Reader, SubscribeOptions, Subscriber};
 use super::topic::{Pattern, TopicError, validate_topic};
 use crate::ConfigError;
 use crate::limit::Semaphore;
@@ -142,9 +143,9 @@ pub struct SubscriberStats {
     pub name: String,
     /// Its pattern.
     pub pattern: String,
-    /// Events waiting in its queue. A reader lowers this count every 32
-    /// events it hands out (and whenever it has read all), so while it
-    /// reads it may show up to 31 more than
+    /// Events waiting in its queue. A reader takes up to 32 events at a
+    /// time out of the queue into its own batch, which this count leaves
+    /// out: while it reads it may show up to 32 fewer than
     /// [`Subscriber::len`](super::Subscriber::len).
     pub queued: usize,
     /// Events queued for it in total.
@@ -153,14 +154,16 @@ pub struct SubscriberStats {
     pub dropped: u64,
 }
 
-/// The subscriptions matching one topic.
-type Route<E> = Arc<[Arc<Sub<E>>]>;
+/// The subscription groups matching one topic.
+type Route<E> = Arc<[Arc<Group<E>>]>;
 
 /// Topics remembered in the route cache before it starts over.
 const ROUTES: usize = 4096;
 
 struct Subs<E> {
-    list: Arc<Vec<Arc<Sub<E>>>>,
+    /// The groups with a listed member (see `ring`: subscriptions with
+    /// the same pattern, capacity and policy share one).
+    list: Arc<Vec<Arc<Group<E>>>>,
     /// NOTE: matching every pattern on every emit costs more than the
     /// delivery itself; the matches of each topic seen are cached here
     /// and the cache is cleared whenever a subscription comes or goes
@@ -179,8 +182,7 @@ struct Inner<E> {
     dispatchers: Mutex<Vec<(u64, JoinHandle<()>)>>,
     next_id: AtomicU64,
     emitted: AtomicU64,
-    gone_delivered: AtomicU64,
-    gone_dropped: AtomicU64,
+    gone: Arc<Gone>,
     failures: AtomicU64,
 }
 
@@ -296,8 +298,7 @@ impl<E: Clone + Send + 'static> BusBuilder<E> {
                 dispatchers: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(0),
                 emitted: AtomicU64::new(0),
-                gone_delivered: AtomicU64::new(0),
-                gone_dropped: AtomicU64::new(0),
+                gone: Arc::default(),
                 failures: AtomicU64::new(0),
             }),
         })
@@ -329,7 +330,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
         }
     }
 
-    fn snapshot(&self) -> Arc<Vec<Arc<Sub<E>>>> {
+    fn snapshot(&self) -> Arc<Vec<Arc<Group<E>>>> {
         lock(&self.inner.subs).list.clone()
     }
 
@@ -397,18 +398,18 @@ impl<E: Clone + Send + 'static> Bus<E> {
         self.inner.emitted.fetch_add(1, Ordering::Relaxed);
         let mut n = 0;
         let mut matched = route.iter().peekable();
-        while let Some(sub) = matched.next() {
+        while let Some(group) = matched.next() {
             // The last match takes the payload itself: one clone fewer.
             if matched.peek().is_some() {
-                n += usize::from(
-                    self.deliver(sub, topic.clone(), payload.clone())
-                        .await
-                        .is_ok_and(|q| q),
-                );
+                let ev = Event {
+                    topic: topic.clone(),
+                    payload: payload.clone(),
+                };
+                n += group.send(ev).await.unwrap_or(0);
                 continue;
             }
-            return match self.deliver(sub, topic, payload).await {
-                Ok(queued) => Ok(n + usize::from(queued)),
+            return match group.send(Event { topic, payload }).await {
+                Ok(queued) => Ok(n + queued),
                 // Closed (a shutdown) with nothing queued: hand it back.
                 Err(ev) if n == 0 => Err(EmitError::Closed(ev.payload)),
                 Err(_) => Ok(n),
@@ -473,7 +474,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
         let mut n = 0;
         let mut payloads = Some(payloads);
         let mut matched = route.iter().peekable();
-        while let Some(sub) = matched.next() {
+        while let Some(group) = matched.next() {
             // The last match takes the payloads themselves.
             let batch = if matched.peek().is_some() {
                 payloads.clone().unwrap_or_default()
@@ -487,7 +488,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
                     payload,
                 })
                 .collect();
-            match sub.send_many(&mut evs).await {
+            match group.send_many(&mut evs).await {
                 Ok(q) => n += q,
                 // Closed (a shutdown) with nothing queued: hand back what
                 // the last one did not take.
@@ -500,20 +501,6 @@ impl<E: Clone + Send + 'static> Bus<E> {
             }
         }
         Ok(n)
-    }
-
-    /// Queues `payload` for `sub`, waiting while a `Wait` subscription is
-    /// full: `Ok(true)` queued, `Ok(false)` dropped by its policy, `Err`
-    /// with the event when the subscription is (or gets) closed.
-    async fn deliver(&self, sub: &Sub<E>, topic: Arc<str>, payload: E) -> Result<bool, Event<E>> {
-        match sub.offer(Event { topic, payload }) {
-            Offer::Queued => Ok(true),
-            Offer::Dropped => Ok(false),
-            Offer::Closed(ev) => Err(ev),
-            // Waits for room; `Err` when the subscription closed while we
-            // waited (shutdown, or it was dropped).
-            Offer::Full(ev) => sub.send(ev).await,
-        }
     }
 
     /// Emits without waiting. If a matching [`Overflow::Wait`]
@@ -535,7 +522,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
         };
         if matched
             .iter()
-            .any(|s| s.overflow == Overflow::Wait && s.is_full())
+            .any(|g| g.overflow == Overflow::Wait && g.is_full())
         {
             return Err(TryEmitError::Full(payload));
         }
@@ -555,35 +542,35 @@ impl<E: Clone + Send + 'static> Bus<E> {
         };
         self.inner.emitted.fetch_add(1, Ordering::Relaxed);
         let mut n = 0;
-        for sub in matched.iter() {
+        for group in matched.iter() {
             let ev = Event {
                 topic: topic.clone(),
                 payload: payload.clone(),
             };
-            match sub.offer(ev) {
-                Offer::Queued => n += 1,
-                Offer::Dropped | Offer::Closed(_) => {}
-                Offer::Full(_) => {
-                    sub.dropped.fetch_add(1, Ordering::Relaxed);
-                }
+            match group.push(ev) {
+                Push::Queued(q) => n += q,
+                Push::Dropped | Push::Closed(_) => {}
+                Push::Full(_) => group.count_lost(),
             }
         }
         Ok(n)
     }
 
-    fn add(&self, pattern: &str, opts: &SubscribeOptions) -> Result<Arc<Sub<E>>, ConfigError> {
-        let pattern = Pattern::parse(pattern)?;
+    /// A new member of the group for `opts` (joined, or made), with the
+    /// matching retained values to replay: the group, the member's slot
+    /// and its id.
+    fn add(
+        &self,
+        pattern: &str,
+        opts: &SubscribeOptions,
+    ) -> Result<(Arc<Group<E>>, usize, u64), ConfigError> {
+        let parsed = Pattern::parse(pattern)?;
         if let Some(c) = opts.capacity {
             ConfigError::nonzero("capacity", c)?;
         }
         ConfigError::nonzero("concurrency", opts.concurrency)?;
-        let sub = Arc::new(Sub::new(
-            self.inner.next_id.fetch_add(1, Ordering::Relaxed),
-            opts.name.clone(),
-            pattern,
-            opts.overflow,
-            opts.capacity.unwrap_or(self.inner.capacity),
-        ));
+        let capacity = opts.capacity.unwrap_or(self.inner.capacity);
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         // NOTE: with retained values, the subscription becomes visible to
         // emitters and gets its replay while the retained map is locked. An
         // emitter records its value there before it looks up its route, so
@@ -591,50 +578,76 @@ impl<E: Clone + Send + 'static> Bus<E> {
         // after reaches the subscription live, after the replay: a topic's
         // values are never seen out of emit order.
         let retained = self.inner.retained.as_ref().map(lock);
-        {
-            let mut subs = lock(&self.inner.subs);
-            if self.inner.closed.load(Ordering::Acquire) {
-                sub.close();
-            } else {
-                let mut next = Vec::with_capacity(subs.list.len() + 1);
-                next.extend(subs.list.iter().cloned());
-                next.push(sub.clone());
+        let replay: Vec<Event<E>> = retained.as_ref().map_or_else(Vec::new, |r| {
+            r.iter()
+                .filter(|(t, _)| parsed.matches(t))
+                .map(|(t, p)| Event {
+                    topic: t.clone(),
+                    payload: p.clone(),
+                })
+                .collect()
+        });
+        let mut subs = lock(&self.inner.subs);
+        let shared = subs
+            .list
+            .iter()
+            .find(|g| g.shares(pattern, opts.overflow, capacity))
+            .cloned();
+        let group = shared.unwrap_or_else(|| {
+            Arc::new(Group::new(
+                parsed,
+                opts.overflow,
+                capacity,
+                self.inner.gone.clone(),
+            ))
+        });
+        let me = group.join(id, opts.name.clone(), replay);
+        if self.inner.closed.load(Ordering::Acquire) {
+            // Shut down: it ends at once and is not listed.
+            group.close_member(me, true);
+        } else if !subs.list.iter().any(|g| Arc::ptr_eq(g, &group)) {
+            let mut next = Vec::with_capacity(subs.list.len() + 1);
+            next.extend(subs.list.iter().cloned());
+            next.push(group.clone());
+            subs.list = Arc::new(next);
+            subs.routes.clear();
+        }
+        drop(subs);
+        drop(retained);
+        Ok((group, me, id))
+    }
+
+    /// Unlists member `me` of `group` (its reader still gets what was
+    /// queued for it); a group with no member left stops being routed to.
+    pub(super) fn remove_member(&self, group: &Arc<Group<E>>, me: usize) {
+        let mut subs = lock(&self.inner.subs);
+        if group.close_member(me, true) == 0 {
+            let next: Vec<_> = subs
+                .list
+                .iter()
+                .filter(|g| !Arc::ptr_eq(g, group))
+                .cloned()
+                .collect();
+            if next.len() != subs.list.len() {
                 subs.list = Arc::new(next);
                 subs.routes.clear();
             }
         }
-        if let Some(retained) = retained {
-            for (t, p) in retained.iter().filter(|(t, _)| sub.pattern.matches(t)) {
-                let ev = Event {
-                    topic: t.clone(),
-                    payload: p.clone(),
-                };
-                // A replay larger than the queue: the rest is dropped, and
-                // counted (it cannot wait here).
-                if let Offer::Full(_) = sub.offer(ev) {
-                    sub.dropped.fetch_add(1, Ordering::Relaxed);
-                }
-            }
-        }
-        Ok(sub)
     }
 
-    pub(super) fn remove(&self, id: u64) -> Option<Arc<Sub<E>>> {
-        let mut subs = lock(&self.inner.subs);
-        let pos = subs.list.iter().position(|s| s.id == id)?;
-        let mut next: Vec<_> = subs.list.iter().cloned().collect();
-        let sub = next.remove(pos);
-        subs.list = Arc::new(next);
-        subs.routes.clear();
-        drop(subs);
-        self.inner
-            .gone_delivered
-            .fetch_add(sub.delivered.load(Ordering::Relaxed), Ordering::Relaxed);
-        self.inner
-            .gone_dropped
-            .fetch_add(sub.dropped.load(Ordering::Relaxed), Ordering::Relaxed);
-        sub.close();
-        Some(sub)
+    /// Unlists the member with `id`; whether it was listed.
+    fn remove(&self, id: u64) -> bool {
+        let found = self
+            .snapshot()
+            .iter()
+            .find_map(|g| g.find(id).map(|me| (g.clone(), me)));
+        match found {
+            Some((group, me)) => {
+                self.remove_member(&group, me);
+                true
+            }
+            None => false,
+        }
     }
 
     /// A stream of the events matching `pattern`, with the defaults.
@@ -657,11 +670,10 @@ impl<E: Clone + Send + 'static> Bus<E> {
         pattern: &str,
         opts: SubscribeOptions,
     ) -> Result<Subscriber<E>, ConfigError> {
-        let sub = self.add(pattern, &opts)?;
+        let (group, me, _) = self.add(pattern, &opts)?;
         Ok(Subscriber {
             bus: self.clone(),
-            id: sub.id,
-            reader: Reader::new(sub),
+            reader: Reader::new(group, me),
         })
     }
 
@@ -701,9 +713,8 @@ impl<E: Clone + Send + 'static> Bus<E> {
         Fut: Future<Output = Result<(), HE>> + Send + 'static,
         HE: fmt::Display + 'static,
     {
-        let sub = self.add(pattern, &opts)?;
-        let id = sub.id;
-        let mut events = Reader::new(sub);
+        let (group, me, id) = self.add(pattern, &opts)?;
+        let mut events = Reader::new(group, me);
         let name: Arc<str> = opts.name.into();
         let handler = Arc::new(handler);
         let inner = self.inner.clone();
@@ -735,7 +746,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
     /// Removes a handler; events already queued for it are still handled.
     /// Returns whether it was there.
     pub fn off(&self, id: HandlerId) -> bool {
-        if self.remove(id.0).is_none() {
+        if !self.remove(id.0) {
             return false;
         }
         // The dispatcher ends once its queue is drained.
@@ -762,8 +773,8 @@ impl<E: Clone + Send + 'static> Bus<E> {
     /// new emits, and what was emitted is still delivered.
     pub async fn shutdown(&self) {
         self.inner.closed.store(true, Ordering::Release);
-        for sub in self.snapshot().iter() {
-            sub.close();
+        for group in self.snapshot().iter() {
+            group.close_all();
         }
         let tasks: Vec<_> = std::mem::take(&mut *lock(&self.inner.dispatchers));
         for (_, task) in tasks {
@@ -776,36 +787,44 @@ impl<E: Clone + Send + 'static> Bus<E> {
         self.inner.closed.load(Ordering::Acquire)
     }
 
-    /// Counters of the bus. Never blocks on a subscriber.
+    /// Counters of every listed member, oldest subscription first, with
+    /// their patterns.
+    fn members(&self) -> Vec<(MemberStats, Arc<Group<E>>)> {
+        let mut out = Vec::new();
+        let mut all = Vec::new();
+        for g in self.snapshot().iter() {
+            g.stats(&mut out);
+            all.extend(out.drain(..).map(|m| (m, g.clone())));
+        }
+        all.sort_by_key(|(m, _)| m.id);
+        all
+    }
+
+    /// Counters of the bus. Never waits on a subscriber.
     pub fn stats(&self) -> BusStats {
-        let subs = self.snapshot();
+        let members = self.members();
+        let gone = &self.inner.gone;
         BusStats {
             emitted: self.inner.emitted.load(Ordering::Relaxed),
-            delivered: self.inner.gone_delivered.load(Ordering::Relaxed)
-                + subs
-                    .iter()
-                    .map(|s| s.delivered.load(Ordering::Relaxed))
-                    .sum::<u64>(),
-            dropped: self.inner.gone_dropped.load(Ordering::Relaxed)
-                + subs
-                    .iter()
-                    .map(|s| s.dropped.load(Ordering::Relaxed))
-                    .sum::<u64>(),
+            delivered: gone.delivered.load(Ordering::Relaxed)
+                + members.iter().map(|(m, _)| m.delivered).sum::<u64>(),
+            dropped: gone.dropped.load(Ordering::Relaxed)
+                + members.iter().map(|(m, _)| m.dropped).sum::<u64>(),
             handler_failures: self.inner.failures.load(Ordering::Relaxed),
-            subscribers: subs.len(),
+            subscribers: members.len(),
         }
     }
 
-    /// Counters of every current subscription.
+    /// Counters of every current subscription, oldest first.
     pub fn subscribers(&self) -> Vec<SubscriberStats> {
-        self.snapshot()
-            .iter()
-            .map(|s| SubscriberStats {
-                name: s.name.clone(),
-                pattern: s.pattern.as_str().to_owned(),
-                queued: s.len(),
-                delivered: s.delivered.load(Ordering::Relaxed),
-                dropped: s.dropped.load(Ordering::Relaxed),
+        self.members()
+            .into_iter()
+            .map(|(m, g)| SubscriberStats {
+                name: m.name,
+                pattern: g.pattern.as_str().to_owned(),
+                queued: m.queued,
+                delivered: m.delivered,
+                dropped: m.dropped,
             })
             .collect()
     }

@@ -18,8 +18,17 @@
 //! tokio's `broadcast` and `async-broadcast` share one ring among all
 //! receivers: a lagging receiver loses messages (tokio) or blocks everyone
 //! (async-broadcast with overflow off). Here the policy is per subscriber.
+//!
+//! Subscriptions with the same pattern, capacity and policy share one
+//! ring with a cursor each, so an emit writes each event once however many
+//! of them there are; each still counts its own deliveries and losses, and
+//! an event is freed when the last of them has read it. A `Wait`
+//! subscription holds back the emitter, as before, by the events it has not
+//! read; a `DropOldest` one that falls behind skips what was overwritten
+//! and counts it; `DropNewest` subscriptions never share.
 
 mod bus;
+mod ring;
 mod subscription;
 mod topic;
 
