@@ -210,3 +210,39 @@ fn members_joining_and_leaving_under_load_see_ordered_gapless_streams() {
         assert!(stats.delivered >= u64::from(2 * EMITTERS * EACH));
     });
 }
+
+/// Readers hand out topics from copies of their own when one topic keeps
+/// coming: whatever the mix, each event carries the topic it was emitted
+/// on.
+#[test]
+fn each_event_carries_its_own_topic_whatever_the_mix() {
+    let bus = Bus::<u32>::builder().with_capacity(4096).build().unwrap();
+    let mut s: Vec<_> = (0..2).map(|_| bus.subscribe("t.*").unwrap()).collect();
+    let topic = |i: u32| match i {
+        0..100 => "t.a".to_owned(),
+        100..300 => format!("t.{}", i % 5),
+        300..400 => "t.b".to_owned(),
+        _ => format!("t.{}", i % 97),
+    };
+    let mut emitted = Vec::new();
+    for i in 0..600 {
+        if i == 350 {
+            // A new subscription renews the bus's copy of each topic.
+            drop(bus.subscribe("u").unwrap());
+        }
+        bus.try_emit(&topic(i), i).unwrap();
+        emitted.push(topic(i));
+        if i % 3 == 0 {
+            let got = s[0].try_next().unwrap();
+            assert_eq!(&*got.topic, emitted[got.payload as usize]);
+        }
+    }
+    for sub in &mut s {
+        let mut n = 0;
+        while let Some(ev) = sub.try_next() {
+            assert_eq!(&*ev.topic, topic(ev.payload), "event {}", ev.payload);
+            n += 1;
+        }
+        assert!(n > 0);
+    }
+}

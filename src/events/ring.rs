@@ -117,6 +117,47 @@ pub(super) struct MemberStats {
     pub(super) dropped: u64,
 }
 
+/// A reader's own copy of the topic it reads most.
+///
+/// NOTE: every member cloning the emitter's `Arc<str>` and the consumer
+/// dropping it put two atomic operations per event per member on one
+/// cache line shared by every core: perf of the 16-subscriber fan-out
+/// showed the consumer's `lock decq` on it as a quarter of all samples,
+/// and the row ran 1.4× faster with a copy per reader (three A/B runs of
+/// 112–120 ms against 81–87; a copy per thread measured the same). The
+/// copy is made when a topic keeps coming and kept while it does.
+#[derive(Default)]
+pub(super) struct TopicCache {
+    /// The emitter's topic that `own` copies (held, so its address is not
+    /// reused while it is compared).
+    shared: Option<Arc<str>>,
+    own: Option<Arc<str>>,
+    /// Hits minus misses, capped: at zero the next miss becomes the topic
+    /// copied.
+    score: i32,
+}
+
+impl TopicCache {
+    /// `topic`, or the reader's own copy of it.
+    fn get(&mut self, topic: &Arc<str>) -> Arc<str> {
+        if let (Some(shared), Some(own)) = (&self.shared, &self.own)
+            && Arc::ptr_eq(shared, topic)
+        {
+            self.score = (self.score + 1).min(16);
+            return own.clone();
+        }
+        self.score -= 1;
+        if self.score > 0 {
+            return topic.clone();
+        }
+        self.score = 8;
+        let own: Arc<str> = Arc::from(&**topic);
+        self.shared = Some(topic.clone());
+        self.own = Some(own.clone());
+        own
+    }
+}
+
 /// Wakers taken under the lock and woken after it.
 type WakeList = [Option<Waker>; 16];
 
@@ -372,6 +413,7 @@ impl<E: Clone> Group<E> {
         &self,
         me: usize,
         batch: &mut VecDeque<Event<E>>,
+        topics: &mut TopicCache,
         waker: Option<&Waker>,
     ) -> Read {
         let cap = self.capacity as u64;
@@ -403,7 +445,10 @@ impl<E: Clone> Group<E> {
                 freed += 1;
                 slot.ev.take()
             } else {
-                slot.ev.clone()
+                slot.ev.as_ref().map(|ev| Event {
+                    topic: topics.get(&ev.topic),
+                    payload: ev.payload.clone(),
+                })
             };
             batch.extend(ev);
             m.cursor += 1;

@@ -9,7 +9,7 @@ use std::task::{Context, Poll};
 use futures_lite::Stream;
 
 use super::bus::{Bus, Event, Overflow};
-use super::ring::{Group, Read};
+use super::ring::{Group, Read, TopicCache};
 use crate::runtime::coop::Budget;
 
 /// Options of one subscription.
@@ -76,6 +76,7 @@ pub(super) struct Reader<E: Clone> {
     group: Arc<Group<E>>,
     me: usize,
     batch: VecDeque<Event<E>>,
+    topics: TopicCache,
     budget: Budget,
 }
 
@@ -85,6 +86,7 @@ impl<E: Clone> Reader<E> {
             group,
             me,
             batch: VecDeque::new(),
+            topics: Default::default(),
             budget: Budget::new(),
         }
     }
@@ -98,10 +100,12 @@ impl<E: Clone> Reader<E> {
         if let Some(ev) = self.batch.pop_front() {
             return Ok(ev);
         }
-        match self
-            .group
-            .read(self.me, &mut self.batch, cx.map(|cx| cx.waker()))
-        {
+        match self.group.read(
+            self.me,
+            &mut self.batch,
+            &mut self.topics,
+            cx.map(|cx| cx.waker()),
+        ) {
             Read::Some => self.batch.pop_front().ok_or(false),
             Read::Empty => Err(false),
             Read::End => Err(true),
