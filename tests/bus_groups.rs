@@ -246,3 +246,52 @@ fn each_event_carries_its_own_topic_whatever_the_mix() {
         assert!(n > 0);
     }
 }
+
+/// A handler removed with `off` still handles what was queued for it, but
+/// no longer holds back the emitters of the subscriptions it shared a ring
+/// with.
+#[test]
+fn a_removed_handler_drains_without_holding_its_group_back() {
+    within(|| {
+        let bus = Bus::<u32>::new();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (gate_tx, gate_rx) = async_channel::unbounded::<()>();
+        let opts = SubscribeOptions::new().with_capacity(2);
+        let s = seen.clone();
+        let id = bus
+            .on_with("t", opts.clone(), move |ev| {
+                let (s, gate) = (s.clone(), gate_rx.clone());
+                async move {
+                    s.lock().unwrap().push(ev.payload);
+                    let _ = gate.recv().await;
+                    Ok::<_, String>(())
+                }
+            })
+            .unwrap();
+        let mut sub = bus.subscribe_with("t", opts).unwrap();
+        assert_eq!(bus.try_emit("t", 0).unwrap(), 2, "one ring, two members");
+        common::eventually("the handler holds event 0", || {
+            *seen.lock().unwrap() == [0]
+        });
+        assert_eq!(bus.try_emit("t", 1).unwrap(), 2);
+        assert_eq!(drain(&mut sub), [0, 1]);
+        assert_eq!(bus.try_emit("t", 2).unwrap(), 2);
+        assert_eq!(drain(&mut sub), [2]);
+        assert!(
+            bus.try_emit("t", 3).is_err(),
+            "the busy handler's queue is full"
+        );
+        assert!(bus.off(id));
+        assert_eq!(
+            bus.try_emit("t", 3).unwrap(),
+            1,
+            "the removed handler holds nothing back"
+        );
+        assert_eq!(drain(&mut sub), [3]);
+        drop(gate_tx);
+        common::eventually("the handler drained", || {
+            seen.lock().unwrap().len() == 3
+        });
+        assert_eq!(*seen.lock().unwrap(), [0, 1, 2]);
+    });
+}

@@ -507,15 +507,25 @@ impl<E: Clone> Group<E> {
     /// listed.
     pub(super) fn close_member(&self, me: usize, remove: bool) -> usize {
         let mut wake = None;
+        let mut freed = 0;
         let mut r = lock(&self.ring);
         let tail = r.tail;
         let mut unlisted = false;
         let mut free = false;
         let mut live_lost = false;
         let cap = self.capacity as u64;
-        if let Some(m) = r.members.get_mut(me).and_then(Option::as_mut) {
+        let Ring { slots, members, .. } = &mut *r;
+        if let Some(m) = members.get_mut(me).and_then(Option::as_mut) {
             if remove && !m.removed {
                 m.catch_up(tail, cap);
+                // NOTE: what it has not read becomes its own, so a reader
+                // still draining (a handler after `off`) holds no slot the
+                // emitters of the group wait for.
+                if !m.left {
+                    let mut copies = std::mem::take(&mut m.replay);
+                    freed = m.release(slots, (tail, cap), true, &mut copies);
+                    m.replay = copies;
+                }
                 m.removed = true;
                 unlisted = true;
                 free = m.left;
@@ -545,7 +555,7 @@ impl<E: Clone> Group<E> {
         let listed = r.listed;
         let no_taker = r.live == 0;
         drop(r);
-        if no_taker {
+        if no_taker || freed > 0 {
             self.space.notify(usize::MAX);
         }
         if let Some(w) = wake {
@@ -565,7 +575,6 @@ impl<E: Clone> Group<E> {
     /// Member `me`'s reader is gone: what it had not read is released.
     pub(super) fn leave(&self, me: usize) {
         let cap = self.capacity as u64;
-        let mut freed = 0;
         let mut drop_later = Vec::new();
         let mut r = lock(&self.ring);
         let Ring {
@@ -583,18 +592,7 @@ impl<E: Clone> Group<E> {
         if m.removed {
             self.gone.dropped.fetch_add(lost, Ordering::Relaxed);
         }
-        let stop = m.end.unwrap_or(*tail).min(*tail);
-        for p in m.cursor..stop {
-            let slot = &mut slots[(p % cap) as usize];
-            if slot.pos == p && slot.rem > 0 {
-                slot.rem -= 1;
-                if slot.rem == 0 {
-                    freed += 1;
-                    drop_later.extend(slot.ev.take());
-                }
-            }
-        }
-        m.cursor = stop;
+        let freed = m.release(slots, (*tail, cap), false, &mut drop_later);
         m.left = true;
         if m.end.is_none() {
             m.end = Some(*tail);
@@ -635,6 +633,37 @@ impl<E> Member<E> {
     /// replay.
     fn delivered(&self, tail: u64) -> u64 {
         self.end.unwrap_or(tail).min(tail) - self.joined + self.replayed
+    }
+
+    /// Takes itself off the slots from its cursor to its end (a slot's
+    /// last reader frees it): the events freed go to `out`, and with
+    /// `keep` its copies of the others too. Returns the slots freed.
+    fn release(
+        &mut self,
+        slots: &mut [Slot<E>],
+        (tail, cap): (u64, u64),
+        keep: bool,
+        out: &mut impl Extend<Event<E>>,
+    ) -> usize
+    where
+        E: Clone,
+    {
+        let stop = self.end.unwrap_or(tail).min(tail);
+        let mut freed = 0;
+        for p in self.cursor..stop {
+            let slot = &mut slots[(p % cap) as usize];
+            if slot.pos == p && slot.rem > 0 {
+                slot.rem -= 1;
+                if slot.rem == 0 {
+                    freed += 1;
+                    out.extend(slot.ev.take());
+                } else if keep {
+                    out.extend(slot.ev.clone());
+                }
+            }
+        }
+        self.cursor = stop;
+        freed
     }
 
     /// Skips and counts what it lost; returns how many.

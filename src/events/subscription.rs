@@ -78,6 +78,7 @@ pub(super) struct Reader<E: Clone> {
     batch: VecDeque<Event<E>>,
     topics: TopicCache,
     budget: Budget,
+    left: bool,
 }
 
 impl<E: Clone> Reader<E> {
@@ -88,6 +89,7 @@ impl<E: Clone> Reader<E> {
             batch: VecDeque::new(),
             topics: Default::default(),
             budget: Budget::new(),
+            left: false,
         }
     }
 
@@ -138,9 +140,18 @@ impl<E: Clone> Reader<E> {
     }
 }
 
+impl<E: Clone> Reader<E> {
+    /// Reads no more: releases what it has not read (once).
+    pub(super) fn leave(&mut self) {
+        if !std::mem::replace(&mut self.left, true) {
+            self.group.leave(self.me);
+        }
+    }
+}
+
 impl<E: Clone> Drop for Reader<E> {
     fn drop(&mut self) {
-        self.group.leave(self.me);
+        self.leave();
     }
 }
 
@@ -193,6 +204,8 @@ impl<E: Clone + Send + 'static> Stream for Subscriber<E> {
 
 impl<E: Clone + Send + 'static> Drop for Subscriber<E> {
     fn drop(&mut self) {
+        // Left first, so unlisting does not copy out what it never reads.
+        self.reader.leave();
         let (group, me) = self.reader.group();
         self.bus.remove_member(group, me);
     }
