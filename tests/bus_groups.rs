@@ -270,9 +270,7 @@ fn a_removed_handler_drains_without_holding_its_group_back() {
             .unwrap();
         let mut sub = bus.subscribe_with("t", opts).unwrap();
         assert_eq!(bus.try_emit("t", 0).unwrap(), 2, "one ring, two members");
-        common::eventually("the handler holds event 0", || {
-            *seen.lock().unwrap() == [0]
-        });
+        common::eventually("the handler holds event 0", || *seen.lock().unwrap() == [0]);
         assert_eq!(bus.try_emit("t", 1).unwrap(), 2);
         assert_eq!(drain(&mut sub), [0, 1]);
         assert_eq!(bus.try_emit("t", 2).unwrap(), 2);
@@ -289,9 +287,7 @@ fn a_removed_handler_drains_without_holding_its_group_back() {
         );
         assert_eq!(drain(&mut sub), [3]);
         drop(gate_tx);
-        common::eventually("the handler drained", || {
-            seen.lock().unwrap().len() == 3
-        });
+        common::eventually("the handler drained", || seen.lock().unwrap().len() == 3);
         assert_eq!(*seen.lock().unwrap(), [0, 1, 2]);
     });
 }

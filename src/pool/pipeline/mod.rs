@@ -55,6 +55,9 @@ use workers::Workers;
 type StageFn<A, B> = Arc<dyn Fn(A) -> BoxFut<'static, Result<B, String>> + Send + Sync>;
 type Wire<In, T> = Box<dyn FnOnce(&Arc<Ctx>, Receiver<Elem<In>>) -> Receiver<Elem<T>> + Send>;
 type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = T> + Send>>;
+/// What a stage's step needs: the run's context, the stage's counters and
+/// its output.
+type Link<B> = (Arc<Ctx>, Arc<Counters>, Sender<Elem<B>>);
 
 enum Source<T> {
     Stream(BoxStream<T>),
@@ -203,11 +206,16 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         F: Fn(T) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Result<B, E>> + Send + 'static,
     {
-        let f = Arc::new(f);
         let sf: StageFn<T, B> = Arc::new(move |v| {
-            let f = f.clone();
+            // Called here (not cloned into the future): a panic in the call
+            // or in the future is caught alike.
+            let started = catch_unwind(AssertUnwindSafe(|| f(v)));
             Box::pin(async move {
-                match AssertUnwindSafe(async { f(v).await }).catch_unwind().await {
+                let outcome = match started {
+                    Ok(fut) => AssertUnwindSafe(fut).catch_unwind().await,
+                    Err(p) => Err(p),
+                };
+                match outcome {
                     Ok(r) => r.map_err(|e| e.to_string()),
                     Err(p) => Err(format!("panicked: {}", panic_message(p))),
                 }
@@ -259,21 +267,19 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
                 let c = ctx.clone();
                 let spawner = ctx.spawner.clone();
                 ctx.spawn(&stage.name, async move {
-                    let f2 = f.clone();
-                    let counters2 = counters.clone();
+                    let state = Arc::new((f, policy, counters.clone()));
                     let results = rx.map_concurrent_on(
                         spawner,
                         stage.concurrency,
                         true,
                         move |elem: Elem<T>| {
-                            let f = f2.clone();
-                            let policy = policy.clone();
-                            let counters = counters2.clone();
-                            bump(&counters.received, 1);
-                            bump(&counters.in_flight, 1);
+                            let state = state.clone();
+                            bump(&state.2.received, 1);
+                            bump(&state.2.in_flight, 1);
                             async move {
+                                let (f, policy, counters) = &*state;
                                 let (r, attempts, value) =
-                                    attempt(&f, policy.as_deref(), elem.value).await;
+                                    attempt(f, policy.as_deref(), elem.value).await;
                                 counters.in_flight.fetch_sub(1, Ordering::Relaxed);
                                 (
                                     Elem {
@@ -298,25 +304,23 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
                     }
                 });
             } else {
-                let c = ctx.clone();
+                // NOTE: one shared state cloned per item, not its five
+                // parts: each clone is an atomic on a line the stage's
+                // workers share.
+                let state = Arc::new((ctx.clone(), counters, f, policy, tx));
                 let step = move |elem: Elem<T>| {
-                    let (c, counters, f, policy, tx) = (
-                        c.clone(),
-                        counters.clone(),
-                        f.clone(),
-                        policy.clone(),
-                        tx.clone(),
-                    );
+                    let state = state.clone();
                     async move {
+                        let (c, counters, f, policy, tx) = &*state;
                         bump(&counters.received, 1);
                         bump(&counters.in_flight, 1);
-                        let (r, attempts, value) = attempt(&f, policy.as_deref(), elem.value).await;
+                        let (r, attempts, value) = attempt(f, policy.as_deref(), elem.value).await;
                         counters.in_flight.fetch_sub(1, Ordering::Relaxed);
                         let elem = Elem {
                             value,
                             origin: elem.origin,
                         };
-                        settle(&c, &counters, &tx, elem, r, attempts).await
+                        settle(c, counters, tx, elem, r, attempts).await
                     }
                 };
                 workers(ctx, &stage, &rx, stage_counters, step);
@@ -333,32 +337,30 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         T: Serialize,
         F: Fn(&T) -> bool + Send + Sync + 'static,
     {
-        let keep = Arc::new(keep);
-        self.sync_stage(
-            stage.into(),
-            StageKind::Filter,
-            move |c, counters, elem, tx| {
-                let keep = keep.clone();
-                async move {
-                    match catch_unwind(AssertUnwindSafe(|| keep(&elem.value))) {
-                        Ok(true) => {
-                            bump(&counters.emitted, 1);
-                            tx.send(elem).await.is_ok()
-                        }
-                        Ok(false) => {
-                            bump(&counters.filtered, 1);
-                            c.tracker.complete(&elem.origin);
-                            true
-                        }
-                        Err(p) => {
-                            let msg = format!("panicked: {}", panic_message(p));
-                            c.dead_letter(&counters, elem.value, msg, 1, &elem.origin)
-                                .await
-                        }
+        self.sync_stage(stage.into(), StageKind::Filter, move |link, elem| {
+            // The predicate runs here, so the future holds its verdict, not
+            // the predicate.
+            let verdict = catch_unwind(AssertUnwindSafe(|| keep(&elem.value)));
+            async move {
+                let (c, counters, tx) = &*link;
+                match verdict {
+                    Ok(true) => {
+                        bump(&counters.emitted, 1);
+                        tx.send(elem).await.is_ok()
+                    }
+                    Ok(false) => {
+                        bump(&counters.filtered, 1);
+                        c.tracker.complete(&elem.origin);
+                        true
+                    }
+                    Err(p) => {
+                        let msg = format!("panicked: {}", panic_message(p));
+                        c.dead_letter(counters, elem.value, msg, 1, &elem.origin)
+                            .await
                     }
                 }
-            },
-        )
+            }
+        })
     }
 
     /// Maps each item to any number of items (zero included: its position
@@ -370,24 +372,25 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         I: IntoIterator<Item = B>,
         F: Fn(T) -> I + Send + Sync + 'static,
     {
-        let f = Arc::new(f);
         self.sync_stage(
             stage.into(),
             StageKind::FlatMap,
-            move |c, counters, elem: Elem<T>, tx| {
-                let f = f.clone();
+            move |link, elem: Elem<T>| {
+                let input = elem.value.clone();
+                let outs = catch_unwind(AssertUnwindSafe(|| {
+                    f(elem.value).into_iter().collect::<Vec<B>>()
+                }));
+                let origin = elem.origin;
                 async move {
-                    let input = elem.value.clone();
-                    match catch_unwind(AssertUnwindSafe(|| {
-                        f(elem.value).into_iter().collect::<Vec<B>>()
-                    })) {
+                    let (c, counters, tx) = &*link;
+                    match outs {
                         Ok(outs) => {
-                            c.tracker.retain(&elem.origin, outs.len());
+                            c.tracker.retain(&origin, outs.len());
                             bump(&counters.emitted, outs.len() as u64);
                             for value in outs {
                                 let e = Elem {
                                     value,
-                                    origin: elem.origin.clone(),
+                                    origin: origin.clone(),
                                 };
                                 if tx.send(e).await.is_err() {
                                     return false;
@@ -397,7 +400,7 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
                         }
                         Err(p) => {
                             let msg = format!("panicked: {}", panic_message(p));
-                            c.dead_letter(&counters, input, msg, 1, &elem.origin).await
+                            c.dead_letter(counters, input, msg, 1, &origin).await
                         }
                     }
                 }
@@ -405,23 +408,27 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         )
     }
 
+    /// A stage of `step` calls: each gets the stage's link (the run's
+    /// context, the stage's counters, its output) and one element.
     fn sync_stage<B, F, Fut>(self, stage: Stage, kind: StageKind, step: F) -> Pipeline<In, B>
     where
         B: Send + 'static,
-        F: Fn(Arc<Ctx>, Arc<Counters>, Elem<T>, Sender<Elem<B>>) -> Fut + Send + Sync + 'static,
+        F: Fn(Arc<Link<B>>, Elem<T>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = bool> + Send + 'static,
     {
         let checked = stage.validate();
         self.check(checked).then(move |ctx, rx| {
             let (tx, out) = async_channel::bounded(stage.capacity.unwrap_or(ctx.capacity));
             let counters = ctx.counters(&stage.name, kind, &rx);
+            // NOTE: one shared link cloned per element, not its parts:
+            // each clone is an atomic on a line the stage's workers share.
+            let link = Arc::new((ctx.clone(), counters.clone(), tx));
             let step = Arc::new(step);
-            let (c, stage_counters) = (ctx.clone(), counters.clone());
             let one = move |elem: Elem<T>| {
-                bump(&counters.received, 1);
-                step(c.clone(), counters.clone(), elem, tx.clone())
+                bump(&link.1.received, 1);
+                step(link.clone(), elem)
             };
-            workers(ctx, &stage, &rx, stage_counters, one);
+            workers(ctx, &stage, &rx, counters, one);
             out
         })
     }
