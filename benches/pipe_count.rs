@@ -10,31 +10,11 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use smolkit::pool::{Pipeline, Stage};
-use smolkit::runtime::{Runtime, Spawn};
+use smolkit::runtime::Runtime;
 
-fn three_stages(spawner: Arc<dyn Spawn>, items: u64) -> impl Future<Output = u64> + Send {
-    let out = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let o = out.clone();
-    async move {
-        Pipeline::from_stream(futures_lite::stream::iter(0..items))
-            .with_spawner(spawner)
-            .with_capacity(256)
-            .map(
-                Stage::new("double").with_concurrency(2),
-                |x: u64| async move { Ok::<_, String>(x * 2) },
-            )
-            .filter("even", |x: &u64| x.is_multiple_of(4))
-            .map("inc", |x: u64| async move { Ok::<_, String>(x + 1) })
-            .run(move |_| {
-                o.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                async { Ok::<_, String>(()) }
-            })
-            .await
-            .unwrap();
-        out.load(std::sync::atomic::Ordering::Relaxed)
-    }
-}
+#[path = "pipeline_common.rs"]
+mod pipeline_common;
+use pipeline_common::three_stages;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();

@@ -21,11 +21,14 @@ use criterion::{
     BenchmarkGroup, BenchmarkId, Criterion, Throughput, criterion_group, criterion_main,
 };
 use futures_lite::StreamExt;
-use smolkit::pool::{Pipeline, Stage, WorkerPool};
+use smolkit::pool::WorkerPool;
 use smolkit::runtime::{Runtime, Spawn};
 
 mod common;
 use common::{calibrate, spin};
+#[path = "pipeline_common.rs"]
+mod pipeline_common;
+use pipeline_common::three_stages;
 
 const ITEMS: u64 = 1_000_000;
 const PIPELINE_ITEMS: u64 = 100_000;
@@ -147,27 +150,6 @@ fn worker_pool(c: &mut Criterion) {
     group.finish();
 }
 
-fn three_stages(spawner: Arc<dyn Spawn>, items: u64) -> u64 {
-    let mut out = 0u64;
-    smol::block_on(
-        Pipeline::from_stream(futures_lite::stream::iter(0..items))
-            .with_spawner(spawner)
-            .with_capacity(256)
-            .map(
-                Stage::new("double").with_concurrency(2),
-                |x: u64| async move { Ok::<_, String>(x * 2) },
-            )
-            .filter("even", |x: &u64| x.is_multiple_of(4))
-            .map("inc", |x: u64| async move { Ok::<_, String>(x + 1) })
-            .run(|_| {
-                out += 1;
-                async { Ok::<_, String>(()) }
-            }),
-    )
-    .unwrap();
-    out
-}
-
 fn pipeline(c: &mut Criterion) {
     let mut group = c.benchmark_group("pipeline");
     group.throughput(Throughput::Elements(PIPELINE_ITEMS));
@@ -177,7 +159,7 @@ fn pipeline(c: &mut Criterion) {
     group.bench_function("3_stages", |b| {
         b.iter(|| {
             assert_eq!(
-                three_stages(spawner.clone(), PIPELINE_ITEMS),
+                smol::block_on(three_stages(spawner.clone(), PIPELINE_ITEMS)),
                 PIPELINE_ITEMS / 2
             )
         })
@@ -196,7 +178,7 @@ fn memory_run() {
     let rt = runtime();
     let items = 10_000_000u64;
     let start = Instant::now();
-    let out = three_stages(Arc::new(rt.handle()), items);
+    let out = smol::block_on(three_stages(Arc::new(rt.handle()), items));
     let elapsed = start.elapsed();
     println!(
         "pipeline_memory: {items} items ({out} out) in {elapsed:.2?} = {:.2} M items/s, peak RSS {:.1} MiB",
