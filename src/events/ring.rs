@@ -549,8 +549,7 @@ impl<E: Clone> Group<E> {
             r.listed -= 1;
         }
         if free {
-            r.members[me] = None;
-            r.free.push(me);
+            r.vacate(me);
         }
         let listed = r.listed;
         let no_taker = r.live == 0;
@@ -581,7 +580,6 @@ impl<E: Clone> Group<E> {
             slots,
             tail,
             members,
-            free,
             live,
             ..
         } = &mut *r;
@@ -594,13 +592,13 @@ impl<E: Clone> Group<E> {
         }
         let freed = m.release(slots, (*tail, cap), false, &mut drop_later);
         m.left = true;
+        let removed = m.removed;
         if m.end.is_none() {
             m.end = Some(*tail);
             *live -= 1;
         }
-        if m.removed {
-            members[me] = None;
-            free.push(me);
+        if removed {
+            r.vacate(me);
         }
         drop(r);
         if freed > 0 {
@@ -676,6 +674,14 @@ impl<E> Member<E> {
 }
 
 impl<E> Ring<E> {
+    /// Frees member slot `me` for reuse; a parked entry of it goes too, so
+    /// the list of sleepers never outgrows the members.
+    fn vacate(&mut self, me: usize) {
+        self.members[me] = None;
+        self.free.push(me);
+        self.sleepers.retain(|&i| i != me);
+    }
+
     fn each_live(&mut self, mut f: impl FnMut(&mut Member<E>)) {
         for m in self
             .members
@@ -709,5 +715,38 @@ impl<E> Ring<E> {
 fn wake_all(wake: &mut WakeList) {
     for w in wake.iter_mut().filter_map(Option::take) {
         w.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::task::Waker;
+
+    use super::*;
+
+    fn group() -> Group<u32> {
+        let pattern = Pattern::parse("t").expect("a valid pattern");
+        Group::new(pattern, Overflow::Wait, 4, Arc::default())
+    }
+
+    /// Subscriptions that park and go while nothing is emitted leave no
+    /// entry behind in the list of sleepers.
+    #[test]
+    fn members_that_park_and_go_leave_no_sleeper_behind() {
+        let g = group();
+        let keep = g.join(0, "kept".into(), Vec::new());
+        let mut batch = VecDeque::new();
+        let mut topics = TopicCache::default();
+        for id in 1..100 {
+            let me = g.join(id, "churn".into(), Vec::new());
+            let read = g.read(me, &mut batch, &mut topics, Some(Waker::noop()));
+            assert!(matches!(read, Read::Empty));
+            g.close_member(me, true);
+            g.leave(me);
+        }
+        let r = lock(&g.ring);
+        assert!(r.sleepers.len() <= 1, "{} sleepers", r.sleepers.len());
+        assert_eq!(r.members.iter().flatten().count(), 1);
+        assert!(r.members[keep].is_some());
     }
 }
