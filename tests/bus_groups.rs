@@ -291,3 +291,68 @@ fn a_removed_handler_drains_without_holding_its_group_back() {
         assert_eq!(*seen.lock().unwrap(), [0, 1, 2]);
     });
 }
+
+/// Lossy members of one ring read at their own pace while two threads
+/// emit: each sees every emitter's events in order (with gaps), and what
+/// it read plus what it was told it lost is exactly what was queued for
+/// it.
+#[test]
+fn lossy_members_under_load_account_for_every_event() {
+    within(|| {
+        const EACH: u32 = 5_000;
+        let bus = Bus::<(u32, u32)>::builder()
+            .with_capacity(16)
+            .build()
+            .unwrap();
+        let opts = SubscribeOptions::new().with_overflow(Overflow::DropOldest);
+        let readers: Vec<_> = (0..3u32)
+            .map(|pace| {
+                let mut sub = bus.subscribe_with("t", opts.clone()).unwrap();
+                std::thread::spawn(move || {
+                    let mut last = [None::<u32>; 2];
+                    let mut read = 0u64;
+                    // Bounded: at most every event once, then the end.
+                    for _ in 0..=2 * EACH {
+                        let Some(ev) = smol::block_on(sub.next()) else {
+                            return (sub, read);
+                        };
+                        let (e, i) = ev.payload;
+                        let prev = last[e as usize].replace(i);
+                        assert!(prev.is_none_or(|p| p < i), "emitter {e}: {prev:?} then {i}");
+                        read += 1;
+                        for _ in 0..pace * 50 {
+                            std::hint::spin_loop();
+                        }
+                    }
+                    panic!("more events than were emitted");
+                })
+            })
+            .collect();
+        let emitters: Vec<_> = (0..2u32)
+            .map(|e| {
+                let bus = bus.clone();
+                std::thread::spawn(move || {
+                    for i in 0..EACH {
+                        assert_eq!(bus.try_emit("t", (e, i)).unwrap(), 3);
+                    }
+                })
+            })
+            .collect();
+        for t in emitters {
+            t.join().unwrap();
+        }
+        smol::block_on(bus.shutdown());
+        let subs: Vec<_> = readers.into_iter().map(|r| r.join().unwrap()).collect();
+        let per = bus.subscribers();
+        assert_eq!(per.len(), 3);
+        for ((_, read), stats) in subs.iter().zip(&per) {
+            assert_eq!(stats.delivered, u64::from(2 * EACH));
+            assert_eq!(stats.queued, 0);
+            assert_eq!(read + stats.dropped, stats.delivered, "{stats:?}");
+        }
+        let total = bus.stats();
+        assert_eq!(total.delivered, u64::from(6 * EACH));
+        drop(subs);
+        assert_eq!(bus.stats().subscribers, 0);
+    });
+}
