@@ -310,16 +310,14 @@ fn lossy_members_under_load_account_for_every_event() {
                 let mut sub = bus.subscribe_with("t", opts.clone()).unwrap();
                 std::thread::spawn(move || {
                     let mut last = [None::<u32>; 2];
-                    let mut read = 0u64;
                     // Bounded: at most every event once, then the end.
-                    for _ in 0..=2 * EACH {
+                    for read in 0..=u64::from(2 * EACH) {
                         let Some(ev) = smol::block_on(sub.next()) else {
                             return (sub, read);
                         };
                         let (e, i) = ev.payload;
                         let prev = last[e as usize].replace(i);
                         assert!(prev.is_none_or(|p| p < i), "emitter {e}: {prev:?} then {i}");
-                        read += 1;
                         for _ in 0..pace * 50 {
                             std::hint::spin_loop();
                         }
