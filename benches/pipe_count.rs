@@ -10,6 +10,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
+use smolkit::pool::WorkerPool;
 use smolkit::runtime::Runtime;
 
 #[path = "pipeline_common.rs"]
@@ -46,8 +47,23 @@ fn main() {
             drop(stop);
             out
         }
+        // Not the pipeline: the pool bench's no-op row, 2 workers.
+        "pool" => {
+            let pool = WorkerPool::builder(|x: u64| async move { Ok::<_, ()>(x) })
+                .with_workers(2)
+                .with_capacity(1024)
+                .with_spawner(Arc::new(rt.handle()))
+                .build()
+                .expect("a pool");
+            let n = rt.block_on(
+                futures_lite::StreamExt::count(
+                    pool.process(futures_lite::stream::iter(0..items), false),
+                ),
+            );
+            n as u64 / 2
+        }
         other => {
-            eprintln!("unknown mode {other}: runtime|inside|smol");
+            eprintln!("unknown mode {other}: runtime|inside|smol|pool");
             std::process::exit(2);
         }
     };
