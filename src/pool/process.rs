@@ -120,7 +120,10 @@ impl<I, O, E> Batch<I, O, E> {
         if !self.done.is_empty() {
             // NOTE: unbounded, and bounded in practice by the process
             // window; an error means the consumer is gone.
-            let _ = self.tx.try_send(std::mem::take(&mut self.done));
+            // The next results get room for what is left at once (it
+            // grew from empty, push by push).
+            let next = Vec::with_capacity(self.items.len().min(RESULTS));
+            let _ = self.tx.try_send(std::mem::replace(&mut self.done, next));
         }
     }
 
@@ -237,9 +240,9 @@ pub(super) async fn feed<I, O, E, S>(
         // than the window, so this cannot fail.
         let permit = permits.acquire_many_arc(batch.len()).await.ok();
         let batch = Batch {
+            done: Vec::with_capacity(batch.len().min(RESULTS)),
             items: batch,
             current: None,
-            done: Vec::new(),
             since: Instant::now(),
             permit,
             tx: res_tx.clone(),
