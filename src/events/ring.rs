@@ -450,7 +450,9 @@ impl<E: Clone> Group<E> {
                     payload: ev.payload.clone(),
                 })
             };
-            batch.extend(ev);
+            if let Some(ev) = ev {
+                batch.push_back(ev);
+            }
             m.cursor += 1;
         }
         let read = if !batch.is_empty() {
