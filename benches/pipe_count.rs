@@ -2,10 +2,11 @@
 //! fixed work, for callgrind and for comparing where it runs:
 //! `runtime` (stages on a 2-thread `Runtime`, source and sink on the
 //! calling thread, as the bench), `inside` (the whole run a task of that
-//! `Runtime`), `smol` (stages on a 2-thread `smol::Executor`).
+//! `Runtime`), `smol` (stages on a 2-thread `smol::Executor`); or `pool`:
+//! the pool bench's no-op row (`WorkerPool::process`, 2 workers).
 //!
 //! Run: `cargo build --release --manifest-path benches/Cargo.toml --example pipe_count`,
-//! then `benches/target/release/examples/pipe_count <runtime|inside|smol> [items]`.
+//! then `benches/target/release/examples/pipe_count <runtime|inside|smol|pool> [items]`.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -55,11 +56,9 @@ fn main() {
                 .with_spawner(Arc::new(rt.handle()))
                 .build()
                 .expect("a pool");
-            let n = rt.block_on(
-                futures_lite::StreamExt::count(
-                    pool.process(futures_lite::stream::iter(0..items), false),
-                ),
-            );
+            let n = rt.block_on(futures_lite::StreamExt::count(
+                pool.process(futures_lite::stream::iter(0..items), false),
+            ));
             n as u64 / 2
         }
         other => {
