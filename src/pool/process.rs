@@ -26,7 +26,7 @@ use crate::runtime::JoinHandle;
 use crate::runtime::coop::Budget;
 
 /// The most items one queue slot carries.
-const BATCH: usize = 64;
+const BATCH: usize = 128;
 
 /// About how long a batch should take: the feeder sizes batches to it from
 /// the average time of an item (one item per batch until that is known,
@@ -38,7 +38,7 @@ const BATCH_TIME_NANOS: u64 = 20_000;
 pub(super) const SPLIT_AFTER: Duration = Duration::from_micros(50);
 
 /// Results a worker gathers before it sends them.
-const RESULTS: usize = 32;
+const RESULTS: usize = 128;
 
 /// The longest a finished result waits for others to be sent with.
 const HOLD: Duration = Duration::from_millis(1);

@@ -91,7 +91,7 @@ pub struct PoolStats {
     /// The number of workers the pool is steering towards.
     pub target_workers: usize,
     /// Queue slots taken: a submitted job each, or a batch of a
-    /// [`process`](WorkerPool::process) call's items (up to 64).
+    /// [`process`](WorkerPool::process) call's items (up to 128).
     pub queued: usize,
     /// Jobs being run right now.
     pub running: usize,
