@@ -76,9 +76,11 @@ struct Member<E> {
     /// Retained values replayed to it, read before the ring.
     replay: VecDeque<Event<E>>,
     replayed: u64,
-    /// Drops counted so far (a lag is counted when the reader meets it).
+    /// Drops counted so far (a lag is counted when the reader meets it, or
+    /// when it is unlisted).
     dropped: u64,
-    /// Removed from the bus: its counts went to [`Gone`].
+    /// Removed from the bus: its counts went to [`Gone`], and what it had
+    /// not read to its replay.
     removed: bool,
     /// Its reader is gone: no more reads.
     left: bool,
@@ -254,9 +256,8 @@ impl<E: Clone> Group<E> {
     /// overwrote, to be dropped after the lock; `Err` when a `Wait` group
     /// has no free slot.
     fn write(&self, r: &mut Ring<E>, ev: Event<E>) -> Result<(usize, Option<Event<E>>), Event<E>> {
-        let cap = self.capacity as u64;
-        let i = (r.tail % cap) as usize;
-        if r.slots.get(i).is_some_and(|s| s.rem > 0) {
+        let i = (r.tail % self.capacity as u64) as usize;
+        if self.slot_busy(r) {
             match self.overflow {
                 Overflow::Wait => return Err(ev),
                 Overflow::DropNewest => {
@@ -433,10 +434,9 @@ impl<E: Clone> Group<E> {
             std::mem::swap(&mut m.replay, batch);
             return Read::Some;
         }
-        let lost = m.catch_up(*tail, cap);
-        if m.removed {
-            self.gone.dropped.fetch_add(lost, Ordering::Relaxed);
-        }
+        // NOTE: only a listed member can lag: unlisting moves what it has
+        // not read into its replay (see `close_member`).
+        m.catch_up(*tail, cap);
         let stop = m.end.unwrap_or(*tail).min(*tail);
         while m.cursor < stop && batch.len() < BATCH {
             let slot = &mut slots[(m.cursor % cap) as usize];
@@ -531,10 +531,10 @@ impl<E: Clone> Group<E> {
                 m.removed = true;
                 unlisted = true;
                 free = m.left;
+                // Its counts are final: it holds copies of what it has
+                // not read, so it loses nothing from here on.
                 let delivered = m.delivered(tail);
                 self.gone.delivered.fetch_add(delivered, Ordering::Relaxed);
-                // What it loses from here on is counted when its reader
-                // meets it.
                 self.gone.dropped.fetch_add(m.dropped, Ordering::Relaxed);
             }
             if m.end.is_none() {
@@ -588,10 +588,7 @@ impl<E: Clone> Group<E> {
         let Some(m) = members.get_mut(me).and_then(Option::as_mut) else {
             return;
         };
-        let lost = m.catch_up(*tail, cap);
-        if m.removed {
-            self.gone.dropped.fetch_add(lost, Ordering::Relaxed);
-        }
+        m.catch_up(*tail, cap);
         let freed = m.release(slots, (*tail, cap), false, &mut drop_later);
         m.left = true;
         let removed = m.removed;
