@@ -6,7 +6,6 @@ use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use async_channel::Receiver;
 use event_listener::Event;
 use serde::Serialize;
 
@@ -253,9 +252,9 @@ impl Ctx {
         &self,
         name: &str,
         kind: StageKind,
-        input: &Receiver<T>,
+        input: &HopRx<T>,
     ) -> Arc<Counters> {
-        let weak = input.downgrade();
+        let queued = input.watch();
         let c = Arc::new(Counters {
             name: name.to_owned(),
             kind,
@@ -265,7 +264,7 @@ impl Ctx {
             filtered: AtomicU64::new(0),
             in_flight: AtomicU64::new(0),
             workers: std::sync::atomic::AtomicUsize::new(0),
-            queued: Box::new(move || weak.upgrade().map_or(0, |r| r.len())),
+            queued: Box::new(move || queued.get()),
         });
         lock(&self.stages).push(c.clone());
         c

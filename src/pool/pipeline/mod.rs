@@ -19,6 +19,7 @@
 //! restart repeats) even behind one slow item.
 
 mod control;
+mod hop;
 mod run;
 mod stage;
 mod tracker;
@@ -32,7 +33,6 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_channel::{Receiver, Sender};
 use futures_lite::{FutureExt, Stream, StreamExt};
 use serde::Serialize;
 
@@ -47,17 +47,15 @@ use crate::stream::StreamKit;
 
 use control::{Ctx, task_error};
 pub use control::{PipelineControl, PipelineError, PipelineReport};
+use hop::{HopRx, HopTx, hop};
 use stage::{Counters, attempt, bump, settle};
 pub use stage::{Stage, StageKind, StageStats};
 use tracker::{Elem, Origin, Tracker};
-use workers::Workers;
+use workers::{Out, Workers};
 
 type StageFn<A, B> = Arc<dyn Fn(A) -> BoxFut<'static, Result<B, String>> + Send + Sync>;
-type Wire<In, T> = Box<dyn FnOnce(&Arc<Ctx>, Receiver<Elem<In>>) -> Receiver<Elem<T>> + Send>;
+type Wire<In, T> = Box<dyn FnOnce(&Arc<Ctx>, HopRx<Elem<In>>) -> HopRx<Elem<T>> + Send>;
 type BoxStream<T> = std::pin::Pin<Box<dyn Stream<Item = T> + Send>>;
-/// What a stage's step needs: the run's context, the stage's counters and
-/// its output.
-type Link<B> = (Arc<Ctx>, Arc<Counters>, Sender<Elem<B>>);
 
 enum Source<T> {
     Stream(BoxStream<T>),
@@ -169,7 +167,7 @@ impl<In: Send + 'static> Pipeline<In, In> {
 impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
     fn then<B: Send + 'static>(
         self,
-        stage: impl FnOnce(&Arc<Ctx>, Receiver<Elem<T>>) -> Receiver<Elem<B>> + Send + 'static,
+        stage: impl FnOnce(&Arc<Ctx>, HopRx<Elem<T>>) -> HopRx<Elem<B>> + Send + 'static,
     ) -> Pipeline<In, B> {
         let prev = self.wire;
         Pipeline {
@@ -258,7 +256,7 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
     {
         let checked = stage.validate();
         self.check(checked).then(move |ctx, rx| {
-            let (tx, out) = async_channel::bounded(stage.capacity.unwrap_or(ctx.capacity));
+            let (tx, out) = hop(stage.capacity.unwrap_or(ctx.capacity));
             let counters = ctx.counters(&stage.name, kind, &rx);
             let stage_counters = counters.clone();
             let policy = stage.policy.clone();
@@ -268,7 +266,7 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
                 let spawner = ctx.spawner.clone();
                 ctx.spawn(&stage.name, async move {
                     let state = Arc::new((f, policy, counters.clone()));
-                    let results = rx.map_concurrent_on(
+                    let results = rx.into_stream().map_concurrent_on(
                         spawner,
                         stage.concurrency,
                         true,
@@ -303,27 +301,27 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
                         }
                     }
                 });
-            } else {
-                // NOTE: one shared state cloned per item, not its five
-                // parts: each clone is an atomic on a line the stage's
-                // workers share.
-                let state = Arc::new((ctx.clone(), counters, f, policy, tx));
+            } else if let Some(policy) = policy {
+                let state = Arc::new((f, policy));
                 let step = move |elem: Elem<T>| {
                     let state = state.clone();
                     async move {
-                        let (c, counters, f, policy, tx) = &*state;
-                        bump(&counters.received, 1);
-                        bump(&counters.in_flight, 1);
-                        let (r, attempts, value) = attempt(f, policy.as_deref(), elem.value).await;
-                        counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-                        let elem = Elem {
-                            value,
-                            origin: elem.origin,
-                        };
-                        settle(c, counters, tx, elem, r, attempts).await
+                        let (f, policy) = &*state;
+                        let (r, attempts, value) = attempt(f, Some(&**policy), elem.value).await;
+                        mapped(r, value, elem.origin, attempts)
                     }
                 };
-                workers(ctx, &stage, &rx, stage_counters, step);
+                workers(ctx, &stage, &rx, tx, stage_counters, step);
+            } else {
+                // NOTE: no policy, so no retry: the future is started here
+                // and the step clones nothing shared (each clone would be
+                // an atomic on a line the stage's workers share).
+                let step = move |elem: Elem<T>| {
+                    let Elem { value, origin } = elem;
+                    let started = f(value.clone());
+                    async move { mapped(started.await, value, origin, 1) }
+                };
+                workers(ctx, &stage, &rx, tx, stage_counters, step);
             }
             out
         })
@@ -337,30 +335,15 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         T: Serialize,
         F: Fn(&T) -> bool + Send + Sync + 'static,
     {
-        self.sync_stage(stage.into(), StageKind::Filter, move |link, elem| {
-            // The predicate runs here, so the future holds its verdict, not
-            // the predicate.
-            let verdict = catch_unwind(AssertUnwindSafe(|| keep(&elem.value)));
-            async move {
-                let (c, counters, tx) = &*link;
-                match verdict {
-                    Ok(true) => {
-                        bump(&counters.emitted, 1);
-                        tx.send(elem).await.is_ok()
-                    }
-                    Ok(false) => {
-                        bump(&counters.filtered, 1);
-                        c.tracker.complete(&elem.origin);
-                        true
-                    }
-                    Err(p) => {
-                        let msg = format!("panicked: {}", panic_message(p));
-                        c.dead_letter(counters, elem.value, msg, 1, &elem.origin)
-                            .await
-                    }
-                }
-            }
-        })
+        self.sync_stage(
+            stage.into(),
+            StageKind::Filter,
+            move |_, elem| match catch_unwind(AssertUnwindSafe(|| keep(&elem.value))) {
+                Ok(true) => Out::One(elem),
+                Ok(false) => Out::Filtered(elem.origin),
+                Err(p) => Out::Dead(elem, format!("panicked: {}", panic_message(p)), 1),
+            },
+        )
     }
 
     /// Maps each item to any number of items (zero included: its position
@@ -375,60 +358,52 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         self.sync_stage(
             stage.into(),
             StageKind::FlatMap,
-            move |link, elem: Elem<T>| {
+            move |ctx, elem: Elem<T>| {
                 let input = elem.value.clone();
-                let outs = catch_unwind(AssertUnwindSafe(|| {
-                    f(elem.value).into_iter().collect::<Vec<B>>()
-                }));
                 let origin = elem.origin;
-                async move {
-                    let (c, counters, tx) = &*link;
-                    match outs {
-                        Ok(outs) => {
-                            c.tracker.retain(&origin, outs.len());
-                            bump(&counters.emitted, outs.len() as u64);
-                            for value in outs {
-                                let e = Elem {
-                                    value,
-                                    origin: origin.clone(),
-                                };
-                                if tx.send(e).await.is_err() {
-                                    return false;
-                                }
-                            }
-                            true
-                        }
-                        Err(p) => {
-                            let msg = format!("panicked: {}", panic_message(p));
-                            c.dead_letter(counters, input, msg, 1, &origin).await
-                        }
+                match catch_unwind(AssertUnwindSafe(|| {
+                    f(elem.value).into_iter().collect::<Vec<B>>()
+                })) {
+                    Ok(outs) => {
+                        ctx.tracker.retain(&origin, outs.len());
+                        let elems = outs.into_iter().map(|value| Elem {
+                            value,
+                            origin: origin.clone(),
+                        });
+                        Out::Many(elems.collect())
+                    }
+                    Err(p) => {
+                        let msg = format!("panicked: {}", panic_message(p));
+                        Out::Dead(
+                            Elem {
+                                value: input,
+                                origin,
+                            },
+                            msg,
+                            1,
+                        )
                     }
                 }
             },
         )
     }
 
-    /// A stage of `step` calls: each gets the stage's link (the run's
-    /// context, the stage's counters, its output) and one element.
-    fn sync_stage<B, F, Fut>(self, stage: Stage, kind: StageKind, step: F) -> Pipeline<In, B>
+    /// A stage of `step` calls, each given the run's context and one
+    /// element; the step runs to its end without waiting.
+    fn sync_stage<B, F>(self, stage: Stage, kind: StageKind, step: F) -> Pipeline<In, B>
     where
+        T: Serialize,
         B: Send + 'static,
-        F: Fn(Arc<Link<B>>, Elem<T>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = bool> + Send + 'static,
+        F: Fn(&Ctx, Elem<T>) -> Out<T, B> + Send + Sync + 'static,
     {
         let checked = stage.validate();
         self.check(checked).then(move |ctx, rx| {
-            let (tx, out) = async_channel::bounded(stage.capacity.unwrap_or(ctx.capacity));
+            let (tx, out) = hop(stage.capacity.unwrap_or(ctx.capacity));
             let counters = ctx.counters(&stage.name, kind, &rx);
-            // NOTE: one shared link cloned per element, not its parts:
-            // each clone is an atomic on a line the stage's workers share.
-            let link = Arc::new((ctx.clone(), counters.clone(), tx));
+            let c = ctx.clone();
             let step = Arc::new(step);
-            let one = move |elem: Elem<T>| {
-                bump(&link.1.received, 1);
-                step(link.clone(), elem)
-            };
-            workers(ctx, &stage, &rx, counters, one);
+            let one = move |elem: Elem<T>| std::future::ready(step(&c, elem));
+            workers(ctx, &stage, &rx, tx, counters, one);
             out
         })
     }
@@ -459,12 +434,12 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
                 None => Ok(()),
             });
         self.check(checked).then(move |ctx, rx| {
-            let (tx, out) = async_channel::bounded(stage.capacity.unwrap_or(ctx.capacity));
+            let (tx, out) = hop(stage.capacity.unwrap_or(ctx.capacity));
             let counters = ctx.counters(&stage.name, StageKind::Batch, &rx);
             counters.workers.store(1, Ordering::Relaxed);
             let clock = ctx.clock.clone();
             ctx.spawn(&stage.name, async move {
-                let mut chunks = pin!(rx.chunks_timeout_on(clock, size, max_wait));
+                let mut chunks = pin!(rx.into_stream().chunks_timeout_on(clock, size, max_wait));
                 while let Some(chunk) = chunks.next().await {
                     bump(&counters.received, chunk.len() as u64);
                     bump(&counters.emitted, 1);
@@ -543,27 +518,47 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
     }
 }
 
-/// Starts a stage's workers on `rx` (fixed, or autoscaled when the stage
-/// says so; the scale-up depth defaults to half the input channel).
-fn workers<T, F, Fut>(
+/// What a map step made of its element: the output, or a dead letter of
+/// the input.
+fn mapped<T, B>(r: Result<B, String>, input: T, origin: Origin, attempts: u32) -> Out<T, B> {
+    match r {
+        Ok(value) => Out::One(Elem { value, origin }),
+        Err(error) => Out::Dead(
+            Elem {
+                value: input,
+                origin,
+            },
+            error,
+            attempts,
+        ),
+    }
+}
+
+/// Starts a stage's workers on `rx`, sending to `tx` (fixed, or
+/// autoscaled when the stage says so; the scale-up depth defaults to half
+/// the input channel).
+fn workers<T, B, F, Fut>(
     ctx: &Arc<Ctx>,
     stage: &Stage,
-    rx: &Receiver<Elem<T>>,
+    rx: &HopRx<Elem<T>>,
+    tx: HopTx<Elem<B>>,
     counters: Arc<Counters>,
     step: F,
 ) where
-    T: Send + 'static,
+    T: Serialize + Send + 'static,
+    B: Send + 'static,
     F: Fn(Elem<T>) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = bool> + Send + 'static,
+    Fut: Future<Output = Out<T, B>> + Send + 'static,
 {
     let scale = stage.autoscale.map(|s| {
-        let half = rx.capacity().unwrap_or(ctx.capacity) / 2;
+        let half = rx.capacity() / 2;
         (s, s.up_at.unwrap_or(half))
     });
     Workers {
         ctx: ctx.clone(),
         counters,
         rx: rx.clone(),
+        tx,
         step,
         scale,
     }

@@ -1,13 +1,14 @@
 //! Running a pipeline: the source, the sink loop, acks and checkpoints.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use async_channel::{Sender, TryRecvError};
+use async_channel::Sender;
 use futures_lite::{FutureExt, StreamExt, future};
 use serde::Serialize;
 
@@ -18,6 +19,7 @@ use crate::runtime::coop::Budget;
 use crate::runtime::{JoinHandle, SpawnExt, panic_message};
 use crate::sync::lock_std as lock;
 
+use super::workers::{TAKE_MAX, Take};
 use super::*;
 use crate::sync::unless;
 
@@ -64,7 +66,7 @@ impl<In: Send + 'static, T: Send + 'static> Pipeline<In, T> {
         let acks = queue.is_some().then(|| ack_tx.clone());
         let ctx = self.context(resumed_from, acks, collect.clone());
 
-        let (src_tx, src_rx) = async_channel::bounded(self.capacity);
+        let (src_tx, src_rx) = hop(self.capacity);
         let out = (self.wire)(&ctx, src_rx);
         let sink_counters = ctx.counters("sink", StageKind::Sink, &out);
         sink_counters.workers.store(1, Ordering::Relaxed);
@@ -275,7 +277,7 @@ pub(super) async fn read_stream<T: Send + 'static>(
     ctx: &Ctx,
     mut source: BoxStream<T>,
     skip: u64,
-    tx: Sender<Elem<T>>,
+    tx: HopTx<Elem<T>>,
 ) {
     for _ in 0..skip {
         if source.next().await.is_none() {
@@ -284,31 +286,63 @@ pub(super) async fn read_stream<T: Send + 'static>(
         }
     }
     let mut budget = Budget::new();
+    // NOTE: no more than the channel holds, so a stalled pipeline keeps at
+    // most one channel's worth read ahead here.
+    let most = TAKE_MAX.min(tx.capacity());
+    let mut batch = Vec::with_capacity(most);
+    let mut elems = Vec::with_capacity(most);
+    // An item read but not yet let into the window.
+    let mut next = None;
     loop {
         budget.tick().await;
         if ctx.control.stopping() {
             return;
         }
-        let item = match future::poll_once(source.next()).await {
-            Some(Some(item)) => item,
-            Some(None) => return,
-            None => match unless(source.next(), ctx.stopped()).await.flatten() {
-                Some(item) => item,
-                None => return,
+        let item = match next.take() {
+            Some(item) => item,
+            None => match future::poll_once(source.next()).await {
+                Some(Some(item)) => item,
+                Some(None) => return,
+                None => match unless(source.next(), ctx.stopped()).await.flatten() {
+                    Some(item) => item,
+                    None => return,
+                },
             },
         };
         ctx.tracker.admit().await;
-        let pos = ctx.tracker.register(None);
-        ctx.inputs.fetch_add(1, Ordering::Relaxed);
-        if tx
-            .send(Elem {
-                value: item,
-                origin: Origin::One(pos),
-            })
-            .await
-            .is_err()
-        {
+        batch.push(item);
+        // Whatever else is ready and fits in the window goes with it, in
+        // one send.
+        let (mut ended, mut spent) = (false, false);
+        while batch.len() < most {
+            if !budget.spend() {
+                spent = true;
+                break;
+            }
+            match future::poll_once(source.next()).await {
+                Some(Some(item)) if ctx.tracker.try_admit() => batch.push(item),
+                Some(Some(item)) => {
+                    next = Some(item);
+                    break;
+                }
+                Some(None) => {
+                    ended = true;
+                    break;
+                }
+                None => break,
+            }
+        }
+        let first = ctx.tracker.register_many(batch.len());
+        ctx.inputs.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        elems.extend(batch.drain(..).zip(first..).map(|(value, pos)| Elem {
+            value,
+            origin: Origin::One(pos),
+        }));
+        if tx.send_all(&mut elems).await.is_err() || ended {
             return;
+        }
+        if spent {
+            future::yield_now().await;
         }
     }
 }
@@ -316,7 +350,7 @@ pub(super) async fn read_stream<T: Send + 'static>(
 pub(super) async fn read_queue<T: Send + 'static>(
     ctx: &Ctx,
     queue: &dyn Queue<Item = T>,
-    tx: Sender<Elem<T>>,
+    tx: HopTx<Elem<T>>,
 ) {
     let mut budget = Budget::new();
     loop {
@@ -410,7 +444,7 @@ pub(super) async fn save_checkpoints(
 /// the sink accepted.
 async fn drive_sink<T, F, Fut, E>(
     ctx: &Ctx,
-    out: &Receiver<Elem<T>>,
+    out: &HopRx<Elem<T>>,
     sink_counters: &Counters,
     sink_policy: Option<&Policy>,
     sink: &mut F,
@@ -423,31 +457,38 @@ where
 {
     let mut outputs = 0u64;
     let mut budget = Budget::new();
+    let mut take = Take::default();
+    let mut pending = VecDeque::new();
+    // When the elements in hand were taken, and how many.
+    let mut taken = (Instant::now(), 0);
     loop {
         budget.tick().await;
         if ctx.control.cancelled() {
             break;
         }
-        let elem = match out.try_recv() {
-            Ok(e) => e,
-            Err(TryRecvError::Closed) => break,
-            Err(TryRecvError::Empty) => {
-                let l = ctx.control.state.event.listen();
-                if ctx.control.cancelled() {
-                    break;
-                }
-                match out
-                    .recv()
-                    .or(async {
-                        l.await;
-                        Err(async_channel::RecvError)
-                    })
-                    .await
-                {
-                    Ok(e) => e,
-                    Err(_) => continue,
-                }
+        if pending.is_empty() {
+            if taken.1 > 0 {
+                take.record(taken.1, taken.0.elapsed());
             }
+            let l = ctx.control.state.event.listen();
+            if ctx.control.cancelled() {
+                break;
+            }
+            let got = out
+                .recv_into(take.size(), &mut pending)
+                .or(async {
+                    l.await;
+                    Ok(0)
+                })
+                .await;
+            match got {
+                Ok(0) => continue,
+                Ok(n) => taken = (Instant::now(), n),
+                Err(_) => break,
+            }
+        }
+        let Some(elem) = pending.pop_front() else {
+            continue;
         };
         bump(&sink_counters.received, 1);
         bump(&sink_counters.in_flight, 1);

@@ -4,12 +4,12 @@ use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use async_channel::Sender;
 use serde::Serialize;
 
 use crate::resilience::Policy;
 use crate::sync::lock_std as lock;
 
+use super::hop::HopTx;
 use super::*;
 
 /// Options of one stage: its name, concurrency, order, retry policy and
@@ -211,7 +211,8 @@ pub struct StageStats {
     pub dead_letters: u64,
     /// Elements a filter rejected.
     pub filtered: u64,
-    /// Elements being processed now.
+    /// Elements taken from its input and not finished yet (a worker takes
+    /// several at once when they are fast).
     pub in_flight: u64,
     /// Elements waiting in its input channel.
     pub queued: usize,
@@ -289,7 +290,7 @@ pub(super) async fn attempt<A: Clone, B>(
 pub(super) async fn settle<A: Serialize + Send + 'static, B>(
     ctx: &Ctx,
     counters: &Counters,
-    tx: &Sender<Elem<B>>,
+    tx: &HopTx<Elem<B>>,
     elem: Elem<A>,
     result: Result<B, String>,
     attempts: u32,

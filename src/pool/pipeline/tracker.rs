@@ -69,6 +69,11 @@ impl Tracker {
         }
     }
 
+    /// Lets one position into the window if there is room now.
+    pub(super) fn try_admit(&self) -> bool {
+        self.window.try_acquire().map(|g| g.forget()).is_ok()
+    }
+
     pub(super) async fn admit(&self) {
         match self.window.try_acquire() {
             Ok(g) => g.forget(),
@@ -86,6 +91,15 @@ impl Tracker {
         st.counts.push_back(1);
         st.ids.push_back(id);
         st.base + st.counts.len() as u64 - 1
+    }
+
+    /// `n` positions in a row with no delivery ids; returns the first.
+    pub(super) fn register_many(&self, n: usize) -> u64 {
+        let mut st = lock(&self.state);
+        let first = st.base + st.counts.len() as u64;
+        st.counts.extend(std::iter::repeat_n(1, n));
+        st.ids.extend(std::iter::repeat_n(None, n));
+        first
     }
 
     /// `k` elements now stand for each element of `origin`.
