@@ -26,7 +26,7 @@ use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_m
 use futures_lite::StreamExt;
 use http_body_util::BodyExt;
 use smolkit::http::{Body, Client, HyperClient, Request, SurfClient};
-use smolkit::runtime::{Runtime, Spawn};
+use smolkit::runtime::Runtime;
 use smolkit::testing::ChaosServer;
 
 #[path = "http_common.rs"]
@@ -56,7 +56,6 @@ fn legacy() -> Legacy {
 fn hyper_client(max_per_host: usize) -> HyperClient {
     HyperClient::builder()
         .with_max_connections_per_host(max_per_host)
-        .with_spawner(executor() as Arc<dyn Spawn>)
         .build()
         .unwrap()
 }
@@ -300,7 +299,6 @@ fn requests_on_runtime(c: &mut Criterion) {
             let hyper = Arc::new(
                 HyperClient::builder()
                     .with_max_connections_per_host(callers.max(16))
-                    .with_spawner(rt.handle())
                     .build()
                     .unwrap(),
             );
@@ -342,7 +340,6 @@ fn requests_on_runtime(c: &mut Criterion) {
     let fresh = Arc::new(
         HyperClient::builder()
             .with_keep_alive(false)
-            .with_spawner(rt.handle())
             .build()
             .unwrap(),
     );

@@ -23,7 +23,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let rt = Runtime::builder().with_threads(2).build()?;
     let client = HyperClient::builder()
         .with_max_connections_per_host(3)
-        .with_spawner(rt.spawner())
         .build()?;
     let counters: Arc<[AtomicU64; 3]> = Arc::new(Default::default());
     for i in 0..3 {

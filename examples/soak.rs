@@ -365,11 +365,9 @@ async fn load(
     println!("ChaosServer on {} for {} s", server.url("/"), args.seconds);
     let big_client = HyperClient::builder()
         .with_max_connections_per_host(args.big_tasks.max(1))
-        .with_spawner(spawner.clone())
         .build()?;
     let small_client = HyperClient::builder()
         .with_max_connections_per_host(args.small_tasks.max(1))
-        .with_spawner(spawner.clone())
         .build()?;
     let mut tasks = Vec::new();
     let mut threads = Vec::new();

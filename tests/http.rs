@@ -511,6 +511,28 @@ fn a_body_dropped_unread_closes_its_connection() {
 }
 
 #[test]
+fn a_body_read_elsewhere_drives_its_connection_and_gives_it_back() {
+    within(|| {
+        smol::block_on(async {
+            let server = ChaosServer::start().await.unwrap();
+            let client = HyperClient::new();
+            // The request on one task, its 4 MiB body read on another
+            // thread once that task has ended: a connection has no task of
+            // its own, so the body alone moves it on.
+            let url = server.url("/bytes/4194304");
+            let c = client.clone();
+            let r = smol::spawn(async move { send(&c, get(&url)).await }).await;
+            let read = std::thread::spawn(move || smol::block_on(r.into_body().bytes()));
+            let n = read.join().unwrap().unwrap().len();
+            assert_eq!(n, 4 << 20);
+            assert_eq!(client.stats().idle, 1, "back in the pool at the end");
+            text(&client, &server.url("/status/200")).await;
+            assert_eq!(server.connections(), 1, "and reused");
+        })
+    });
+}
+
+#[test]
 fn a_restarted_server_is_reached_on_a_new_connection() {
     within(|| {
         smol::block_on(async {

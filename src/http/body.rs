@@ -279,20 +279,30 @@ impl Body {
         }
     }
 
-    /// A response body from hyper; `on_end` runs once the last frame has
-    /// been read (the connection goes back to the pool).
+    /// A response body from hyper; `conn` (the connection it arrives on,
+    /// when the body has one to drive) is moved on at every read and given
+    /// back once the last frame has been read.
     pub(crate) fn from_incoming(
         incoming: hyper::body::Incoming,
-        on_end: Option<Box<dyn FnOnce() + Send>>,
+        conn: Option<Box<dyn BodyConn>>,
     ) -> Self {
         let len = hyper::body::Body::size_hint(&incoming).exact();
-        Body::from_stream(IncomingStream { incoming, on_end }, len)
+        Body::from_stream(IncomingStream { incoming, conn }, len)
     }
+}
+
+/// The connection a response body arrives on, held by the body: it has no
+/// task of its own, so reading the body is what moves its I/O on.
+pub(crate) trait BodyConn: Send {
+    /// Moves the connection on (reads what the body is waiting for).
+    fn drive(&mut self, cx: &mut Context<'_>);
+    /// The body was read to its end: the connection may be reused.
+    fn give_back(self: Box<Self>);
 }
 
 struct IncomingStream {
     incoming: hyper::body::Incoming,
-    on_end: Option<Box<dyn FnOnce() + Send>>,
+    conn: Option<Box<dyn BodyConn>>,
 }
 
 impl Stream for IncomingStream {
@@ -300,6 +310,9 @@ impl Stream for IncomingStream {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         loop {
+            if let Some(conn) = &mut self.conn {
+                conn.drive(cx);
+            }
             let frame = ready!(hyper::body::Body::poll_frame(
                 Pin::new(&mut self.incoming),
                 cx
@@ -313,12 +326,12 @@ impl Stream for IncomingStream {
                 },
                 Some(Err(e)) => {
                     // The connection is broken: never return it.
-                    self.on_end = None;
+                    self.conn = None;
                     return Poll::Ready(Some(Err(Error::Body { source: e.into() })));
                 }
                 None => {
-                    if let Some(on_end) = self.on_end.take() {
-                        on_end();
+                    if let Some(conn) = self.conn.take() {
+                        conn.give_back();
                     }
                     return Poll::Ready(None);
                 }

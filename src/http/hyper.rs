@@ -3,28 +3,33 @@
 //!
 //! Why not hyper-util's legacy client? It compiles tokio's net, rt and time
 //! parts and has no cap on connections per host (32 concurrent requests
-//! open 32 sockets). This pool is small, runs on any executor through
-//! [`Spawn`], and caps connections per host.
+//! open 32 sockets). This pool is small, runs on any executor (a
+//! connection has no task of its own: the request and then the response
+//! body using it move its I/O on, as async-h1 does), and caps connections
+//! per host.
 
 use std::collections::HashMap;
 use std::fmt;
+use std::future::{Future, poll_fn};
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use ::http::header::{HOST, HeaderValue, USER_AGENT};
 use ::http::{Request, Response, Uri};
 use event_listener::{Event, IntoNotification};
-use hyper::client::conn::http1::SendRequest;
+use hyper::client::conn::http1::{Connection, SendRequest};
 use rustls::pki_types::CertificateDer;
 
-use super::body::Body;
+use super::body::{Body, BodyConn};
 use super::client::{self, Client, Redirects, ResponseFuture, SendOnce};
 use super::error::Error;
 use crate::ConfigError;
 use crate::net::{self, DialError, TlsOptions};
 use crate::resilience::timeout_on;
-use crate::runtime::{Clock, Spawn, SystemClock, default_spawner};
+use crate::runtime::{Clock, Spawn, SystemClock};
 use crate::sync::lock_std as lock;
 
 /// The per-host connection cap of a default [`HyperClient`].
@@ -54,8 +59,12 @@ pub(crate) const DEFAULT_PER_HOST: usize = 16;
 ///   written (the server closed the idle connection at that moment) is
 ///   sent again, once, on another connection.
 ///
-/// Connection tasks run on the builder's [`Spawn`] (default: smol's
-/// global executor). Cloning is cheap and shares the pool.
+/// A connection has no task of its own: the request using it, and then
+/// its response body, move its I/O on as they are polled (so a request
+/// and its connection run on the caller's thread, with no wake-up
+/// between threads; an idle connection is not polled, and one the server
+/// closed meanwhile is found closed when next taken from the pool).
+/// Cloning is cheap and shares the pool.
 ///
 /// # Default
 ///
@@ -71,8 +80,8 @@ pub(crate) const DEFAULT_PER_HOST: usize = 16;
 /// # Drop behavior
 ///
 /// Dropping the last handle (or [`close`](HyperClient::close)) closes the
-/// idle connections at once and ends their tasks; a response still being
-/// read keeps its connection until its body is done or dropped.
+/// idle connections at once; a response still being read keeps its
+/// connection until its body is done or dropped.
 ///
 /// # Examples
 ///
@@ -103,7 +112,6 @@ struct Inner {
     response_timeout: Option<Duration>,
     redirects: Redirects,
     tls: Arc<rustls::ClientConfig>,
-    spawner: Arc<dyn Spawn>,
     clock: Arc<dyn Clock>,
     user_agent: HeaderValue,
     hosts: Mutex<HashMap<(String, String, u16), Arc<Host>>>,
@@ -165,8 +173,75 @@ impl Drop for Slot {
 
 struct Pooled {
     sender: SendRequest<Body>,
+    conn: Driver,
     idle_since: Instant,
     slot: Slot,
+}
+
+/// A connection's I/O, moved on by whoever holds it (the request, then the
+/// response body); dropped once it has ended, which closes the sender too.
+struct Driver {
+    conn: Option<Pin<Box<Conn>>>,
+}
+
+type Conn = Connection<net::HyperIo<net::ClientIo>, Body>;
+
+impl Driver {
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        if let Some(conn) = &mut self.conn
+            && let Poll::Ready(ended) = conn.as_mut().poll(cx)
+        {
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+            self.conn = None;
+        }
+    }
+
+    /// Runs `fut` (a step of a request on this connection) while moving
+    /// the connection on.
+    async fn run<F: Future>(&mut self, fut: F) -> F::Output {
+        let mut fut = pin!(fut);
+        poll_fn(|cx| {
+            // NOTE: the connection first, so it is registered with this
+            // task before `fut` hands it a request to write.
+            self.drive(cx);
+            fut.as_mut().poll(cx)
+        })
+        .await
+    }
+}
+
+/// A pooled connection held by a response body: driven while the body is
+/// read, back in the pool at its end.
+struct Lent {
+    pooled: Pooled,
+    keep_alive: bool,
+    closed: Arc<AtomicBool>,
+    clock: Arc<dyn Clock>,
+}
+
+impl Lent {
+    fn give_back(mut self) {
+        let p = &mut self.pooled;
+        if !self.keep_alive || p.sender.is_closed() || self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        p.idle_since = self.clock.now();
+        let host = p.slot.host.clone();
+        lock(&host.idle).push(self.pooled);
+        host.event.notify(1.additional());
+    }
+}
+
+impl BodyConn for Lent {
+    fn drive(&mut self, cx: &mut Context<'_>) {
+        self.pooled.conn.drive(cx);
+    }
+
+    fn give_back(self: Box<Self>) {
+        Lent::give_back(*self);
+    }
 }
 
 /// Decrements a gauge when dropped (a cancelled wait included).
@@ -185,8 +260,7 @@ impl Default for HyperClient {
 }
 
 impl Inner {
-    /// Closes every idle connection (their tasks end once hyper sees the
-    /// sender gone) and wakes every waiter.
+    /// Closes every idle connection and wakes every waiter.
     fn close_idle(&self) {
         let hosts: Vec<Arc<Host>> = lock(&self.hosts).values().cloned().collect();
         for host in hosts {
@@ -320,11 +394,12 @@ impl HyperClient {
                 return Ok((p, true));
             }
             if let Some(slot) = self.try_reserve(&host) {
-                let sender = self.connect(key).await?;
+                let (sender, conn) = self.connect(key).await?;
                 self.inner.stats.opened.fetch_add(1, Ordering::Relaxed);
                 return Ok((
                     Pooled {
                         sender,
+                        conn,
                         idle_since: self.inner.clock.now(),
                         slot,
                     },
@@ -347,7 +422,7 @@ impl HyperClient {
     async fn connect(
         &self,
         (scheme, host, port): &(String, String, u16),
-    ) -> Result<SendRequest<Body>, Error> {
+    ) -> Result<(SendRequest<Body>, Driver), Error> {
         let addr = format!("{host}:{port}");
         // `Uri::host` keeps an IPv6 literal's brackets.
         let bare = host
@@ -376,17 +451,11 @@ impl HyperClient {
                         url: addr.clone(),
                         source: e.into(),
                     })?;
-            let peer = addr.clone();
-            self.inner.spawner.spawn_named_boxed(
-                "smolkit-http-conn",
-                Box::pin(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(addr = %peer, error = %e, "http connection ended with an error");
-                    }
-                }),
-            );
             tracing::debug!(addr = %addr, tls = https, "http connection opened");
-            Ok(sender)
+            let conn = Driver {
+                conn: Some(Box::pin(conn)),
+            };
+            Ok((sender, conn))
         };
         match self.inner.connect_timeout {
             Some(after) => match timeout_on(&*self.inner.clock, after, connect).await {
@@ -427,7 +496,8 @@ impl HyperClient {
                 if reused {
                     self.inner.stats.reused.fetch_add(1, Ordering::Relaxed);
                 }
-                if let Err(e) = pooled.sender.ready().await {
+                let Pooled { sender, conn, .. } = &mut pooled;
+                if let Err(e) = conn.run(sender.ready()).await {
                     if reused {
                         // Closed while idle: try the next one.
                         continue;
@@ -439,7 +509,8 @@ impl HyperClient {
                         source: e.into(),
                     });
                 }
-                match pooled.sender.try_send_request(request).await {
+                let sent = pooled.sender.try_send_request(request);
+                match pooled.conn.run(sent).await {
                     Ok(response) => return Ok(self.wrap(response, pooled)),
                     Err(mut e) => match e.take_message() {
                         Some(back) if reused && !fresh_retry => {
@@ -477,30 +548,20 @@ impl HyperClient {
 
     /// Gives the response a body that puts the connection back in the
     /// pool once read to the end.
-    fn wrap(
-        &self,
-        response: Response<hyper::body::Incoming>,
-        mut pooled: Pooled,
-    ) -> Response<Body> {
+    fn wrap(&self, response: Response<hyper::body::Incoming>, pooled: Pooled) -> Response<Body> {
         let (parts, incoming) = response.into_parts();
-        let clock = self.inner.clock.clone();
-        let closed = self.inner.closed.clone();
-        let keep_alive = self.inner.keep_alive;
-        let give_back = move || {
-            if !keep_alive || pooled.sender.is_closed() || closed.load(Ordering::Acquire) {
-                return;
-            }
-            pooled.idle_since = clock.now();
-            let host = pooled.slot.host.clone();
-            lock(&host.idle).push(pooled);
-            host.event.notify(1.additional());
+        let lent = Lent {
+            pooled,
+            keep_alive: self.inner.keep_alive,
+            closed: self.inner.closed.clone(),
+            clock: self.inner.clock.clone(),
         };
         let body = if hyper::body::Body::is_end_stream(&incoming) {
-            give_back();
+            lent.give_back();
             drop(incoming);
             Body::empty()
         } else {
-            Body::from_incoming(incoming, Some(Box::new(give_back)))
+            Body::from_incoming(incoming, Some(Box::new(lent)))
         };
         Response::from_parts(parts, body)
     }
@@ -539,7 +600,6 @@ pub struct HyperClientBuilder {
     response_timeout: Option<Duration>,
     redirects: usize,
     tls: TlsOptions,
-    spawner: Arc<dyn Spawn>,
     clock: Arc<dyn Clock>,
     user_agent: HeaderValue,
 }
@@ -554,7 +614,6 @@ impl Default for HyperClientBuilder {
             response_timeout: None,
             redirects: 10,
             tls: TlsOptions::default(),
-            spawner: default_spawner(),
             clock: Arc::new(SystemClock),
             user_agent: HeaderValue::from_static(concat!("smolkit/", env!("CARGO_PKG_VERSION"))),
         }
@@ -632,9 +691,14 @@ impl HyperClientBuilder {
         self
     }
 
-    /// Where connection tasks run.
-    pub fn with_spawner(mut self, spawner: impl Spawn + 'static) -> Self {
-        self.spawner = Arc::new(spawner);
+    /// Did set where connection tasks ran; a connection has no task now
+    /// (the request and body using it drive it), so this does nothing.
+    #[deprecated(
+        since = "0.1.0",
+        note = "connections have no task of their own: the request and its body drive them"
+    )]
+    pub fn with_spawner(self, spawner: impl Spawn + 'static) -> Self {
+        drop(spawner);
         self
     }
 
@@ -670,7 +734,6 @@ impl HyperClientBuilder {
                     limit: self.redirects,
                 },
                 tls,
-                spawner: self.spawner,
                 clock: self.clock,
                 user_agent: self.user_agent,
                 hosts: Mutex::new(HashMap::new()),

@@ -10,7 +10,7 @@ mod hyper_io;
 mod io;
 mod tls;
 
-#[cfg(feature = "ws")]
+#[cfg(any(feature = "ws", feature = "http"))]
 pub(crate) use dial::ClientIo;
 pub(crate) use dial::{DialError, dial};
 pub(crate) use headers::{excerpt, retry_after};

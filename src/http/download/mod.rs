@@ -694,7 +694,6 @@ impl DownloaderBuilder {
                 HyperClient::builder()
                     .with_max_connections_per_host(per_host)
                     .with_connect_timeout(self.connect_timeout)
-                    .with_spawner(self.spawner.clone())
                     .build()
                     .map_err(|e| ConfigError::new("client", "HyperClient", e.to_string()))?,
             ),
