@@ -6,7 +6,7 @@
 //! workloads swing by ±20% on this machine; callgrind's counts do not.
 //!
 //! Run: `cargo build --release --manifest-path benches/Cargo.toml --example runtime_count`,
-//! then `valgrind --tool=callgrind benches/target/release/examples/runtime_count <on|off> <spawn|ping|sem-smolkit|sem-tokio>`.
+//! then `valgrind --tool=callgrind benches/target/release/examples/runtime_count <on|off> <spawn|ping|sem-smolkit|sem-tokio|sem-tokio-rt|sem-on-tokio-smolkit>`.
 
 use smolkit::runtime::Runtime;
 
@@ -17,7 +17,9 @@ const ROUND_TRIPS: u64 = 10_000;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(monitor), Some(work)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: runtime_count <on|off> <spawn|ping|sem-smolkit|sem-tokio>");
+        eprintln!(
+            "usage: runtime_count <on|off> <spawn|ping|sem-smolkit|sem-tokio|sem-tokio-rt|sem-on-tokio-smolkit>"
+        );
         std::process::exit(2);
     };
     let rt = Runtime::builder()
@@ -25,6 +27,14 @@ fn main() {
         .with_monitor(monitor == "on")
         .build()
         .expect("a runtime");
+    if let Some(which) = work.strip_prefix("sem-on-tokio-") {
+        contended_on_tokio(which == "tokio");
+        return;
+    }
+    if work == "sem-tokio-rt" {
+        contended_on_tokio(true);
+        return;
+    }
     for _ in 0..ROUNDS {
         if let Some(which) = work.strip_prefix("sem-") {
             contended(&rt, which == "tokio");
@@ -92,4 +102,42 @@ fn contended(rt: &Runtime, tokio_sem: bool) {
             h.await.expect("no panic");
         }
     });
+}
+
+/// The same as [`contended`] on tokio's 2-thread runtime, with tokio's
+/// semaphore (the bench's `tokio_on_tokio` row) or smolkit's
+/// (`smolkit_on_tokio`), `ROUNDS` times.
+fn contended_on_tokio(tokio_sem: bool) {
+    use std::sync::Arc;
+    let tk = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .expect("a tokio runtime");
+    for _ in 0..ROUNDS {
+        let ours = Arc::new(smolkit::limit::Semaphore::new(16));
+        let theirs = Arc::new(tokio::sync::Semaphore::new(16));
+        tk.block_on(async {
+            let handles: Vec<_> = (0..64)
+                .map(|_| {
+                    let (ours, theirs) = (ours.clone(), theirs.clone());
+                    tokio::spawn(async move {
+                        for _ in 0..800 {
+                            if tokio_sem {
+                                let g = theirs.acquire().await.expect("open");
+                                tokio::task::yield_now().await;
+                                drop(g);
+                            } else {
+                                let g = ours.acquire().await.expect("open");
+                                tokio::task::yield_now().await;
+                                drop(g);
+                            }
+                        }
+                    })
+                })
+                .collect();
+            for h in handles {
+                h.await.expect("no panic");
+            }
+        });
+    }
 }
