@@ -347,6 +347,40 @@ fn zero_capacities_and_concurrency_are_refused_with_the_setting_named() {
 // Issue 14 #4: `Ok(n)` means exactly n subscriptions queued the event,
 // every drop is counted, and no topic's values arrive out of emit order.
 
+fn payloads(sub: &mut smolkit::events::Subscriber<u32>) -> Vec<u32> {
+    std::iter::from_fn(|| sub.try_next().map(|e| e.payload)).collect()
+}
+
+#[test]
+fn an_emit_waiting_on_one_subscription_delivers_to_those_before_and_after_it() {
+    // Three groups on one route, in subscription order; the middle one
+    // holds a single event.
+    let bus = Bus::<u32>::new();
+    let mut first = bus.subscribe("t").unwrap();
+    let mut full = bus
+        .subscribe_with("t", SubscribeOptions::new().with_capacity(1))
+        .unwrap();
+    let mut last = bus.subscribe("#").unwrap();
+    assert_eq!(poll(&mut Box::pin(bus.emit("t", 1))), Poll::Ready(Ok(3)));
+    let mut emit = Box::pin(bus.emit("t", 2));
+    assert!(poll(&mut emit).is_pending());
+    assert_eq!(payloads(&mut first), [1, 2], "the one before has it");
+    assert_eq!(last.len(), 1, "the one after waits with the emit");
+    assert_eq!(payloads(&mut full), [1]);
+    assert_eq!(poll(&mut emit), Poll::Ready(Ok(3)));
+    assert_eq!(payloads(&mut full), [2]);
+    assert_eq!(payloads(&mut last), [1, 2]);
+    // Dropped while it waits: kept by the subscriptions reached so far.
+    assert_eq!(poll(&mut Box::pin(bus.emit("t", 3))), Poll::Ready(Ok(3)));
+    let mut emit = Box::pin(bus.emit("t", 4));
+    assert!(poll(&mut emit).is_pending());
+    drop(emit);
+    assert_eq!(payloads(&mut first), [3, 4]);
+    assert_eq!(payloads(&mut full), [3]);
+    assert_eq!(payloads(&mut last), [3]);
+    assert_eq!(bus.stats().emitted, 4);
+}
+
 #[test]
 fn an_emit_parked_on_a_full_subscription_gets_its_payload_back_at_shutdown() {
     // The old code returned Ok(0) here and lost the payload.

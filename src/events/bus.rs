@@ -169,6 +169,66 @@ struct Subs<E> {
     /// and the cache is cleared whenever a subscription comes or goes
     /// (under this same lock, so no emit can store a stale route).
     routes: HashMap<Arc<str>, Route<E>>,
+    /// The topic emitted last and its route, looked at before `routes`.
+    ///
+    /// NOTE: hashing the topic (SipHash) was 13% of the one-subscriber
+    /// fan-out's samples (perf); an emitter repeating a topic now pays a
+    /// string compare.
+    last: Option<(Arc<str>, Route<E>)>,
+    /// Events [`Bus::emit`] took (the other emits count in
+    /// `Inner::emitted`): counted under this lock, which it holds anyway.
+    emitted: u64,
+}
+
+impl<E> Subs<E> {
+    /// Forgets every route: a subscription came or went.
+    fn clear_routes(&mut self) {
+        self.routes.clear();
+        self.last = None;
+    }
+
+    /// `topic`'s shared name and route (the topic validated on first
+    /// sight), kept as the last one looked up.
+    fn lookup(&mut self, topic: &str) -> Result<&(Arc<str>, Route<E>), TopicError> {
+        let entry = match self.last.take() {
+            Some(last) if *last.0 == *topic => last,
+            _ => match self.routes.get_key_value(topic) {
+                Some((name, route)) => (name.clone(), route.clone()),
+                None => {
+                    validate_topic(topic)?;
+                    let name: Arc<str> = topic.into();
+                    let route: Route<E> = self
+                        .list
+                        .iter()
+                        .filter(|sub| sub.pattern.matches(topic))
+                        .cloned()
+                        .collect();
+                    if self.routes.len() >= ROUTES {
+                        self.routes.clear();
+                    }
+                    self.routes.insert(name.clone(), route.clone());
+                    (name, route)
+                }
+            },
+        };
+        Ok(self.last.insert(entry))
+    }
+}
+
+/// What [`Bus::emit_quiet`] left to do.
+enum Quiet<E> {
+    /// Every matching group took the event: the copies queued.
+    Done(usize),
+    /// Group `at` of `route` did not take `ev` at once; `rest` is the
+    /// payload for the groups after it (`None` when it was the last).
+    Wait {
+        topic: Arc<str>,
+        route: Route<E>,
+        at: usize,
+        ev: Event<E>,
+        rest: Option<E>,
+        queued: usize,
+    },
 }
 
 struct Inner<E> {
@@ -288,6 +348,8 @@ impl<E: Clone + Send + 'static> BusBuilder<E> {
                 subs: Mutex::new(Subs {
                     list: Arc::new(Vec::new()),
                     routes: HashMap::new(),
+                    last: None,
+                    emitted: 0,
                 }),
                 retained: self.retain.then(|| Mutex::new(HashMap::new())),
                 capacity: self.capacity,
@@ -338,22 +400,57 @@ impl<E: Clone + Send + 'static> Bus<E> {
     /// and the shared topic name.
     fn route(&self, topic: &str) -> Result<(Arc<str>, Route<E>), TopicError> {
         let mut subs = lock(&self.inner.subs);
-        if let Some((name, route)) = subs.routes.get_key_value(topic) {
-            return Ok((name.clone(), route.clone()));
+        let (name, route) = subs.lookup(topic)?;
+        Ok((name.clone(), route.clone()))
+    }
+
+    /// Offers `payload` on `topic` to the matching groups in order while
+    /// each takes it at once, the route read in place under the lock (see
+    /// [`Group::push_quiet`]: nothing is woken or dropped under it).
+    ///
+    /// NOTE: cloning the route for each emit and counting it in an atomic
+    /// were three atomic operations per event; on one worker the
+    /// one-subscriber fan-out ran 1.35x faster without them.
+    fn emit_quiet(&self, topic: &str, payload: E) -> Result<Quiet<E>, EmitError<E>> {
+        let mut subs = lock(&self.inner.subs);
+        let subs = &mut *subs;
+        if let Err(e) = subs.lookup(topic) {
+            return Err(EmitError::Topic(e, payload));
         }
-        validate_topic(topic)?;
-        let name: Arc<str> = topic.into();
-        let route: Route<E> = subs
-            .list
-            .iter()
-            .filter(|sub| sub.pattern.matches(topic))
-            .cloned()
-            .collect();
-        if subs.routes.len() >= ROUTES {
-            subs.routes.clear();
+        subs.emitted += 1;
+        // NOTE: `lookup` has just put the route here.
+        let Some((name, route)) = &subs.last else {
+            return Ok(Quiet::Done(0));
+        };
+        let mut queued = 0;
+        let mut payload = Some(payload);
+        for (at, group) in route.iter().enumerate() {
+            // The last match takes the payload itself: one clone fewer.
+            let p = if at + 1 == route.len() {
+                payload.take()
+            } else {
+                payload.clone()
+            };
+            let Some(p) = p else { break };
+            let ev = Event {
+                topic: name.clone(),
+                payload: p,
+            };
+            match group.push_quiet(ev) {
+                Ok(q) => queued += q,
+                Err(ev) => {
+                    return Ok(Quiet::Wait {
+                        topic: name.clone(),
+                        route: route.clone(),
+                        at,
+                        ev,
+                        rest: payload,
+                        queued,
+                    });
+                }
+            }
         }
-        subs.routes.insert(name.clone(), route.clone());
-        Ok((name, route))
+        Ok(Quiet::Done(queued))
     }
 
     /// Records `payload` as `topic`'s last value (a retaining bus only).
@@ -391,13 +488,28 @@ impl<E: Clone + Send + 'static> Bus<E> {
         if let Err(e) = self.retain(topic, &payload) {
             return Err(EmitError::Topic(e, payload));
         }
-        let (topic, route) = match self.route(topic) {
-            Ok(r) => r,
-            Err(e) => return Err(EmitError::Topic(e, payload)),
+        let (topic, route, at, ev, rest, mut n) = match self.emit_quiet(topic, payload)? {
+            Quiet::Done(queued) => return Ok(queued),
+            Quiet::Wait {
+                topic,
+                route,
+                at,
+                ev,
+                rest,
+                queued,
+            } => (topic, route, at, ev, rest, queued),
         };
-        self.inner.emitted.fetch_add(1, Ordering::Relaxed);
-        let mut n = 0;
-        let mut matched = route.iter().peekable();
+        // Group `at` waits for room (or is closed); then the rest in turn.
+        match route[at].send(ev).await {
+            Ok(queued) => n += queued,
+            // Closed (a shutdown) with nothing queued: hand it back.
+            Err(ev) if rest.is_none() && n == 0 => return Err(EmitError::Closed(ev.payload)),
+            Err(_) => {}
+        }
+        let Some(payload) = rest else {
+            return Ok(n);
+        };
+        let mut matched = route[at + 1..].iter().peekable();
         while let Some(group) = matched.next() {
             // The last match takes the payload itself: one clone fewer.
             if matched.peek().is_some() {
@@ -610,7 +722,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
             next.extend(subs.list.iter().cloned());
             next.push(group.clone());
             subs.list = Arc::new(next);
-            subs.routes.clear();
+            subs.clear_routes();
         }
         drop(subs);
         drop(retained);
@@ -630,7 +742,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
                 .collect();
             if next.len() != subs.list.len() {
                 subs.list = Arc::new(next);
-                subs.routes.clear();
+                subs.clear_routes();
             }
         }
     }
@@ -805,7 +917,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
         let members = self.members();
         let gone = &self.inner.gone;
         BusStats {
-            emitted: self.inner.emitted.load(Ordering::Relaxed),
+            emitted: self.inner.emitted.load(Ordering::Relaxed) + lock(&self.inner.subs).emitted,
             delivered: gone.delivered.load(Ordering::Relaxed)
                 + members.iter().map(|(m, _)| m.delivered).sum::<u64>(),
             dropped: gone.dropped.load(Ordering::Relaxed)

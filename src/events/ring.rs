@@ -64,6 +64,10 @@ struct Slot<E> {
     /// Members still to read it; the last one moves the event out.
     rem: usize,
     ev: Option<Event<E>>,
+    /// The emitter's topic of an event its last reader moved out with the
+    /// reader's own copy of the topic: dropped with the slot when it is
+    /// next written, by the emitter (see [`Group::read`]).
+    spent: Option<Arc<str>>,
 }
 
 struct Member<E> {
@@ -247,17 +251,21 @@ impl<E: Clone> Group<E> {
     }
 
     fn slot_busy(&self, r: &Ring<E>) -> bool {
-        let i = (r.tail % self.capacity as u64) as usize;
+        Self::busy_at(r, (r.tail % self.capacity as u64) as usize)
+    }
+
+    /// Whether slot `i` still has a reader to come.
+    fn busy_at(r: &Ring<E>, i: usize) -> bool {
         r.slots.get(i).is_some_and(|s| s.rem > 0)
     }
 
     /// Writes one event under the lock, the policy applied: `Ok` with the
-    /// copies queued (0: dropped by `DropNewest`) and the event it
+    /// copies queued (0: dropped by `DropNewest`) and the slot it
     /// overwrote, to be dropped after the lock; `Err` when a `Wait` group
     /// has no free slot.
-    fn write(&self, r: &mut Ring<E>, ev: Event<E>) -> Result<(usize, Option<Event<E>>), Event<E>> {
+    fn write(&self, r: &mut Ring<E>, ev: Event<E>) -> Result<(usize, Option<Slot<E>>), Event<E>> {
         let i = (r.tail % self.capacity as u64) as usize;
-        if self.slot_busy(r) {
+        if Self::busy_at(r, i) {
             match self.overflow {
                 Overflow::Wait => return Err(ev),
                 Overflow::DropNewest => {
@@ -272,12 +280,13 @@ impl<E: Clone> Group<E> {
             pos: r.tail,
             rem: r.live,
             ev: Some(ev),
+            spent: None,
         };
         let old = if i == r.slots.len() {
             r.slots.push(slot);
             None
         } else {
-            std::mem::replace(&mut r.slots[i], slot).ev
+            Some(std::mem::replace(&mut r.slots[i], slot))
         };
         r.tail += 1;
         Ok((r.live, old))
@@ -312,6 +321,23 @@ impl<E: Clone> Group<E> {
             }
             Err(ev) => Push::Full(ev),
         }
+    }
+
+    /// Writes `ev` when that takes no wait, wakes nobody and drops no
+    /// event (a free slot, no parked reader): what an emitter may do while
+    /// it holds the bus's lock. `Err` hands it back for
+    /// [`send`](Self::send), which does the rest.
+    pub(super) fn push_quiet(&self, ev: Event<E>) -> Result<usize, Event<E>> {
+        let mut r = lock(&self.ring);
+        let i = (r.tail % self.capacity as u64) as usize;
+        if r.live == 0 || !r.sleepers.is_empty() || Self::busy_at(&r, i) {
+            return Err(ev);
+        }
+        let written = self.write(&mut r, ev);
+        drop(r);
+        // NOTE: a free slot's event was moved out by its last reader: the
+        // old slot holds at most a spent topic, no payload.
+        written.map(|(n, _old)| n)
     }
 
     /// Writes what it can of `evs` (front first) under one lock, without
@@ -438,12 +464,28 @@ impl<E: Clone> Group<E> {
         // not read into its replay (see `close_member`).
         m.catch_up(*tail, cap);
         let stop = m.end.unwrap_or(*tail).min(*tail);
+        // One division per read, not one per event.
+        let mut i = (m.cursor % cap) as usize;
         while m.cursor < stop && batch.len() < BATCH {
-            let slot = &mut slots[(m.cursor % cap) as usize];
+            let slot = &mut slots[i];
             slot.rem -= 1;
             let ev = if slot.rem == 0 {
                 freed += 1;
-                slot.ev.take()
+                // NOTE: the emitter cloned this topic out of its route (an
+                // increment on the topic's count); the consumer dropping it
+                // on this core would decrement the same line, every event,
+                // from the other core (perf of the one-subscriber fan-out:
+                // LINE). The event leaves with the reader's own copy and the
+                // emitter's stays in the slot for the emitter to drop when
+                // it next writes there.
+                slot.ev.take().map(|Event { topic, payload }| {
+                    let own = topics.get(&topic);
+                    slot.spent = Some(topic);
+                    Event {
+                        topic: own,
+                        payload,
+                    }
+                })
             } else {
                 slot.ev.as_ref().map(|ev| Event {
                     topic: topics.get(&ev.topic),
@@ -454,6 +496,10 @@ impl<E: Clone> Group<E> {
                 batch.push_back(ev);
             }
             m.cursor += 1;
+            i += 1;
+            if i == self.capacity {
+                i = 0;
+            }
         }
         let read = if !batch.is_empty() {
             Read::Some
