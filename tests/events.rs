@@ -381,6 +381,53 @@ fn an_emit_waiting_on_one_subscription_delivers_to_those_before_and_after_it() {
     assert_eq!(bus.stats().emitted, 4);
 }
 
+/// A payload whose drop reads the bus's stats (which take the bus's lock).
+#[derive(Clone)]
+struct Reentrant {
+    n: u32,
+    bus: Arc<std::sync::OnceLock<Bus<Reentrant>>>,
+    dropped: Arc<AtomicUsize>,
+}
+
+impl Drop for Reentrant {
+    fn drop(&mut self) {
+        if let Some(bus) = self.bus.get() {
+            let _ = bus.stats();
+        }
+        self.dropped.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+#[test]
+fn an_overwritten_event_is_dropped_after_the_emit_lets_go_of_the_bus() {
+    within(|| {
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let bus = cell.get_or_init(|| Bus::<Reentrant>::new()).clone();
+        let mut sub = bus
+            .subscribe_with(
+                "t",
+                SubscribeOptions::new()
+                    .with_capacity(1)
+                    .with_overflow(Overflow::DropOldest),
+            )
+            .unwrap();
+        let event = |n| Reentrant {
+            n,
+            bus: cell.clone(),
+            dropped: dropped.clone(),
+        };
+        smol::block_on(async {
+            bus.emit("t", event(1)).await.unwrap();
+            // Overwrites 1, whose drop takes the bus's lock.
+            bus.emit("t", event(2)).await.unwrap();
+        });
+        assert_eq!(dropped.load(Ordering::SeqCst), 1);
+        assert_eq!(sub.try_next().map(|e| e.payload.n), Some(2));
+        assert_eq!(bus.stats().dropped, 1);
+    });
+}
+
 #[test]
 fn an_emit_parked_on_a_full_subscription_gets_its_payload_back_at_shutdown() {
     // The old code returned Ok(0) here and lost the payload.

@@ -215,10 +215,11 @@ impl<E> Subs<E> {
     }
 }
 
-/// What [`Bus::emit_quiet`] left to do.
+/// What [`Bus::emit_quiet`] left to do; each variant carries the event a
+/// `DropOldest` group overwrote, if any, to be dropped after the lock.
 enum Quiet<E> {
     /// Every matching group took the event: the copies queued.
-    Done(usize),
+    Done(usize, Option<Event<E>>),
     /// Group `at` of `route` did not take `ev` at once; `rest` is the
     /// payload for the groups after it (`None` when it was the last).
     Wait {
@@ -228,6 +229,7 @@ enum Quiet<E> {
         ev: Event<E>,
         rest: Option<E>,
         queued: usize,
+        overwritten: Option<Event<E>>,
     },
 }
 
@@ -423,9 +425,10 @@ impl<E: Clone + Send + 'static> Bus<E> {
         subs.emitted += 1;
         // NOTE: `lookup` has just put the route here.
         let Some((name, route)) = &subs.last else {
-            return Ok(Quiet::Done(0));
+            return Ok(Quiet::Done(0, None));
         };
         let mut queued = 0;
+        let mut overwritten = None;
         let mut payload = Some(payload);
         for (at, group) in route.iter().enumerate() {
             // The last match takes the payload itself: one clone fewer.
@@ -439,8 +442,15 @@ impl<E: Clone + Send + 'static> Bus<E> {
                 topic: name.clone(),
                 payload: p,
             };
-            match group.push_quiet(ev) {
-                Ok(q) => queued += q,
+            // One overwritten event is carried out of the lock; a second
+            // `DropOldest` group to overwrite goes the slow way.
+            match group.push_quiet(ev, overwritten.is_none()) {
+                Ok((q, old)) => {
+                    queued += q;
+                    if old.is_some() {
+                        overwritten = old;
+                    }
+                }
                 Err(ev) => {
                     return Ok(Quiet::Wait {
                         topic: name.clone(),
@@ -449,11 +459,12 @@ impl<E: Clone + Send + 'static> Bus<E> {
                         ev,
                         rest: payload,
                         queued,
+                        overwritten,
                     });
                 }
             }
         }
-        Ok(Quiet::Done(queued))
+        Ok(Quiet::Done(queued, overwritten))
     }
 
     /// Records `payload` as `topic`'s last value (a retaining bus only).
@@ -492,7 +503,10 @@ impl<E: Clone + Send + 'static> Bus<E> {
             return Err(EmitError::Topic(e, payload));
         }
         let (topic, route, at, ev, rest, mut n) = match self.emit_quiet(topic, payload)? {
-            Quiet::Done(queued) => return Ok(queued),
+            Quiet::Done(queued, overwritten) => {
+                drop(overwritten);
+                return Ok(queued);
+            }
             Quiet::Wait {
                 topic,
                 route,
@@ -500,7 +514,11 @@ impl<E: Clone + Send + 'static> Bus<E> {
                 ev,
                 rest,
                 queued,
-            } => (topic, route, at, ev, rest, queued),
+                overwritten,
+            } => {
+                drop(overwritten);
+                (topic, route, at, ev, rest, queued)
+            }
         };
         // Group `at` waits for room (or is closed); then the rest in turn.
         match route[at].send(ev).await {

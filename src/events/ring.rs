@@ -323,21 +323,32 @@ impl<E: Clone> Group<E> {
         }
     }
 
-    /// Writes `ev` when that takes no wait, wakes nobody and drops no
-    /// event (a free slot, no parked reader): what an emitter may do while
-    /// it holds the bus's lock. `Err` hands it back for
+    /// Writes `ev` when that takes no wait and wakes nobody (no parked
+    /// reader; a free slot, or with `overwrite` a `DropOldest` slot to
+    /// overwrite): what an emitter may do while it holds the bus's lock.
+    /// `Ok` with the copies queued and the event overwritten, for the
+    /// caller to drop after its lock; `Err` hands `ev` back for
     /// [`send`](Self::send), which does the rest.
-    pub(super) fn push_quiet(&self, ev: Event<E>) -> Result<usize, Event<E>> {
+    pub(super) fn push_quiet(
+        &self,
+        ev: Event<E>,
+        overwrite: bool,
+    ) -> Result<(usize, Option<Event<E>>), Event<E>> {
         let mut r = lock(&self.ring);
         let i = (r.tail % self.capacity as u64) as usize;
-        if r.live == 0 || !r.sleepers.is_empty() || Self::busy_at(&r, i) {
+        let busy = Self::busy_at(&r, i);
+        if r.live == 0
+            || !r.sleepers.is_empty()
+            || (busy && !(overwrite && self.overflow == Overflow::DropOldest))
+        {
             return Err(ev);
         }
         let written = self.write(&mut r, ev);
         drop(r);
-        // NOTE: a free slot's event was moved out by its last reader: the
-        // old slot holds at most a spent topic, no payload.
-        written.map(|(n, _old)| n)
+        // NOTE: only an overwritten slot still holds its event (a free
+        // one's was moved out by its last reader, leaving at most a spent
+        // topic, dropped here).
+        written.map(|(n, old)| (n, old.and_then(|slot| slot.ev)))
     }
 
     /// Writes what it can of `evs` (front first) under one lock, without
