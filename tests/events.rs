@@ -403,7 +403,7 @@ fn an_overwritten_event_is_dropped_after_the_emit_lets_go_of_the_bus() {
     within(|| {
         let cell = Arc::new(std::sync::OnceLock::new());
         let dropped = Arc::new(AtomicUsize::new(0));
-        let bus = cell.get_or_init(|| Bus::<Reentrant>::new()).clone();
+        let bus = cell.get_or_init(Bus::<Reentrant>::new).clone();
         let mut sub = bus
             .subscribe_with(
                 "t",
