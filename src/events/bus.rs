@@ -468,6 +468,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
     }
 
     /// Records `payload` as `topic`'s last value (a retaining bus only).
+    #[inline]
     fn retain(&self, topic: &str, payload: &E) -> Result<(), TopicError> {
         if let Some(r) = &self.inner.retained {
             validate_topic(topic)?;

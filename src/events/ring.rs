@@ -260,10 +260,10 @@ impl<E: Clone> Group<E> {
     }
 
     /// Writes one event under the lock, the policy applied: `Ok` with the
-    /// copies queued (0: dropped by `DropNewest`) and the slot it
+    /// copies queued (0: dropped by `DropNewest`) and the event it
     /// overwrote, to be dropped after the lock; `Err` when a `Wait` group
     /// has no free slot.
-    fn write(&self, r: &mut Ring<E>, ev: Event<E>) -> Result<(usize, Option<Slot<E>>), Event<E>> {
+    fn write(&self, r: &mut Ring<E>, ev: Event<E>) -> Result<(usize, Option<Event<E>>), Event<E>> {
         let i = (r.tail % self.capacity as u64) as usize;
         if Self::busy_at(r, i) {
             match self.overflow {
@@ -276,20 +276,29 @@ impl<E: Clone> Group<E> {
                 Overflow::DropOldest => {}
             }
         }
-        let slot = Slot {
-            pos: r.tail,
-            rem: r.live,
-            ev: Some(ev),
-            spent: None,
-        };
-        let old = if i == r.slots.len() {
-            r.slots.push(slot);
-            None
-        } else {
-            Some(std::mem::replace(&mut r.slots[i], slot))
+        let (pos, rem) = (r.tail, r.live);
+        // NOTE: written field by field, not as a new `Slot` swapped in
+        // (56 bytes through the stack and back, per event). The spent
+        // topic is dropped here, by the emitter (see `read`).
+        let old = match r.slots.get_mut(i) {
+            Some(slot) => {
+                slot.pos = pos;
+                slot.rem = rem;
+                slot.spent = None;
+                slot.ev.replace(ev)
+            }
+            None => {
+                r.slots.push(Slot {
+                    pos,
+                    rem,
+                    ev: Some(ev),
+                    spent: None,
+                });
+                None
+            }
         };
         r.tail += 1;
-        Ok((r.live, old))
+        Ok((rem, old))
     }
 
     /// Wakes the members parked on an empty ring, after `r` is unlocked.
@@ -343,12 +352,7 @@ impl<E: Clone> Group<E> {
         {
             return Err(ev);
         }
-        let written = self.write(&mut r, ev);
-        drop(r);
-        // NOTE: only an overwritten slot still holds its event (a free
-        // one's was moved out by its last reader, leaving at most a spent
-        // topic, dropped here).
-        written.map(|(n, old)| (n, old.and_then(|slot| slot.ev)))
+        self.write(&mut r, ev)
     }
 
     /// Writes what it can of `evs` (front first) under one lock, without
