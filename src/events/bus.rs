@@ -419,7 +419,8 @@ impl<E: Clone + Send + 'static> Bus<E> {
     fn emit_quiet(&self, topic: &str, payload: E) -> Result<Quiet<E>, EmitError<E>> {
         let mut subs = lock(&self.inner.subs);
         let subs = &mut *subs;
-        if let Err(e) = subs.lookup(topic) {
+        let hit = matches!(&subs.last, Some((name, _)) if **name == *topic);
+        if !hit && let Err(e) = subs.lookup(topic) {
             return Err(EmitError::Topic(e, payload));
         }
         subs.emitted += 1;
@@ -427,6 +428,25 @@ impl<E: Clone + Send + 'static> Bus<E> {
         let Some((name, route)) = &subs.last else {
             return Ok(Quiet::Done(0, None));
         };
+        // One group, the common case: no payload clones to decide on.
+        if let [group] = &**route {
+            let ev = Event {
+                topic: name.clone(),
+                payload,
+            };
+            return Ok(match group.push_quiet(ev, true) {
+                Ok((queued, overwritten)) => Quiet::Done(queued, overwritten),
+                Err(ev) => Quiet::Wait {
+                    topic: name.clone(),
+                    route: route.clone(),
+                    at: 0,
+                    ev,
+                    rest: None,
+                    queued: 0,
+                    overwritten: None,
+                },
+            });
+        }
         let mut queued = 0;
         let mut overwritten = None;
         let mut payload = Some(payload);

@@ -145,6 +145,7 @@ pub(super) struct TopicCache {
 
 impl TopicCache {
     /// `topic`, or the reader's own copy of it.
+    #[inline]
     fn get(&mut self, topic: &Arc<str>) -> Arc<str> {
         if let (Some(shared), Some(own)) = (&self.shared, &self.own)
             && Arc::ptr_eq(shared, topic)
