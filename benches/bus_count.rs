@@ -21,7 +21,9 @@ const CAPACITY: usize = 1024;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(which), Some(k)) = (args.get(1), args.get(2).and_then(|k| k.parse().ok())) else {
-        eprintln!("usage: bus_count <smolkit|async-broadcast> <subscribers> [runtime]");
+        eprintln!(
+            "usage: bus_count <smolkit|async-broadcast> <subscribers> [runtime], or smolkit-publisher <subscribers> runtime"
+        );
         std::process::exit(2);
     };
     if args.get(3).map(String::as_str) == Some("runtime") {
@@ -96,7 +98,7 @@ fn on_runtime(which: &str, k: usize) {
     let started = std::time::Instant::now();
     for _ in 0..ROUNDS {
         match which {
-            "smolkit" => {
+            "smolkit" | "smolkit-publisher" => {
                 let bus = Bus::<u64>::builder()
                     .with_capacity(CAPACITY)
                     .build()
@@ -104,9 +106,17 @@ fn on_runtime(which: &str, k: usize) {
                 let tasks: Vec<_> = (0..k)
                     .map(|_| rt.spawn(bus.subscribe("ticks.#").expect("a pattern").count()))
                     .collect();
+                let publisher = which == "smolkit-publisher";
                 let emitter = rt.spawn(async move {
-                    for i in 0..EVENTS {
-                        bus.emit("ticks.eu", i).await.expect("open");
+                    if publisher {
+                        let mut p = bus.publisher("ticks.eu").expect("a topic");
+                        for i in 0..EVENTS {
+                            p.publish(i).await.expect("open");
+                        }
+                    } else {
+                        for i in 0..EVENTS {
+                            bus.emit("ticks.eu", i).await.expect("open");
+                        }
                     }
                     bus.shutdown().await;
                 });

@@ -54,10 +54,10 @@ fn bus_fan_out(ex: &smol::Executor<'static>, k: usize, batch: u64) {
     }));
 }
 
-/// `EVENTS` single `emit`s to `k` subscriptions with `overflow`, the
-/// emitter and each subscriber a task on `rt`; a lossless bus delivers
-/// every event.
-fn bus_fan_out_on(rt: &smolkit::runtime::Runtime, k: usize, overflow: Overflow) {
+/// `EVENTS` single `emit`s (or `Publisher::publish`es) to `k`
+/// subscriptions with `overflow`, the emitter and each subscriber a task
+/// on `rt`; a lossless bus delivers every event.
+fn bus_fan_out_on(rt: &smolkit::runtime::Runtime, k: usize, overflow: Overflow, publisher: bool) {
     let bus = Bus::<u64>::builder()
         .with_capacity(CAPACITY)
         .build()
@@ -67,8 +67,15 @@ fn bus_fan_out_on(rt: &smolkit::runtime::Runtime, k: usize, overflow: Overflow) 
         .map(|_| rt.spawn(bus.subscribe_with("ticks.#", opts.clone()).unwrap().count()))
         .collect();
     let emitter = rt.spawn(async move {
-        for i in 0..EVENTS {
-            bus.emit("ticks.eu", i).await.unwrap();
+        if publisher {
+            let mut p = bus.publisher("ticks.eu").unwrap();
+            for i in 0..EVENTS {
+                p.publish(i).await.unwrap();
+            }
+        } else {
+            for i in 0..EVENTS {
+                bus.emit("ticks.eu", i).await.unwrap();
+            }
         }
         bus.shutdown().await;
     });
@@ -103,8 +110,14 @@ fn fanout_on_runtime(c: &mut Criterion) {
 
     for subs in [1usize, 4, 16] {
         group.bench_with_input(BenchmarkId::new("smolkit_bus", subs), &subs, |b, &k| {
-            b.iter(|| bus_fan_out_on(&rt, k, Overflow::Wait))
+            b.iter(|| bus_fan_out_on(&rt, k, Overflow::Wait, false))
         });
+        // The same through a `Publisher` (the topic looked up once).
+        group.bench_with_input(
+            BenchmarkId::new("smolkit_publisher", subs),
+            &subs,
+            |b, &k| b.iter(|| bus_fan_out_on(&rt, k, Overflow::Wait, true)),
+        );
         group.bench_with_input(BenchmarkId::new("async_broadcast", subs), &subs, |b, &k| {
             b.iter(|| {
                 let (tx, rx) = async_broadcast::broadcast::<u64>(CAPACITY);
@@ -128,7 +141,7 @@ fn fanout_on_runtime(c: &mut Criterion) {
         group.bench_with_input(
             BenchmarkId::new("smolkit_bus_drop_oldest", subs),
             &subs,
-            |b, &k| b.iter(|| bus_fan_out_on(&rt, k, Overflow::DropOldest)),
+            |b, &k| b.iter(|| bus_fan_out_on(&rt, k, Overflow::DropOldest, false)),
         );
         // The lossy peer on its own stack (a 2-thread tokio runtime), as
         // the bus runs on its own.

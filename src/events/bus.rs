@@ -155,12 +155,12 @@ pub struct SubscriberStats {
 }
 
 /// The subscription groups matching one topic.
-type Route<E> = Arc<[Arc<Group<E>>]>;
+pub(super) type Route<E> = Arc<[Arc<Group<E>>]>;
 
 /// Topics remembered in the route cache before it starts over.
 const ROUTES: usize = 4096;
 
-struct Subs<E> {
+pub(super) struct Subs<E> {
     /// The groups with a listed member (see `ring`: subscriptions with
     /// the same pattern, capacity and policy share one).
     list: Arc<Vec<Arc<Group<E>>>>,
@@ -174,10 +174,10 @@ struct Subs<E> {
     /// NOTE: hashing the topic (SipHash) was 13% of the one-subscriber
     /// fan-out's samples (perf); an emitter repeating a topic now pays a
     /// string compare.
-    last: Option<(Arc<str>, Route<E>)>,
+    pub(super) last: Option<(Arc<str>, Route<E>)>,
     /// Events [`Bus::emit`] took (the other emits count in
     /// `Inner::emitted`): counted under this lock, which it holds anyway.
-    emitted: u64,
+    pub(super) emitted: u64,
 }
 
 impl<E> Subs<E> {
@@ -189,7 +189,7 @@ impl<E> Subs<E> {
 
     /// `topic`'s shared name and route (the topic validated on first
     /// sight), kept as the last one looked up.
-    fn lookup(&mut self, topic: &str) -> Result<&(Arc<str>, Route<E>), TopicError> {
+    pub(super) fn lookup(&mut self, topic: &str) -> Result<&(Arc<str>, Route<E>), TopicError> {
         let entry = match self.last.take() {
             Some(last) if *last.0 == *topic => last,
             _ => match self.routes.get_key_value(topic) {
@@ -215,26 +215,8 @@ impl<E> Subs<E> {
     }
 }
 
-/// What [`Bus::emit_quiet`] left to do; each variant carries the event a
-/// `DropOldest` group overwrote, if any, to be dropped after the lock.
-enum Quiet<E> {
-    /// Every matching group took the event: the copies queued.
-    Done(usize, Option<Event<E>>),
-    /// Group `at` of `route` did not take `ev` at once; `rest` is the
-    /// payload for the groups after it (`None` when it was the last).
-    Wait {
-        topic: Arc<str>,
-        route: Route<E>,
-        at: usize,
-        ev: Event<E>,
-        rest: Option<E>,
-        queued: usize,
-        overwritten: Option<Event<E>>,
-    },
-}
-
-struct Inner<E> {
-    subs: Mutex<Subs<E>>,
+pub(super) struct Inner<E> {
+    pub(super) subs: Mutex<Subs<E>>,
     retained: Option<Mutex<HashMap<Arc<str>, E>>>,
     capacity: usize,
     closed: AtomicBool,
@@ -243,7 +225,13 @@ struct Inner<E> {
     errors_rx: Receiver<HandlerFailure>,
     dispatchers: Mutex<Vec<(u64, JoinHandle<()>)>>,
     next_id: AtomicU64,
-    emitted: AtomicU64,
+    pub(super) emitted: AtomicU64,
+    /// Bumped (under `subs`) whenever the list of groups changes: a
+    /// [`Publisher`]'s route is current while this has not moved.
+    pub(super) generation: AtomicU64,
+    /// The emit counts of live publishers (each written by its publisher
+    /// alone); a dropped one adds its count to `emitted`.
+    pub(super) publishers: Mutex<Vec<Arc<AtomicU64>>>,
     gone: Arc<Gone>,
     failures: AtomicU64,
 }
@@ -270,7 +258,7 @@ struct Inner<E> {
 /// });
 /// ```
 pub struct Bus<E> {
-    inner: Arc<Inner<E>>,
+    pub(super) inner: Arc<Inner<E>>,
 }
 
 impl<E> Clone for Bus<E> {
@@ -362,6 +350,8 @@ impl<E: Clone + Send + 'static> BusBuilder<E> {
                 dispatchers: Mutex::new(Vec::new()),
                 next_id: AtomicU64::new(0),
                 emitted: AtomicU64::new(0),
+                generation: AtomicU64::new(0),
+                publishers: Mutex::new(Vec::new()),
                 gone: Arc::default(),
                 failures: AtomicU64::new(0),
             }),
@@ -406,170 +396,14 @@ impl<E: Clone + Send + 'static> Bus<E> {
         Ok((name.clone(), route.clone()))
     }
 
-    /// Offers `payload` on `topic` to the matching groups in order while
-    /// each takes it at once, the route read in place under the lock (see
-    /// [`Group::push_quiet`]: nothing is woken or dropped under it).
-    ///
-    /// NOTE: cloning the route for each emit and counting it in an atomic
-    /// were three atomic operations per event, and the `send` future one
-    /// more state machine: without them the one-subscriber fan-out
-    /// (`benches/bus_count.rs`, 5 x 100k events) went from 63-72 to 50-60 ms
-    /// on one `Runtime` worker and from 98-104 to 74-75 ms on smol's
-    /// executor.
-    fn emit_quiet(&self, topic: &str, payload: E) -> Result<Quiet<E>, EmitError<E>> {
-        let mut subs = lock(&self.inner.subs);
-        let subs = &mut *subs;
-        let hit = matches!(&subs.last, Some((name, _)) if **name == *topic);
-        if !hit && let Err(e) = subs.lookup(topic) {
-            return Err(EmitError::Topic(e, payload));
-        }
-        subs.emitted += 1;
-        // NOTE: `lookup` has just put the route here.
-        let Some((name, route)) = &subs.last else {
-            return Ok(Quiet::Done(0, None));
-        };
-        // One group, the common case: no payload clones to decide on.
-        if let [group] = &**route {
-            let ev = Event {
-                topic: name.clone(),
-                payload,
-            };
-            return Ok(match group.push_quiet(ev, true) {
-                Ok((queued, overwritten)) => Quiet::Done(queued, overwritten),
-                Err(ev) => Quiet::Wait {
-                    topic: name.clone(),
-                    route: route.clone(),
-                    at: 0,
-                    ev,
-                    rest: None,
-                    queued: 0,
-                    overwritten: None,
-                },
-            });
-        }
-        let mut queued = 0;
-        let mut overwritten = None;
-        let mut payload = Some(payload);
-        for (at, group) in route.iter().enumerate() {
-            // The last match takes the payload itself: one clone fewer.
-            let p = if at + 1 == route.len() {
-                payload.take()
-            } else {
-                payload.clone()
-            };
-            let Some(p) = p else { break };
-            let ev = Event {
-                topic: name.clone(),
-                payload: p,
-            };
-            // One overwritten event is carried out of the lock; a second
-            // `DropOldest` group to overwrite goes the slow way.
-            match group.push_quiet(ev, overwritten.is_none()) {
-                Ok((q, old)) => {
-                    queued += q;
-                    if old.is_some() {
-                        overwritten = old;
-                    }
-                }
-                Err(ev) => {
-                    return Ok(Quiet::Wait {
-                        topic: name.clone(),
-                        route: route.clone(),
-                        at,
-                        ev,
-                        rest: payload,
-                        queued,
-                        overwritten,
-                    });
-                }
-            }
-        }
-        Ok(Quiet::Done(queued, overwritten))
-    }
-
     /// Records `payload` as `topic`'s last value (a retaining bus only).
     #[inline]
-    fn retain(&self, topic: &str, payload: &E) -> Result<(), TopicError> {
+    pub(super) fn retain(&self, topic: &str, payload: &E) -> Result<(), TopicError> {
         if let Some(r) = &self.inner.retained {
             validate_topic(topic)?;
             lock(r).insert(Arc::from(topic), payload.clone());
         }
         Ok(())
-    }
-
-    /// Emits `payload` on `topic`, waiting while a matching
-    /// [`Overflow::Wait`] subscription is full. Returns exactly the number
-    /// of subscriptions that queued it: a copy a `DropNewest` subscription
-    /// drops is counted in its `dropped`, not here.
-    ///
-    /// # Errors
-    ///
-    /// [`EmitError::Topic`] for a malformed topic (empty, an empty
-    /// segment, or a wildcard), [`EmitError::Closed`] after
-    /// [`shutdown`](Bus::shutdown), or when a shutdown during the wait
-    /// left no subscription that queued it. The payload is handed back.
-    ///
-    /// # Cancel safety
-    ///
-    /// Dropping the future while it waits leaves the event queued for the
-    /// subscriptions reached so far and not for the rest.
-    pub async fn emit(&self, topic: &str, payload: E) -> Result<usize, EmitError<E>> {
-        if self.is_closed() {
-            return Err(EmitError::Closed(payload));
-        }
-        // NOTE: retained before the route is looked up, so a subscription
-        // added in between replays this value (or an older one first) and
-        // never gets an older value after a newer one.
-        if let Err(e) = self.retain(topic, &payload) {
-            return Err(EmitError::Topic(e, payload));
-        }
-        let (topic, route, at, ev, rest, mut n) = match self.emit_quiet(topic, payload)? {
-            Quiet::Done(queued, overwritten) => {
-                drop(overwritten);
-                return Ok(queued);
-            }
-            Quiet::Wait {
-                topic,
-                route,
-                at,
-                ev,
-                rest,
-                queued,
-                overwritten,
-            } => {
-                drop(overwritten);
-                (topic, route, at, ev, rest, queued)
-            }
-        };
-        // Group `at` waits for room (or is closed); then the rest in turn.
-        match route[at].send(ev).await {
-            Ok(queued) => n += queued,
-            // Closed (a shutdown) with nothing queued: hand it back.
-            Err(ev) if rest.is_none() && n == 0 => return Err(EmitError::Closed(ev.payload)),
-            Err(_) => {}
-        }
-        let Some(payload) = rest else {
-            return Ok(n);
-        };
-        let mut matched = route[at + 1..].iter().peekable();
-        while let Some(group) = matched.next() {
-            // The last match takes the payload itself: one clone fewer.
-            if matched.peek().is_some() {
-                let ev = Event {
-                    topic: topic.clone(),
-                    payload: payload.clone(),
-                };
-                n += group.send(ev).await.unwrap_or(0);
-                continue;
-            }
-            return match group.send(Event { topic, payload }).await {
-                Ok(queued) => Ok(n + queued),
-                // Closed (a shutdown) with nothing queued: hand it back.
-                Err(ev) if n == 0 => Err(EmitError::Closed(ev.payload)),
-                Err(_) => Ok(n),
-            };
-        }
-        Ok(n)
     }
 
     /// Emits every payload of `payloads` on `topic`, in order: what
@@ -765,6 +599,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
             next.push(group.clone());
             subs.list = Arc::new(next);
             subs.clear_routes();
+            self.inner.generation.fetch_add(1, Ordering::Release);
         }
         drop(subs);
         drop(retained);
@@ -785,6 +620,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
             if next.len() != subs.list.len() {
                 subs.list = Arc::new(next);
                 subs.clear_routes();
+                self.inner.generation.fetch_add(1, Ordering::Release);
             }
         }
     }
@@ -954,12 +790,24 @@ impl<E: Clone + Send + 'static> Bus<E> {
         all
     }
 
+    /// Events emitted: by `emit` (counted under the bus's lock), by live
+    /// publishers, and by the rest and dropped publishers.
+    fn emitted(&self) -> u64 {
+        let publishers = lock(&self.inner.publishers);
+        let live: u64 = publishers.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+        // Read under the publishers' lock: a dropped publisher moves its
+        // count under it.
+        let rest = self.inner.emitted.load(Ordering::Relaxed);
+        drop(publishers);
+        live + rest + lock(&self.inner.subs).emitted
+    }
+
     /// Counters of the bus. Never waits on a subscriber.
     pub fn stats(&self) -> BusStats {
         let members = self.members();
         let gone = &self.inner.gone;
         BusStats {
-            emitted: self.inner.emitted.load(Ordering::Relaxed) + lock(&self.inner.subs).emitted,
+            emitted: self.emitted(),
             delivered: gone.delivered.load(Ordering::Relaxed)
                 + members.iter().map(|(m, _)| m.delivered).sum::<u64>(),
             dropped: gone.dropped.load(Ordering::Relaxed)

@@ -28,6 +28,7 @@
 //! and counts it; `DropNewest` subscriptions never share.
 
 mod bus;
+mod emit;
 mod ring;
 mod subscription;
 mod topic;
@@ -36,5 +37,6 @@ pub use bus::{
     Bus, BusBuilder, BusStats, EmitError, Event, HandlerFailure, HandlerId, Overflow,
     SubscriberStats, TryEmitError,
 };
+pub use emit::Publisher;
 pub use subscription::{SubscribeOptions, Subscriber};
 pub use topic::TopicError;
