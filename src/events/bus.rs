@@ -399,10 +399,17 @@ impl<E: Clone + Send + 'static> Bus<E> {
     /// Records `payload` as `topic`'s last value (a retaining bus only).
     #[inline]
     pub(super) fn retain(&self, topic: &str, payload: &E) -> Result<(), TopicError> {
-        if let Some(r) = &self.inner.retained {
-            validate_topic(topic)?;
-            lock(r).insert(Arc::from(topic), payload.clone());
+        match &self.inner.retained {
+            Some(map) => Self::keep(map, topic, payload),
+            None => Ok(()),
         }
+    }
+
+    /// [`retain`](Self::retain) on a retaining bus (out of line, so the
+    /// check above is all an emit on any other bus pays).
+    fn keep(map: &Mutex<HashMap<Arc<str>, E>>, topic: &str, payload: &E) -> Result<(), TopicError> {
+        validate_topic(topic)?;
+        lock(map).insert(Arc::from(topic), payload.clone());
         Ok(())
     }
 
