@@ -68,6 +68,18 @@ struct Slot<E> {
     /// reader's own copy of the topic: dropped with the slot when it is
     /// next written, by the emitter (see [`Group::read`]).
     spent: Option<Arc<str>>,
+    /// The thread that wrote it ([`this_thread`]).
+    by: usize,
+}
+
+thread_local! {
+    static HERE: u8 = const { 0 };
+}
+
+/// This thread as a number no other live thread has (the address of a
+/// thread-local), 0 while its thread-locals are torn down.
+fn this_thread() -> usize {
+    HERE.try_with(|h| std::ptr::from_ref(h).addr()).unwrap_or(0)
 }
 
 struct Member<E> {
@@ -277,7 +289,7 @@ impl<E: Clone> Group<E> {
                 Overflow::DropOldest => {}
             }
         }
-        let (pos, rem) = (r.tail, r.live);
+        let (pos, rem, by) = (r.tail, r.live, this_thread());
         // NOTE: written field by field, not as a new `Slot` swapped in
         // (56 bytes through the stack and back, per event). The spent
         // topic is dropped here, by the emitter (see `read`).
@@ -286,6 +298,7 @@ impl<E: Clone> Group<E> {
                 slot.pos = pos;
                 slot.rem = rem;
                 slot.spent = None;
+                slot.by = by;
                 slot.ev.replace(ev)
             }
             None => {
@@ -294,6 +307,7 @@ impl<E: Clone> Group<E> {
                     rem,
                     ev: Some(ev),
                     spent: None,
+                    by,
                 });
                 None
             }
@@ -482,6 +496,7 @@ impl<E: Clone> Group<E> {
         let stop = m.end.unwrap_or(*tail).min(*tail);
         // One division per read, not one per event.
         let mut i = (m.cursor % cap) as usize;
+        let here = this_thread();
         while m.cursor < stop && batch.len() < BATCH {
             let slot = &mut slots[i];
             slot.rem -= 1;
@@ -492,17 +507,23 @@ impl<E: Clone> Group<E> {
                 // on this core would decrement the same line, every event,
                 // from the other core (the one-subscriber fan-out on smol's
                 // executor, `perf stat` of `benches/bus_count.rs`: 205 ->
-                // 167 ms of CPU for the same work). The event leaves with
-                // the reader's own copy and the emitter's stays in the slot
-                // for the emitter to drop when it next writes there.
-                slot.ev.take().map(|Event { topic, payload }| {
-                    let own = topics.get(&topic);
-                    slot.spent = Some(topic);
-                    Event {
-                        topic: own,
-                        payload,
-                    }
-                })
+                // 167 ms of CPU for the same work). Written on another
+                // thread, the event leaves with the reader's own copy and
+                // the emitter's stays in the slot for the emitter to drop
+                // when it next writes there; written on this one (a worker
+                // running both), it leaves as it is (two atomic operations
+                // fewer).
+                match slot.ev.take() {
+                    Some(ev) if slot.by == here => Some(ev),
+                    ev => ev.map(|Event { topic, payload }| {
+                        let own = topics.get(&topic);
+                        slot.spent = Some(topic);
+                        Event {
+                            topic: own,
+                            payload,
+                        }
+                    }),
+                }
             } else {
                 slot.ev.as_ref().map(|ev| Event {
                     topic: topics.get(&ev.topic),
