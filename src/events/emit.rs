@@ -103,6 +103,22 @@ fn offer_many<E: Clone>(route: &Route<E>, topic: &Arc<str>, payload: E) -> Offer
     Offered::Done(queued, overwritten)
 }
 
+/// Drops what [`offer`] overwrote (no lock is held by then, and no wait
+/// has begun): `Ok` with the copies queued, or the rest to [`finish`].
+#[inline]
+fn settle<E>(offered: Offered<E>) -> Result<usize, Rest<E>> {
+    match offered {
+        Offered::Done(queued, overwritten) => {
+            drop(overwritten);
+            Ok(queued)
+        }
+        Offered::Rest(rest, overwritten) => {
+            drop(overwritten);
+            Err(rest)
+        }
+    }
+}
+
 /// The rest of an emit after [`offer`]: group `at` waits for room (or is
 /// closed), then the groups after it in turn.
 async fn finish<E: Clone + Send + 'static>(rest: Rest<E>) -> Result<usize, EmitError<E>> {
@@ -176,15 +192,9 @@ impl<E: Clone + Send + 'static> Bus<E> {
         // NOTE: matched here, not in a shared `async fn`: a future made of
         // the whole `Offered` per event was a 1 KiB `memcpy` (14% of the
         // one-subscriber instructions).
-        match self.offer_locked(topic, payload)? {
-            Offered::Done(queued, overwritten) => {
-                drop(overwritten);
-                Ok(queued)
-            }
-            Offered::Rest(rest, overwritten) => {
-                drop(overwritten);
-                finish(rest).await
-            }
+        match settle(self.offer_locked(topic, payload)?) {
+            Ok(queued) => Ok(queued),
+            Err(rest) => finish(rest).await,
         }
     }
 
@@ -309,16 +319,9 @@ impl<E: Clone + Send + 'static> Publisher<E> {
         }
         let n = self.emitted.load(Ordering::Relaxed);
         self.emitted.store(n + 1, Ordering::Relaxed);
-        // The overwritten event is dropped before any wait.
-        match offer(&self.route, &self.topic, payload) {
-            Offered::Done(queued, overwritten) => {
-                drop(overwritten);
-                Ok(queued)
-            }
-            Offered::Rest(rest, overwritten) => {
-                drop(overwritten);
-                finish(rest).await
-            }
+        match settle(offer(&self.route, &self.topic, payload)) {
+            Ok(queued) => Ok(queued),
+            Err(rest) => finish(rest).await,
         }
     }
 }
