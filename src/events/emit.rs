@@ -13,7 +13,7 @@ use crate::sync::lock_std as lock;
 /// What is left of an emit after [`offer`]: group `at` of `route` did not
 /// take `ev` at once; `rest` is the payload for the groups after it
 /// (`None` when it was the last).
-pub(super) struct Rest<E> {
+struct Rest<E> {
     topic: Arc<str>,
     route: Route<E>,
     at: usize,
@@ -25,7 +25,7 @@ pub(super) struct Rest<E> {
 /// What [`offer`] did; each carries the event a `DropOldest` group
 /// overwrote, if any, to be dropped once no lock is held (before any
 /// wait).
-pub(super) enum Offered<E> {
+enum Offered<E> {
     /// Every matching group took the event: the copies queued.
     Done(usize, Option<Event<E>>),
     /// A group would have waited, woken a reader or dropped.

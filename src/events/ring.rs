@@ -278,7 +278,20 @@ impl<E: Clone> Group<E> {
     /// has no free slot.
     fn write(&self, r: &mut Ring<E>, ev: Event<E>) -> Result<(usize, Option<Event<E>>), Event<E>> {
         let i = (r.tail % self.capacity as u64) as usize;
-        if Self::busy_at(r, i) {
+        let busy = Self::busy_at(r, i);
+        self.write_at(r, i, busy, ev)
+    }
+
+    /// [`write`](Self::write) at slot `i`, the tail's, which `busy` says
+    /// still has a reader to come.
+    fn write_at(
+        &self,
+        r: &mut Ring<E>,
+        i: usize,
+        busy: bool,
+        ev: Event<E>,
+    ) -> Result<(usize, Option<Event<E>>), Event<E>> {
+        if busy {
             match self.overflow {
                 Overflow::Wait => return Err(ev),
                 Overflow::DropNewest => {
@@ -367,7 +380,7 @@ impl<E: Clone> Group<E> {
         {
             return Err(ev);
         }
-        self.write(&mut r, ev)
+        self.write_at(&mut r, i, busy, ev)
     }
 
     /// Writes what it can of `evs` (front first) under one lock, without
