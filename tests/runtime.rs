@@ -325,6 +325,46 @@ fn tasks_lists_live_tasks_by_name_and_empties_after_completion() {
 }
 
 #[test]
+fn a_tasks_poll_time_is_measured_in_real_time_and_fits_in_its_age() {
+    const SPIN: Duration = Duration::from_millis(2);
+    let rt = runtime(1);
+    let (ready_tx, ready_rx) = async_channel::unbounded::<()>();
+    let (go_tx, go_rx) = async_channel::bounded::<()>(1);
+    let h = rt.spawn_named("spinner", async move {
+        // A first poll that holds its thread for at least SPIN (a spin,
+        // not a sleep: the poll's length is what is measured).
+        let start = std::time::Instant::now();
+        while start.elapsed() < SPIN {
+            std::hint::spin_loop();
+        }
+        ready_tx.send(()).await.unwrap();
+        go_rx.recv().await.unwrap();
+    });
+    within(ready_rx.recv()).unwrap();
+    let listed = within(async {
+        for _ in 0..10_000 {
+            if let [t] = &rt.tasks()[..] {
+                return t.clone();
+            }
+            async_io::Timer::after(Duration::from_millis(1)).await;
+        }
+        panic!("never listed: {:?}", rt.tasks());
+    });
+    let age = listed.age();
+    assert_eq!(listed.polls, 1, "{listed:?}");
+    // Every figure covers the spin and fits in the time since the spawn
+    // (a tick count read as ns, or ns read as ticks, would not).
+    assert!(listed.longest_poll >= SPIN, "{listed:?}");
+    assert!(listed.busy >= listed.longest_poll, "{listed:?}");
+    assert!(listed.busy <= age, "{listed:?} in {age:?}");
+    let last = listed.last_poll.expect("polled");
+    let first_poll = last.duration_since(listed.spawned_at);
+    assert!(first_poll >= SPIN && first_poll <= age, "{listed:?}");
+    go_tx.send_blocking(()).unwrap();
+    within(h).unwrap();
+}
+
+#[test]
 fn monitor_off_keeps_counters_but_lists_nothing() {
     let rt = Runtime::builder()
         .with_threads(1)
@@ -372,6 +412,12 @@ impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Captured {
 }
 
 fn slow_poll_warnings(threshold: Duration) -> Vec<String> {
+    slow_poll_warnings_spinning(threshold, Duration::ZERO)
+}
+
+/// The slow-poll warnings of a runtime whose one task spins for `spin` in
+/// its one poll.
+fn slow_poll_warnings_spinning(threshold: Duration, spin: Duration) -> Vec<String> {
     use tracing_subscriber::layer::SubscriberExt;
     let captured = Captured::default();
     let subscriber = tracing_subscriber::registry().with(captured.clone());
@@ -382,7 +428,14 @@ fn slow_poll_warnings(threshold: Duration) -> Vec<String> {
         .with_slow_poll_threshold(threshold)
         .build()
         .unwrap();
-    within(rt.spawn_named("slowpoke", async { (0..1000u64).sum::<u64>() })).unwrap();
+    within(rt.spawn_named("slowpoke", async move {
+        let start = std::time::Instant::now();
+        while start.elapsed() < spin {
+            std::hint::spin_loop();
+        }
+        (0..1000u64).sum::<u64>()
+    }))
+    .unwrap();
     drop(rt);
     let events = captured.0.lock().unwrap().clone();
     events
@@ -401,6 +454,20 @@ fn a_poll_over_the_threshold_logs_a_warning_naming_the_task() {
         warnings[0].contains("task.name=\"slowpoke\""),
         "{warnings:?}"
     );
+}
+
+#[test]
+fn a_slow_polls_warning_gives_its_length_in_ms() {
+    let warnings = slow_poll_warnings_spinning(Duration::from_millis(1), Duration::from_millis(3));
+    assert_eq!(warnings.len(), 1, "{warnings:?}");
+    let ms: f64 = warnings[0]
+        .split("poll_ms=")
+        .nth(1)
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no poll_ms in {warnings:?}"));
+    assert!(ms >= 3.0, "{warnings:?}");
+    assert!(warnings[0].contains("threshold_ms=1.0"), "{warnings:?}");
 }
 
 #[test]

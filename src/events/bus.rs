@@ -12,7 +12,7 @@ use futures_lite::{FutureExt, StreamExt};
 
 use super::ring::{Gone, Group, MemberStats, Push};
 use super::subscription::{Reader, SubscribeOptions, Subscriber};
-use super::topic::{Pattern, TopicError, validate_topic};
+use super::topic::{Pattern, TopicError, same_topic, validate_topic};
 use crate::ConfigError;
 use crate::limit::Semaphore;
 use crate::runtime::{JoinHandle, Spawn, SpawnExt, default_spawner, panic_message};
@@ -191,7 +191,7 @@ impl<E> Subs<E> {
     /// sight), kept as the last one looked up.
     pub(super) fn lookup(&mut self, topic: &str) -> Result<&(Arc<str>, Route<E>), TopicError> {
         let entry = match self.last.take() {
-            Some(last) if *last.0 == *topic => last,
+            Some(last) if same_topic(&last.0, topic) => last,
             _ => match self.routes.get_key_value(topic) {
                 Some((name, route)) => (name.clone(), route.clone()),
                 None => {

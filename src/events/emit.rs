@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use super::bus::{Bus, EmitError, Event, Route};
-use super::topic::TopicError;
+use super::topic::{TopicError, same_topic};
 use crate::sync::lock_std as lock;
 
 /// What is left of an emit after [`offer`]: group `at` of `route` did not
@@ -210,7 +210,7 @@ impl<E: Clone + Send + 'static> Bus<E> {
     fn offer_locked(&self, topic: &str, payload: E) -> Result<Offered<E>, EmitError<E>> {
         let mut subs = lock(&self.inner.subs);
         let subs = &mut *subs;
-        let hit = matches!(&subs.last, Some((name, _)) if **name == *topic);
+        let hit = matches!(&subs.last, Some((name, _)) if same_topic(name, topic));
         if !hit && let Err(e) = subs.lookup(topic) {
             return Err(EmitError::Topic(e, payload));
         }

@@ -84,33 +84,69 @@ thread_local! {
     /// stamped with that); between polls, when the last one ended (the
     /// next one's start, so a timed poll reads the clock once, not twice).
     /// `None` off the runtime's workers and after a break.
-    static LAST: Cell<Option<u64>> = const { Cell::new(None) };
+    static LAST: Cell<u64> = const { Cell::new(0) };
 }
 
-/// Where the monitor's timestamps count from (process-wide, so a task
-/// spawned from a poll of one runtime into another is stamped right).
-static ORIGIN: OnceLock<Instant> = OnceLock::new();
-
-fn origin() -> Instant {
-    *ORIGIN.get_or_init(Instant::now)
+/// The monitor's clock: the CPU's counter where it is invariant (quanta's
+/// TSC read, calibrated once per process), else the monotonic clock in ns.
+/// A timestamp is a raw reading, turned into ns only as a difference.
+///
+/// NOTE: `Instant::now` plus the subtraction and conversion that make it a
+/// number were ~110 instructions per poll (`sub_timespec` alone 37), a
+/// fifth of the contended semaphore's instructions on the `Runtime`.
+struct Ticks {
+    clock: quanta::Clock,
+    /// A reading taken at `origin`.
+    origin_raw: u64,
+    origin: Instant,
 }
 
-/// Now, in ns after [`origin`], at least 1 (0 is "never"): one clock read
-/// and one subtraction, after which a poll's figures are integer sums.
-fn now_ns() -> u64 {
-    let since = Instant::now().saturating_duration_since(origin());
-    u64::try_from(since.as_nanos()).unwrap_or(u64::MAX).max(1)
+static TICKS: OnceLock<Ticks> = OnceLock::new();
+
+/// The clock, calibrated on first use (see [`Monitor::new`]).
+fn ticks() -> &'static Ticks {
+    TICKS.get_or_init(|| {
+        let clock = quanta::Clock::new();
+        let origin = Instant::now();
+        Ticks {
+            origin_raw: clock.raw(),
+            clock,
+            origin,
+        }
+    })
 }
 
-fn instant_at(ns: u64) -> Instant {
-    let o = origin();
-    o.checked_add(Duration::from_nanos(ns)).unwrap_or(o)
+/// Now, as a raw reading, at least 1 (0 is "never").
+#[inline]
+fn now_ticks() -> u64 {
+    ticks().clock.raw().max(1)
+}
+
+/// The ns from reading `start` to reading `end` (0 if `end` is not later).
+#[inline]
+fn ns_between(start: u64, end: u64) -> u64 {
+    ticks().clock.delta_as_nanos(start, end)
+}
+
+/// How many ticks `d` is (rounded down; `u64::MAX` when it does not fit).
+fn ticks_in(d: Duration) -> u64 {
+    // NOTE: the clock converts ticks to ns only; 2^40 ticks (minutes at
+    // GHz rates) give its ratio to ~12 digits.
+    const SPAN: u64 = 1 << 40;
+    let span_ns = u128::from(ns_between(0, SPAN).max(1));
+    u64::try_from(d.as_nanos().saturating_mul(u128::from(SPAN)) / span_ns).unwrap_or(u64::MAX)
+}
+
+fn instant_at(raw: u64) -> Instant {
+    let t = ticks();
+    let since = Duration::from_nanos(ns_between(t.origin_raw, raw));
+    t.origin.checked_add(since).unwrap_or(t.origin)
 }
 
 /// The worker is about to wait or hand its thread to the reactor: the next
 /// poll's start is not the last one's end.
 pub(crate) fn break_poll_chain() {
-    let _ = LAST.try_with(|c| c.set(None));
+    LAST.with(|c| c.set(0));
 }
 
 static NEXT_STRIPE: AtomicUsize = AtomicUsize::new(0);
@@ -140,13 +176,14 @@ struct Finished {
 struct TaskMeta {
     id: u64,
     name: Option<Arc<str>>,
-    /// In ns after [`origin`].
-    spawned_ns: u64,
+    /// A [`now_ticks`] reading.
+    spawned: u64,
     polls: AtomicU64,
-    busy_ns: AtomicU64,
-    longest_ns: AtomicU64,
-    /// When the last poll ended, in ns after [`origin`] (0: never).
-    last_poll_ns: AtomicU64,
+    /// In ticks (see [`Ticks`]).
+    busy: AtomicU64,
+    longest: AtomicU64,
+    /// When the last poll ended, a [`now_ticks`] reading (0: never).
+    last_poll: AtomicU64,
 }
 
 /// A task that has waited at least once: its waker (to cancel it at
@@ -173,7 +210,8 @@ pub(crate) struct Monitor {
     /// Per-poll timing, `tasks()` and slow-poll warnings are on.
     timing: bool,
     slow_poll: Duration,
-    slow_poll_ns: u64,
+    /// `slow_poll` in ticks (see [`Ticks`]).
+    slow_poll_ticks: u64,
     /// Tasks that have returned `Pending` at least once and not finished.
     waiting: [Mutex<HashMap<u64, Entry>>; SHARDS],
 }
@@ -187,7 +225,7 @@ impl Monitor {
             idle: Event::new(),
             timing,
             slow_poll,
-            slow_poll_ns: u64::try_from(slow_poll.as_nanos()).unwrap_or(u64::MAX),
+            slow_poll_ticks: if timing { ticks_in(slow_poll) } else { u64::MAX },
             waiting: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         }
     }
@@ -259,13 +297,16 @@ impl Monitor {
                     .map(|m| TaskInfo {
                         id: m.id,
                         name: m.name.clone(),
-                        spawned_at: instant_at(m.spawned_ns),
+                        spawned_at: instant_at(m.spawned),
                         polls: m.polls.load(Ordering::Relaxed),
-                        busy: Duration::from_nanos(m.busy_ns.load(Ordering::Relaxed)),
-                        longest_poll: Duration::from_nanos(m.longest_ns.load(Ordering::Relaxed)),
-                        last_poll: match m.last_poll_ns.load(Ordering::Relaxed) {
+                        busy: Duration::from_nanos(ns_between(0, m.busy.load(Ordering::Relaxed))),
+                        longest_poll: Duration::from_nanos(ns_between(
+                            0,
+                            m.longest.load(Ordering::Relaxed),
+                        )),
+                        last_poll: match m.last_poll.load(Ordering::Relaxed) {
                             0 => None,
-                            ns => Some(instant_at(ns)),
+                            raw => Some(instant_at(raw)),
                         },
                     }),
             );
@@ -301,7 +342,7 @@ pub(crate) fn instrument<F>(owner: &Arc<Scheduler>, name: Option<&str>, fut: F) 
     let id = this.spawned.0.fetch_add(1, Ordering::SeqCst) + 1;
     let timing = this.timing.then(|| Timing {
         name: name.map(Arc::from),
-        spawned_ns: LAST.try_with(Cell::get).ok().flatten(),
+        spawned: Some(LAST.with(Cell::get)).filter(|&t| t != 0),
     });
     Instrumented {
         fut,
@@ -321,7 +362,7 @@ pub(crate) fn instrument<F>(owner: &Arc<Scheduler>, name: Option<&str>, fut: F) 
 struct Timing {
     name: Option<Arc<str>>,
     /// `None`: spawned outside a poll; the first poll's start is used.
-    spawned_ns: Option<u64>,
+    spawned: Option<u64>,
 }
 
 pin_project! {
@@ -358,19 +399,17 @@ impl<F: Future> Future for Instrumented<F> {
         let enclosing = begin_task_poll();
         let timed = this.timing.is_some() || this.meta.is_some();
         let (result, span) = if timed {
-            let start = LAST
-                .try_with(|c| match c.get() {
-                    Some(t) => t,
-                    None => {
-                        let t = now_ns();
-                        c.set(Some(t));
-                        t
-                    }
-                })
-                .unwrap_or_else(|_| now_ns());
+            let start = LAST.with(|c| match c.get() {
+                0 => {
+                    let t = now_ticks();
+                    c.set(t);
+                    t
+                }
+                t => t,
+            });
             let result = this.fut.poll(cx);
-            let end = now_ns();
-            let _ = LAST.try_with(|c| c.set(Some(end)));
+            let end = now_ticks();
+            LAST.with(|c| c.set(end));
             (result, Some((start, end)))
         } else {
             (this.fut.poll(cx), None)
@@ -378,14 +417,15 @@ impl<F: Future> Future for Instrumented<F> {
         end_task_poll(enclosing);
         let monitor = &this.owner.monitor;
         if let Some((start, end)) = span {
+            // In ticks: turned into ns only for a warning or a listing.
             let took = end.saturating_sub(start);
-            if took > monitor.slow_poll_ns {
+            if took > monitor.slow_poll_ticks {
                 let name = match (&*this.timing, &*this.meta) {
                     (Some(t), _) => t.name.clone(),
                     (None, Some(m)) => m.name.clone(),
                     (None, None) => None,
                 };
-                warn_slow(monitor, *this.id, name.as_deref(), took);
+                warn_slow(monitor, *this.id, name.as_deref(), ns_between(start, end));
             }
             if let Some(m) = this.meta {
                 m.record(took, end);
@@ -402,11 +442,11 @@ impl<F: Future> Future for Instrumented<F> {
                     let m = TaskMeta {
                         id: *this.id,
                         name: t.name,
-                        spawned_ns: t.spawned_ns.unwrap_or(start),
+                        spawned: t.spawned.unwrap_or(start),
                         polls: AtomicU64::new(0),
-                        busy_ns: AtomicU64::new(0),
-                        longest_ns: AtomicU64::new(0),
-                        last_poll_ns: AtomicU64::new(0),
+                        busy: AtomicU64::new(0),
+                        longest: AtomicU64::new(0),
+                        last_poll: AtomicU64::new(0),
                     };
                     m.record(end.saturating_sub(start), end);
                     Arc::new(m)
@@ -427,8 +467,8 @@ impl<F: Future> Future for Instrumented<F> {
 }
 
 impl TaskMeta {
-    /// Adds one poll that took `took` and ended at `end`.
-    fn record(&self, ns: u64, end: u64) {
+    /// Adds one poll that took `took` ticks and ended at reading `end`.
+    fn record(&self, took: u64, end: u64) {
         // NOTE: one thread polls a task at a time, and the task's state
         // hand-off orders consecutive polls: plain load + store suffice
         // (readers only ever see a whole value).
@@ -439,11 +479,11 @@ impl TaskMeta {
             )
         };
         add(&self.polls, 1);
-        add(&self.busy_ns, ns);
-        if ns > self.longest_ns.load(Ordering::Relaxed) {
-            self.longest_ns.store(ns, Ordering::Relaxed);
+        add(&self.busy, took);
+        if took > self.longest.load(Ordering::Relaxed) {
+            self.longest.store(took, Ordering::Relaxed);
         }
-        self.last_poll_ns.store(end, Ordering::Relaxed);
+        self.last_poll.store(end, Ordering::Relaxed);
     }
 }
 
