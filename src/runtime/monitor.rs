@@ -225,7 +225,11 @@ impl Monitor {
             idle: Event::new(),
             timing,
             slow_poll,
-            slow_poll_ticks: if timing { ticks_in(slow_poll) } else { u64::MAX },
+            slow_poll_ticks: if timing {
+                ticks_in(slow_poll)
+            } else {
+                u64::MAX
+            },
             waiting: std::array::from_fn(|_| Mutex::new(HashMap::new())),
         }
     }
