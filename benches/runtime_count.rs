@@ -1,12 +1,13 @@
 //! Fixed work on smolkit's `Runtime` (2 threads) for instruction counts:
 //! 5 × spawn + join of 100k tiny tasks, or 5 × a 10k ping-pong between two
 //! tasks, with the monitor on or off; or (`sem-smolkit` / `sem-tokio`)
-//! 51 200 contended acquisitions by 64 tasks over 16 permits, each holding
+//! 51 200 contended acquisitions by 64 tasks over 16 permits (or the
+//! permits given third), each holding
 //! its permit across a yield, with smolkit's or tokio's semaphore. Criterion's rows of the same
 //! workloads swing by ±20% on this machine; callgrind's counts do not.
 //!
 //! Run: `cargo build --release --manifest-path benches/Cargo.toml --example runtime_count`,
-//! then `valgrind --tool=callgrind benches/target/release/examples/runtime_count <on|off> <spawn|ping|sem-smolkit|sem-tokio|sem-tokio-rt|sem-on-tokio-smolkit>`.
+//! then `valgrind --tool=callgrind benches/target/release/examples/runtime_count <on|off> <spawn|ping|sem-smolkit|sem-tokio|sem-tokio-rt|sem-on-tokio-smolkit> [permits] [rounds]`.
 
 use smolkit::runtime::Runtime;
 
@@ -22,22 +23,26 @@ fn main() {
         );
         std::process::exit(2);
     };
+    let permits: usize = args.get(3).and_then(|p| p.parse().ok()).unwrap_or(16);
+    // A fourth argument: rounds instead of 5 (the difference between two
+    // counts is a round's cost without the one-time start-up).
+    let rounds: usize = args.get(4).and_then(|r| r.parse().ok()).unwrap_or(ROUNDS);
     let rt = Runtime::builder()
         .with_threads(2)
         .with_monitor(monitor == "on")
         .build()
         .expect("a runtime");
     if let Some(which) = work.strip_prefix("sem-on-tokio-") {
-        contended_on_tokio(which == "tokio");
+        contended_on_tokio(which == "tokio", permits, rounds);
         return;
     }
     if work == "sem-tokio-rt" {
-        contended_on_tokio(true);
+        contended_on_tokio(true, permits, rounds);
         return;
     }
-    for _ in 0..ROUNDS {
+    for _ in 0..rounds {
         if let Some(which) = work.strip_prefix("sem-") {
-            contended(&rt, which == "tokio");
+            contended(&rt, which == "tokio", permits);
         } else if work == "spawn" {
             let sum = rt.block_on(async {
                 let handles: Vec<_> = (0..TASKS).map(|i| rt.spawn(async move { i })).collect();
@@ -72,13 +77,13 @@ fn main() {
     }
 }
 
-/// 64 tasks, 16 permits, 800 acquisitions each.
-fn contended(rt: &Runtime, tokio_sem: bool) {
+/// 64 tasks, `permits` permits, 800 acquisitions each.
+fn contended(rt: &Runtime, tokio_sem: bool, permits: usize) {
     use std::sync::Arc;
     const TASKS: usize = 64;
     const EACH: usize = 800;
-    let ours = Arc::new(smolkit::limit::Semaphore::new(16));
-    let theirs = Arc::new(tokio::sync::Semaphore::new(16));
+    let ours = Arc::new(smolkit::limit::Semaphore::new(permits));
+    let theirs = Arc::new(tokio::sync::Semaphore::new(permits));
     rt.block_on(async {
         let handles: Vec<_> = (0..TASKS)
             .map(|_| {
@@ -106,16 +111,16 @@ fn contended(rt: &Runtime, tokio_sem: bool) {
 
 /// The same as [`contended`] on tokio's 2-thread runtime, with tokio's
 /// semaphore (the bench's `tokio_on_tokio` row) or smolkit's
-/// (`smolkit_on_tokio`), `ROUNDS` times.
-fn contended_on_tokio(tokio_sem: bool) {
+/// (`smolkit_on_tokio`), `rounds` times.
+fn contended_on_tokio(tokio_sem: bool, permits: usize, rounds: usize) {
     use std::sync::Arc;
     let tk = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .build()
         .expect("a tokio runtime");
-    for _ in 0..ROUNDS {
-        let ours = Arc::new(smolkit::limit::Semaphore::new(16));
-        let theirs = Arc::new(tokio::sync::Semaphore::new(16));
+    for _ in 0..rounds {
+        let ours = Arc::new(smolkit::limit::Semaphore::new(permits));
+        let theirs = Arc::new(tokio::sync::Semaphore::new(permits));
         tk.block_on(async {
             let handles: Vec<_> = (0..64)
                 .map(|_| {

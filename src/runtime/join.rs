@@ -101,17 +101,20 @@ fn set_outcome(depth: u32, outcome: Outcome) {
 
 /// Marks the start of an instrumented task's poll; returns the enclosing
 /// mark, to restore with [`end_task_poll`].
+#[inline]
 pub(crate) fn begin_task_poll() -> u32 {
     let depth = DEPTH.with(Cell::get);
     OUTCOME.with(|c| c.set(Outcome::Completed));
     BASE.with(|b| b.replace(depth))
 }
 
+#[inline]
 pub(crate) fn end_task_poll(enclosing: u32) {
     BASE.with(|b| b.set(enclosing));
 }
 
 /// Returns how the poll that just ran on this thread ended, and resets it.
+#[inline]
 pub(crate) fn take_outcome() -> Outcome {
     OUTCOME.with(|c| c.replace(Outcome::Completed))
 }

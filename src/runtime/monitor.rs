@@ -104,6 +104,7 @@ struct Ticks {
 static TICKS: OnceLock<Ticks> = OnceLock::new();
 
 /// The clock, calibrated on first use (see [`Monitor::new`]).
+#[inline]
 fn ticks() -> &'static Ticks {
     TICKS.get_or_init(|| {
         let clock = quanta::Clock::new();
@@ -472,6 +473,7 @@ impl<F: Future> Future for Instrumented<F> {
 
 impl TaskMeta {
     /// Adds one poll that took `took` ticks and ended at reading `end`.
+    #[inline]
     fn record(&self, took: u64, end: u64) {
         // NOTE: one thread polls a task at a time, and the task's state
         // hand-off orders consecutive polls: plain load + store suffice
