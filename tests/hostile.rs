@@ -168,3 +168,57 @@ fn hostile_redirect_locations_give_typed_errors() {
         })
     });
 }
+
+/// A server that takes the TCP connection and never answers the TLS
+/// hello: the connect times out on the client's clock, each connect
+/// counted from its own start.
+#[test]
+fn a_connect_that_is_never_answered_times_out_on_the_clients_clock() {
+    use smolkit::http::Error as HttpError;
+    use smolkit::testing::ManualClock;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    // Never accepted: the kernel completes the TCP handshake into the
+    // backlog, and the TLS hello waits there.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("https://127.0.0.1:{}/", silent.local_addr().unwrap().port());
+    let clock = Arc::new(ManualClock::new());
+    let client = HyperClient::builder()
+        .with_clock(clock.clone())
+        .with_connect_timeout(Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let started = |n: usize| {
+        let clock = clock.clone();
+        common::eventually("the connect to wait on its deadline", move || {
+            clock.sleepers() >= n
+        });
+    };
+    let spawn = |client: HyperClient, url: String| {
+        std::thread::spawn(move || {
+            smol::block_on(client.send(Request::get(url.as_str()).body(Body::empty()).unwrap()))
+        })
+    };
+    let first = spawn(client.clone(), url.clone());
+    started(1);
+    clock.advance(Duration::from_secs(2));
+    let second = spawn(client.clone(), url.clone());
+    common::eventually("the second connect to start", || {
+        client.stats().open >= 2
+    });
+    clock.advance(Duration::from_secs(3));
+    let err = common::within(move || first.join().unwrap()).unwrap_err();
+    assert!(
+        matches!(err, HttpError::ConnectTimeout { after, .. } if after == Duration::from_secs(5)),
+        "{err:?}"
+    );
+    // Not yet due (at least 2 s of its 5 left); due by 5 s after the
+    // first's deadline whenever it started.
+    started(1);
+    assert!(!second.is_finished());
+    clock.advance(Duration::from_secs(5));
+    let err = common::within(move || second.join().unwrap()).unwrap_err();
+    assert!(matches!(err, HttpError::ConnectTimeout { .. }), "{err:?}");
+    drop(silent);
+}
