@@ -77,18 +77,21 @@ pub(crate) fn check_uri(uri: &Uri) -> Result<(), Error> {
     }
 }
 
-/// One request, one response, no redirects: what a backend implements
-/// for [`follow`].
-pub(crate) trait SendOnce: Send + Sync {
-    fn send_once(&self, request: Request<Body>) -> ResponseFuture<'_>;
-}
-
-/// Sends `request` through `backend`, following redirects.
-pub(crate) async fn follow<S: SendOnce + ?Sized>(
+/// Sends `request` through `send` (one request, one response), following
+/// redirects.
+///
+/// NOTE: `send` is the backend's own future, not a boxed one: it sits
+/// inside this one, so a request allocates one box, not two (and its
+/// state is copied once).
+pub(crate) async fn follow<F, Fut>(
     redirects: Redirects,
     mut request: Request<Body>,
-    backend: &S,
-) -> Result<Response<Body>, Error> {
+    send: F,
+) -> Result<Response<Body>, Error>
+where
+    F: Fn(Request<Body>) -> Fut,
+    Fut: Future<Output = Result<Response<Body>, Error>>,
+{
     check_uri(request.uri())?;
     let mut hops = 0usize;
     loop {
@@ -97,7 +100,7 @@ pub(crate) async fn follow<S: SendOnce + ?Sized>(
         let method = request.method().clone();
         let uri = request.uri().clone();
         let headers = request.headers().clone();
-        let response = backend.send_once(request).await?;
+        let response = send(request).await?;
         let status = response.status();
         if !matches!(status.as_u16(), 301 | 302 | 303 | 307 | 308) {
             return Ok(response);

@@ -24,7 +24,7 @@ use hyper::client::conn::http1::{Connection, SendRequest};
 use rustls::pki_types::CertificateDer;
 
 use super::body::{Body, BodyConn};
-use super::client::{self, Client, Redirects, ResponseFuture, SendOnce};
+use super::client::{self, Client, Redirects, ResponseFuture};
 use super::error::Error;
 use crate::ConfigError;
 use crate::net::{self, DialError, TlsOptions};
@@ -567,15 +567,11 @@ impl HyperClient {
     }
 }
 
-impl SendOnce for HyperClient {
-    fn send_once(&self, request: Request<Body>) -> ResponseFuture<'_> {
-        Box::pin(self.send_inner(request))
-    }
-}
-
 impl Client for HyperClient {
     fn send(&self, request: Request<Body>) -> ResponseFuture<'_> {
-        Box::pin(client::follow(self.inner.redirects, request, self))
+        Box::pin(client::follow(self.inner.redirects, request, |r| {
+            self.send_inner(r)
+        }))
     }
 }
 

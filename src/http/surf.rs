@@ -15,7 +15,7 @@ use ::http::{HeaderName, HeaderValue, Request, Response, StatusCode};
 use futures_lite::AsyncRead;
 
 use super::body::Body;
-use super::client::{self, Client, Redirects, ResponseFuture, SendOnce};
+use super::client::{self, Client, Redirects, ResponseFuture};
 use super::error::Error;
 
 /// The [`Client`] trait over a `surf::Client`.
@@ -119,15 +119,11 @@ impl Default for SurfClient {
     }
 }
 
-impl SendOnce for SurfClient {
-    fn send_once(&self, request: Request<Body>) -> ResponseFuture<'_> {
-        Box::pin(self.send_inner(request))
-    }
-}
-
 impl Client for SurfClient {
     fn send(&self, request: Request<Body>) -> ResponseFuture<'_> {
-        Box::pin(client::follow(self.redirects, request, self))
+        Box::pin(client::follow(self.redirects, request, |r| {
+            self.send_inner(r)
+        }))
     }
 }
 

@@ -41,8 +41,10 @@ pub(crate) async fn dial(
     };
     let name = ServerName::try_from(bare.to_owned())
         .map_err(|e| DialError::Tls(io::Error::new(io::ErrorKind::InvalidInput, e)))?;
-    let stream = futures_rustls::TlsConnector::from(config.clone())
-        .connect(name, tcp)
+    // NOTE: boxed: the handshake's state (a rustls connection, over 1 KiB)
+    // would size every dial, plain ones too, and each future around it,
+    // which are moved whole (`memcpy`) as they start.
+    let stream = Box::pin(futures_rustls::TlsConnector::from(config.clone()).connect(name, tcp))
         .await
         .map_err(DialError::Tls)?;
     Ok(MaybeTls::Tls(Box::new(stream)))
