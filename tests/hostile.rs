@@ -204,9 +204,7 @@ fn a_connect_that_is_never_answered_times_out_on_the_clients_clock() {
     started(1);
     clock.advance(Duration::from_secs(2));
     let second = spawn(client.clone(), url.clone());
-    common::eventually("the second connect to start", || {
-        client.stats().open >= 2
-    });
+    common::eventually("the second connect to start", || client.stats().open >= 2);
     clock.advance(Duration::from_secs(3));
     let err = common::within(move || first.join().unwrap()).unwrap_err();
     assert!(
