@@ -114,7 +114,7 @@ struct Inner {
     tls: Arc<rustls::ClientConfig>,
     clock: Arc<dyn Clock>,
     user_agent: HeaderValue,
-    hosts: Mutex<HashMap<(String, String, u16), Arc<Host>>>,
+    hosts: Mutex<Hosts>,
     stats: Counters,
 }
 
@@ -147,8 +147,19 @@ pub struct ClientStats {
     pub waiting: usize,
 }
 
+/// The pools by `(scheme, host, port)`, lower case.
+#[derive(Default)]
+struct Hosts {
+    map: HashMap<(String, String, u16), Arc<Host>>,
+    /// The one asked for last: a request to it builds no key (two strings)
+    /// and hashes nothing.
+    last: Option<Arc<Host>>,
+}
+
 /// The pool of one `(scheme, host, port)`.
 struct Host {
+    /// Its `(scheme, host, port)`, lower case.
+    key: (String, String, u16),
     /// Open connections (busy + idle), never above the cap.
     open: AtomicUsize,
     idle: Mutex<Vec<Pooled>>,
@@ -262,7 +273,7 @@ impl Default for HyperClient {
 impl Inner {
     /// Closes every idle connection and wakes every waiter.
     fn close_idle(&self) {
-        let hosts: Vec<Arc<Host>> = lock(&self.hosts).values().cloned().collect();
+        let hosts: Vec<Arc<Host>> = lock(&self.hosts).map.values().cloned().collect();
         for host in hosts {
             let idle = std::mem::take(&mut *lock(&host.idle));
             // NOTE: dropped outside the lock: a slot's drop notifies.
@@ -314,7 +325,7 @@ impl HyperClient {
     pub fn stats(&self) -> ClientStats {
         let s = &self.inner.stats;
         let hosts = lock(&self.inner.hosts);
-        let (open, idle) = hosts.values().fold((0, 0), |(o, i), h| {
+        let (open, idle) = hosts.map.values().fold((0, 0), |(o, i), h| {
             (o + h.open.load(Ordering::Acquire), i + lock(&h.idle).len())
         });
         ClientStats {
@@ -328,18 +339,40 @@ impl HyperClient {
         }
     }
 
-    fn host(&self, key: &(String, String, u16)) -> Arc<Host> {
+    /// The pool for `uri`'s origin (`None` without a scheme or host).
+    fn host(&self, uri: &Uri) -> Option<Arc<Host>> {
+        let (scheme, name) = (uri.scheme_str()?, uri.host()?);
+        let port = uri
+            .port_u16()
+            .unwrap_or(if scheme.eq_ignore_ascii_case("https") {
+                443
+            } else {
+                80
+            });
         let mut hosts = lock(&self.inner.hosts);
-        if let Some(h) = hosts.get(key) {
-            return h.clone();
+        if let Some(h) = hosts.last.as_ref().filter(|h| {
+            h.key.2 == port
+                && h.key.0.eq_ignore_ascii_case(scheme)
+                && h.key.1.eq_ignore_ascii_case(name)
+        }) {
+            return Some(h.clone());
         }
-        let h = Arc::new(Host {
-            open: AtomicUsize::new(0),
-            idle: Mutex::new(Vec::new()),
-            event: Event::new(),
-        });
-        hosts.insert(key.clone(), h.clone());
-        h
+        let key = client::origin(uri)?;
+        let h = match hosts.map.get(&key) {
+            Some(h) => h.clone(),
+            None => {
+                let h = Arc::new(Host {
+                    key: key.clone(),
+                    open: AtomicUsize::new(0),
+                    idle: Mutex::new(Vec::new()),
+                    event: Event::new(),
+                });
+                hosts.map.insert(key, h.clone());
+                h
+            }
+        };
+        hosts.last = Some(h.clone());
+        Some(h)
     }
 
     /// An idle connection that is still usable, newest first; the expired
@@ -382,19 +415,18 @@ impl HyperClient {
             .map(|_| Slot { host: host.clone() })
     }
 
-    /// A connection to `key`: an idle one, a new one within the cap, or
+    /// A connection to `host`: an idle one, a new one within the cap, or
     /// the next one to come back.
-    async fn checkout(&self, key: &(String, String, u16)) -> Result<(Pooled, bool), Error> {
-        let host = self.host(key);
+    async fn checkout(&self, host: &Arc<Host>) -> Result<(Pooled, bool), Error> {
         loop {
             if self.is_closed() {
                 return Err(Error::Closed);
             }
-            if let Some(p) = self.take_idle(&host) {
+            if let Some(p) = self.take_idle(host) {
                 return Ok((p, true));
             }
-            if let Some(slot) = self.try_reserve(&host) {
-                let (sender, conn) = self.connect(key).await?;
+            if let Some(slot) = self.try_reserve(host) {
+                let (sender, conn) = self.connect(&host.key).await?;
                 self.inner.stats.opened.fetch_add(1, Ordering::Relaxed);
                 return Ok((
                     Pooled {
@@ -407,7 +439,7 @@ impl HyperClient {
                 ));
             }
             let listener = host.event.listen();
-            if let Some(p) = self.take_idle(&host) {
+            if let Some(p) = self.take_idle(host) {
                 return Ok((p, true));
             }
             if host.open.load(Ordering::Acquire) < self.inner.max_per_host {
@@ -469,7 +501,9 @@ impl HyperClient {
     async fn send_inner(&self, mut request: Request<Body>) -> Result<Response<Body>, Error> {
         client::check_uri(request.uri())?;
         let uri = request.uri().clone();
-        let key = client::origin(&uri).ok_or_else(|| Error::invalid_url(&uri, "no host"))?;
+        let pool = self
+            .host(&uri)
+            .ok_or_else(|| Error::invalid_url(&uri, "no host"))?;
         if !request.headers().contains_key(HOST) {
             let authority = uri.authority().map(|a| a.as_str()).unwrap_or_default();
             // The authority without user info.
@@ -492,7 +526,7 @@ impl HyperClient {
             let mut request = request;
             let mut fresh_retry = false;
             loop {
-                let (mut pooled, reused) = self.checkout(&key).await?;
+                let (mut pooled, reused) = self.checkout(&pool).await?;
                 if reused {
                     self.inner.stats.reused.fetch_add(1, Ordering::Relaxed);
                 }
@@ -732,7 +766,7 @@ impl HyperClientBuilder {
                 tls,
                 clock: self.clock,
                 user_agent: self.user_agent,
-                hosts: Mutex::new(HashMap::new()),
+                hosts: Mutex::new(Hosts::default()),
                 stats: Counters::default(),
             }),
         })
