@@ -522,61 +522,79 @@ impl HyperClient {
         *request.uri_mut() = Uri::try_from(path).map_err(|e| Error::invalid_url(&uri, e))?;
         self.inner.stats.requests.fetch_add(1, Ordering::Relaxed);
 
-        let exchange = async {
-            let mut request = request;
-            let mut fresh_retry = false;
-            loop {
-                let (mut pooled, reused) = self.checkout(&pool).await?;
-                if reused {
-                    self.inner.stats.reused.fetch_add(1, Ordering::Relaxed);
-                }
-                let Pooled { sender, conn, .. } = &mut pooled;
-                if let Err(e) = conn.run(sender.ready()).await {
-                    if reused {
-                        // Closed while idle: try the next one.
-                        continue;
-                    }
-                    // NOTE: a new connection that is not ready was closed
-                    // by the server at once; do not loop on it.
-                    return Err(Error::Transport {
+        // NOTE: the exchange's future is made where it is awaited, not
+        // kept in a local first: that moved it whole once more.
+        match self.inner.response_timeout {
+            Some(after) => {
+                match timeout_on(
+                    &*self.inner.clock,
+                    after,
+                    self.exchange(&pool, &uri, request),
+                )
+                .await
+                {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::Timeout {
                         url: uri.to_string(),
-                        source: e.into(),
-                    });
-                }
-                let sent = pooled.sender.try_send_request(request);
-                match pooled.conn.run(sent).await {
-                    Ok(response) => return Ok(self.wrap(response, pooled)),
-                    Err(mut e) => match e.take_message() {
-                        Some(back) if reused && !fresh_retry => {
-                            // Never written: safe to send on another
-                            // connection, whatever the method.
-                            self.inner
-                                .stats
-                                .retried_stale
-                                .fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(url = %uri, "reused connection was closed; resending");
-                            fresh_retry = true;
-                            request = back;
-                        }
-                        _ => {
-                            return Err(Error::Transport {
-                                url: uri.to_string(),
-                                source: e.into_error().into(),
-                            });
-                        }
-                    },
+                        after,
+                    }),
                 }
             }
-        };
-        match self.inner.response_timeout {
-            Some(after) => match timeout_on(&*self.inner.clock, after, exchange).await {
-                Ok(r) => r,
-                Err(_) => Err(Error::Timeout {
+            None => self.exchange(&pool, &uri, request).await,
+        }
+    }
+
+    /// One request on a connection of `pool`: checkout, send, the head
+    /// back; a request a reused connection never wrote is sent once more
+    /// on another.
+    async fn exchange(
+        &self,
+        pool: &Arc<Host>,
+        uri: &Uri,
+        mut request: Request<Body>,
+    ) -> Result<Response<Body>, Error> {
+        let mut fresh_retry = false;
+        loop {
+            let (mut pooled, reused) = self.checkout(pool).await?;
+            if reused {
+                self.inner.stats.reused.fetch_add(1, Ordering::Relaxed);
+            }
+            let Pooled { sender, conn, .. } = &mut pooled;
+            if let Err(e) = conn.run(sender.ready()).await {
+                if reused {
+                    // Closed while idle: try the next one.
+                    continue;
+                }
+                // NOTE: a new connection that is not ready was closed
+                // by the server at once; do not loop on it.
+                return Err(Error::Transport {
                     url: uri.to_string(),
-                    after,
-                }),
-            },
-            None => exchange.await,
+                    source: e.into(),
+                });
+            }
+            let sent = pooled.sender.try_send_request(request);
+            match pooled.conn.run(sent).await {
+                Ok(response) => return Ok(self.wrap(response, pooled)),
+                Err(mut e) => match e.take_message() {
+                    Some(back) if reused && !fresh_retry => {
+                        // Never written: safe to send on another
+                        // connection, whatever the method.
+                        self.inner
+                            .stats
+                            .retried_stale
+                            .fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(url = %uri, "reused connection was closed; resending");
+                        fresh_retry = true;
+                        request = back;
+                    }
+                    _ => {
+                        return Err(Error::Transport {
+                            url: uri.to_string(),
+                            source: e.into_error().into(),
+                        });
+                    }
+                },
+            }
         }
     }
 
