@@ -182,7 +182,8 @@ fn a_connect_that_is_never_answered_times_out_on_the_clients_clock() {
     // Never accepted: the kernel completes the TCP handshake into the
     // backlog, and the TLS hello waits there.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let url = format!("https://127.0.0.1:{}/", silent.local_addr().unwrap().port());
+    let port = silent.local_addr().unwrap().port();
+    let url = format!("https://127.0.0.1:{port}/");
     let clock = Arc::new(ManualClock::new());
     let client = HyperClient::builder()
         .with_clock(clock.clone())
@@ -207,8 +208,10 @@ fn a_connect_that_is_never_answered_times_out_on_the_clients_clock() {
     common::eventually("the second connect to start", || client.stats().open >= 2);
     clock.advance(Duration::from_secs(3));
     let err = common::within(move || first.join().unwrap()).unwrap_err();
+    let want = format!("127.0.0.1:{port}");
     assert!(
-        matches!(err, HttpError::ConnectTimeout { after, .. } if after == Duration::from_secs(5)),
+        matches!(&err, HttpError::ConnectTimeout { after, addr }
+            if *after == Duration::from_secs(5) && *addr == want),
         "{err:?}"
     );
     // Not yet due (at least 2 s of its 5 left); due by 5 s after the
@@ -219,4 +222,33 @@ fn a_connect_that_is_never_answered_times_out_on_the_clients_clock() {
     let err = common::within(move || second.join().unwrap()).unwrap_err();
     assert!(matches!(err, HttpError::ConnectTimeout { .. }), "{err:?}");
     drop(silent);
+}
+
+/// Nothing listens: the error names the address it could not reach.
+#[test]
+fn a_refused_connect_names_the_address() {
+    use smolkit::http::Error as HttpError;
+
+    // A port that was just free: bound, read, released.
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let client = HyperClient::new();
+    let err = common::within(move || {
+        smol::block_on(
+            client.send(
+                Request::get(format!("http://127.0.0.1:{port}/").as_str())
+                    .body(Body::empty())
+                    .unwrap(),
+            ),
+        )
+    })
+    .unwrap_err();
+    let want = format!("127.0.0.1:{port}");
+    assert!(
+        matches!(&err, HttpError::Connect { addr, .. } if *addr == want),
+        "{err:?}"
+    );
+    assert!(err.to_string().contains(&want), "{err}");
 }

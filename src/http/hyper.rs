@@ -455,47 +455,57 @@ impl HyperClient {
         &self,
         (scheme, host, port): &(String, String, u16),
     ) -> Result<(SendRequest<Body>, Driver), Error> {
-        let addr = format!("{host}:{port}");
-        // `Uri::host` keeps an IPv6 literal's brackets.
-        let bare = host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned();
         let https = scheme == "https";
-        let connect = async {
-            let io = net::dial(&bare, *port, https.then_some(&self.inner.tls))
-                .await
-                .map_err(|e| match e {
-                    DialError::Connect(source) => Error::Connect {
-                        addr: addr.clone(),
-                        source,
-                    },
-                    DialError::Tls(source) => Error::Tls {
-                        host: bare.clone(),
-                        source,
-                    },
-                })?;
-            let plain = io.is_plain();
-            let (sender, conn) =
-                hyper::client::conn::http1::handshake(net::HyperIo::new(io, plain))
-                    .await
-                    .map_err(|e| Error::Transport {
-                        url: addr.clone(),
-                        source: e.into(),
-                    })?;
-            tracing::debug!(addr = %addr, tls = https, "http connection opened");
-            let conn = Driver {
-                conn: Some(Box::pin(conn)),
-            };
-            Ok((sender, conn))
-        };
+        // NOTE: the future is made where it is awaited (see `send_inner`).
         match self.inner.connect_timeout {
-            Some(after) => match timeout_on(&*self.inner.clock, after, connect).await {
-                Ok(r) => r,
-                Err(_) => Err(Error::ConnectTimeout { addr, after }),
-            },
-            None => connect.await,
+            Some(after) => {
+                match timeout_on(&*self.inner.clock, after, self.open(host, *port, https)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(Error::ConnectTimeout {
+                        addr: format!("{host}:{port}"),
+                        after,
+                    }),
+                }
+            }
+            None => self.open(host, *port, https).await,
         }
+    }
+
+    /// TCP (and TLS) to `host:port`, then the HTTP/1 handshake. The
+    /// address is written out only for an error.
+    async fn open(
+        &self,
+        host: &str,
+        port: u16,
+        https: bool,
+    ) -> Result<(SendRequest<Body>, Driver), Error> {
+        let addr = || format!("{host}:{port}");
+        // `Uri::host` keeps an IPv6 literal's brackets.
+        let bare = host.trim_start_matches('[').trim_end_matches(']');
+        let io = net::dial(bare, port, https.then_some(&self.inner.tls))
+            .await
+            .map_err(|e| match e {
+                DialError::Connect(source) => Error::Connect {
+                    addr: addr(),
+                    source,
+                },
+                DialError::Tls(source) => Error::Tls {
+                    host: bare.to_owned(),
+                    source,
+                },
+            })?;
+        let plain = io.is_plain();
+        let (sender, conn) = hyper::client::conn::http1::handshake(net::HyperIo::new(io, plain))
+            .await
+            .map_err(|e| Error::Transport {
+                url: addr(),
+                source: e.into(),
+            })?;
+        tracing::debug!(host = %host, port, tls = https, "http connection opened");
+        let conn = Driver {
+            conn: Some(Box::pin(conn)),
+        };
+        Ok((sender, conn))
     }
 
     async fn send_inner(&self, mut request: Request<Body>) -> Result<Response<Body>, Error> {
