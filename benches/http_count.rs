@@ -6,11 +6,17 @@
 //! alive (`keepalive`).
 //!
 //! Run: `cargo build --release --manifest-path benches/Cargo.toml --example http_count`,
-//! then `valgrind --tool=callgrind benches/target/release/examples/http_count <smolkit|hyper-util|surf> <fresh|keepalive>`
-//! (nginx runs outside valgrind: only the client's instructions count).
+//! then `valgrind --tool=callgrind benches/target/release/examples/http_count <smolkit|hyper-util|surf> <fresh|keepalive> [no-connect-timeout]`
+//! (nginx runs outside valgrind: only the client's instructions count;
+//! `no-connect-timeout` turns smolkit's default 10 s connect timeout off,
+//! for parity with hyper-util's client, which has none). Each count
+//! includes the runtime monitor's one-time clock calibration: subtract
+//! `quanta::Clock::new`'s inclusive cost.
 
 #[path = "http_common.rs"]
 mod http_common;
+
+use std::time::Duration;
 
 use http_body_util::BodyExt;
 use http_common::{Legacy, OnRuntime, SmolConnector, nginx};
@@ -22,10 +28,14 @@ const REQUESTS: usize = 2_000;
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let (Some(client), Some(mode)) = (args.get(1), args.get(2)) else {
-        eprintln!("usage: http_count <smolkit|hyper-util|surf> <fresh|keepalive>");
+        eprintln!(
+            "usage: http_count <smolkit|hyper-util|surf> <fresh|keepalive> [no-connect-timeout]"
+        );
         std::process::exit(2);
     };
     let fresh = mode == "fresh";
+    let connect_timeout = (args.get(3).map(String::as_str) != Some("no-connect-timeout"))
+        .then_some(Duration::from_secs(10));
     let Some(nginx) = nginx() else {
         eprintln!("no nginx on the PATH");
         std::process::exit(2);
@@ -44,6 +54,7 @@ fn main() {
             Box::new(
                 HyperClient::builder()
                     .with_keep_alive(!fresh)
+                    .with_connect_timeout(connect_timeout)
                     .build()
                     .expect("a client"),
             )
