@@ -39,11 +39,7 @@ enum Offered<E> {
 fn offer<E: Clone>(route: &Route<E>, topic: &Arc<str>, payload: E) -> Offered<E> {
     // One group, the common case: no payload clones to decide on.
     if let [group] = &**route {
-        let ev = Event {
-            topic: topic.clone(),
-            payload,
-        };
-        return match group.push_quiet(ev, true) {
+        return match group.push_quiet(topic.clone(), payload, true) {
             Ok((queued, overwritten)) => Offered::Done(queued, overwritten),
             Err(ev) => Offered::Rest(
                 Rest {
@@ -74,13 +70,9 @@ fn offer_many<E: Clone>(route: &Route<E>, topic: &Arc<str>, payload: E) -> Offer
             payload.clone()
         };
         let Some(p) = p else { break };
-        let ev = Event {
-            topic: topic.clone(),
-            payload: p,
-        };
         // One overwritten event is carried out; a second `DropOldest`
         // group to overwrite goes the slow way.
-        match group.push_quiet(ev, overwritten.is_none()) {
+        match group.push_quiet(topic.clone(), p, overwritten.is_none()) {
             Ok((q, old)) => {
                 queued += q;
                 if old.is_some() {

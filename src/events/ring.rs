@@ -283,21 +283,27 @@ impl<E: Clone> Group<E> {
     fn write(&self, r: &mut Ring<E>, ev: Event<E>) -> Result<(usize, Option<Event<E>>), Event<E>> {
         let i = r.at;
         let busy = Self::busy_at(r, i);
-        self.write_at(r, i, busy, ev)
+        let Event { topic, payload } = ev;
+        self.write_at(r, i, busy, topic, payload)
     }
 
     /// [`write`](Self::write) at slot `i`, the tail's, which `busy` says
     /// still has a reader to come.
+    ///
+    /// NOTE: takes the event's parts, not an `Event`: one built by the
+    /// caller was written to the stack in 8-byte halves and read back here
+    /// in one 16-byte load, a store-forwarding stall per event.
     fn write_at(
         &self,
         r: &mut Ring<E>,
         i: usize,
         busy: bool,
-        ev: Event<E>,
+        topic: Arc<str>,
+        payload: E,
     ) -> Result<(usize, Option<Event<E>>), Event<E>> {
         if busy {
             match self.overflow {
-                Overflow::Wait => return Err(ev),
+                Overflow::Wait => return Err(Event { topic, payload }),
                 Overflow::DropNewest => {
                     r.each_live(|m| m.dropped += 1);
                     return Ok((0, None));
@@ -316,13 +322,13 @@ impl<E: Clone> Group<E> {
                 slot.rem = rem;
                 slot.spent = None;
                 slot.by = by;
-                slot.ev.replace(ev)
+                slot.ev.replace(Event { topic, payload })
             }
             None => {
                 r.slots.push(Slot {
                     pos,
                     rem,
-                    ev: Some(ev),
+                    ev: Some(Event { topic, payload }),
                     spent: None,
                     by,
                 });
@@ -373,7 +379,8 @@ impl<E: Clone> Group<E> {
     /// [`send`](Self::send), which does the rest.
     pub(super) fn push_quiet(
         &self,
-        ev: Event<E>,
+        topic: Arc<str>,
+        payload: E,
         overwrite: bool,
     ) -> Result<(usize, Option<Event<E>>), Event<E>> {
         let mut r = lock(&self.ring);
@@ -383,9 +390,9 @@ impl<E: Clone> Group<E> {
             || !r.sleepers.is_empty()
             || (busy && !(overwrite && self.overflow == Overflow::DropOldest))
         {
-            return Err(ev);
+            return Err(Event { topic, payload });
         }
-        self.write_at(&mut r, i, busy, ev)
+        self.write_at(&mut r, i, busy, topic, payload)
     }
 
     /// Writes what it can of `evs` (front first) under one lock, without
