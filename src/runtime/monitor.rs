@@ -83,7 +83,8 @@ thread_local! {
     /// poll: during a timed poll, when it began (a task spawned from it is
     /// stamped with that); between polls, when the last one ended (the
     /// next one's start, so a timed poll reads the clock once, not twice).
-    /// `None` off the runtime's workers and after a break.
+    /// A [`now_ticks`] reading; 0 (none) off the runtime's workers and
+    /// after a break.
     static LAST: Cell<u64> = const { Cell::new(0) };
 }
 
