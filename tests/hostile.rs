@@ -252,3 +252,48 @@ fn a_refused_connect_names_the_address() {
     );
     assert!(err.to_string().contains(&want), "{err}");
 }
+
+/// On the system clock the connect and response timeouts are kept by the
+/// watchdog's thread, not the reactor's timers: both still fire (a silent
+/// TLS server; a plain one that takes the request and never answers).
+#[test]
+fn connect_and_response_timeouts_fire_on_the_system_clock() {
+    use smolkit::http::Error as HttpError;
+    use std::time::Duration;
+
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let client = HyperClient::builder()
+        .with_connect_timeout(Duration::from_millis(30))
+        .with_response_timeout(Some(Duration::from_millis(30)))
+        .build()
+        .unwrap();
+    let send = |url: String| {
+        let client = client.clone();
+        common::within(move || {
+            smol::block_on(client.send(Request::get(url.as_str()).body(Body::empty()).unwrap()))
+        })
+    };
+    let err = send(format!("https://127.0.0.1:{port}/")).unwrap_err();
+    assert!(
+        matches!(&err, HttpError::ConnectTimeout { after, .. } if *after == Duration::from_millis(30)),
+        "{err:?}"
+    );
+    // Accepted and read, never answered.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let mute = std::thread::spawn(move || {
+        let (mut s, _) = listener.accept().unwrap();
+        let mut buf = [0u8; 1024];
+        // Until the client gives up and closes.
+        while std::io::Read::read(&mut s, &mut buf).is_ok_and(|n| n > 0) {}
+    });
+    let err = send(format!("http://127.0.0.1:{port}/")).unwrap_err();
+    assert!(
+        matches!(&err, HttpError::Timeout { after, .. } if *after == Duration::from_millis(30)),
+        "{err:?}"
+    );
+    drop(client);
+    common::within(move || mute.join().unwrap());
+    drop(silent);
+}

@@ -28,7 +28,7 @@ use super::client::{self, Client, Redirects, ResponseFuture};
 use super::error::Error;
 use crate::ConfigError;
 use crate::net::{self, DialError, TlsOptions};
-use crate::resilience::timeout_on;
+use crate::resilience::watchdog_on;
 use crate::runtime::{Clock, Spawn, SystemClock};
 use crate::sync::lock_std as lock;
 
@@ -459,7 +459,7 @@ impl HyperClient {
         // NOTE: the future is made where it is awaited (see `send_inner`).
         match self.inner.connect_timeout {
             Some(after) => {
-                match timeout_on(&*self.inner.clock, after, self.open(host, *port, https)).await {
+                match watchdog_on(&*self.inner.clock, after, self.open(host, *port, https)).await {
                     Ok(r) => r,
                     Err(_) => Err(Error::ConnectTimeout {
                         addr: format!("{host}:{port}"),
@@ -536,7 +536,7 @@ impl HyperClient {
         // kept in a local first: that moved it whole once more.
         match self.inner.response_timeout {
             Some(after) => {
-                match timeout_on(
+                match watchdog_on(
                     &*self.inner.clock,
                     after,
                     self.exchange(&pool, &uri, request),

@@ -36,4 +36,5 @@ pub use error::{
 };
 pub use policy::{Policy, PolicyBuilder};
 pub use retry::{Classify, Decision, NoHook, OnRetry, Retry, RetryBudget, RetryErrors, RetryEvent};
+pub(crate) use timeout::watchdog_on;
 pub use timeout::{Timeout, deadline, deadline_on, timeout, timeout_on};

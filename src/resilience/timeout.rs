@@ -55,6 +55,16 @@ pub fn timeout_on<F: Future>(clock: &dyn Clock, duration: Duration, fut: F) -> T
     }
 }
 
+/// [`timeout_on`] on the clock's [`watchdog`](Clock::watchdog): for a
+/// timeout that almost never fires.
+pub(crate) fn watchdog_on<F: Future>(clock: &dyn Clock, duration: Duration, fut: F) -> Timeout<F> {
+    Timeout {
+        fut,
+        sleep: clock.watchdog(duration),
+        after: duration,
+    }
+}
+
 /// [`deadline`] on any clock.
 pub fn deadline_on<F: Future>(clock: &dyn Clock, deadline: Instant, fut: F) -> Timeout<F> {
     Timeout {

@@ -40,6 +40,17 @@ pub trait Clock: Send + Sync + fmt::Debug + 'static {
             None => Sleep::never(),
         }
     }
+
+    /// A sleep of `duration` for a timeout that the work it guards almost
+    /// always beats (a connect, a response): the same as
+    /// [`sleep`](Clock::sleep) unless the clock keeps such deadlines more
+    /// cheaply. [`SystemClock`] does: they are kept by one thread of its
+    /// own, so arming and dropping one costs a lock each, not a reactor
+    /// wake-up and a timer map's insert and remove. It ends up to a
+    /// thread wake-up later than an exact [`sleep`](Clock::sleep).
+    fn watchdog(&self, duration: Duration) -> Sleep {
+        self.sleep(duration)
+    }
 }
 
 /// The real clock: `Instant::now()` and `async_io::Timer`.
@@ -57,6 +68,15 @@ impl Clock for SystemClock {
     fn sleep_until(&self, deadline: Instant) -> Sleep {
         Sleep {
             inner: SleepInner::Timer(async_io::Timer::at(deadline)),
+        }
+    }
+
+    fn watchdog(&self, duration: Duration) -> Sleep {
+        match Instant::now().checked_add(duration) {
+            Some(deadline) => Sleep {
+                inner: SleepInner::Watch(super::watchdog::Watch::new(deadline)),
+            },
+            None => Sleep::never(),
         }
     }
 }
@@ -156,6 +176,10 @@ impl Clock for CoarseClock {
     fn sleep_until(&self, deadline: Instant) -> Sleep {
         SystemClock.sleep_until(deadline)
     }
+
+    fn watchdog(&self, duration: Duration) -> Sleep {
+        SystemClock.watchdog(duration)
+    }
 }
 
 /// The future returned by [`Clock::sleep`] and [`Clock::sleep_until`].
@@ -170,6 +194,7 @@ pub struct Sleep {
 
 enum SleepInner {
     Timer(async_io::Timer),
+    Watch(super::watchdog::Watch),
     Boxed(Pin<Box<dyn Future<Output = ()> + Send + 'static>>),
 }
 
@@ -199,6 +224,7 @@ impl Future for Sleep {
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         match &mut self.inner {
             SleepInner::Timer(timer) => Pin::new(timer).poll(cx).map(|_| ()),
+            SleepInner::Watch(watch) => Pin::new(watch).poll(cx),
             SleepInner::Boxed(fut) => fut.as_mut().poll(cx),
         }
     }
@@ -208,6 +234,7 @@ impl fmt::Debug for Sleep {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let kind = match self.inner {
             SleepInner::Timer(_) => "timer",
+            SleepInner::Watch(_) => "watchdog",
             SleepInner::Boxed(_) => "custom",
         };
         f.debug_struct("Sleep").field("kind", &kind).finish()

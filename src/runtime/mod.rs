@@ -45,6 +45,7 @@ mod join;
 mod monitor;
 pub mod offload;
 mod scheduler;
+mod watchdog;
 
 pub(crate) use clock::saturating_add;
 pub use clock::{Clock, CoarseClock, Sleep, SystemClock};
