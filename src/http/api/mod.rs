@@ -31,7 +31,7 @@ use crate::limit::{IntoRateLimit, RateLimit, Semaphore};
 use crate::net::{excerpt, retry_after};
 use crate::resilience::{
     AttemptErrorRef, Backoff, BreakerBuilder, CallOutcome, CircuitBreaker, Classify, Decision,
-    Retry, RetryError, timeout_on,
+    Retry, RetryError, watchdog_on,
 };
 use crate::runtime::{Clock, SystemClock};
 use crate::sync::lock_std as lock;
@@ -427,7 +427,7 @@ impl ApiClient {
             };
             let (parts, bytes) = match inner.timeout {
                 Some(after) => {
-                    timeout_on(&*inner.clock, after, exchange)
+                    watchdog_on(&*inner.clock, after, exchange)
                         .await
                         .map_err(|_| Error::Timeout {
                             url: url.clone(),

@@ -15,7 +15,7 @@ use super::manifest::Entry;
 use super::run::{Ctx, Job};
 use super::{DownloadError, DownloadEvent};
 use crate::http::{Body, HeaderMap, Request, StatusCode, header};
-use crate::resilience::timeout_on;
+use crate::resilience::watchdog_on;
 
 /// Bytes between two [`DownloadEvent::Bytes`] of one file.
 const PROGRESS_EVERY: u64 = 256 * 1024;
@@ -519,7 +519,7 @@ async fn idle<F: std::future::Future>(
     fut: F,
 ) -> Result<F::Output, DownloadError> {
     match s.idle_timeout {
-        Some(after) => timeout_on(&*s.clock, after, fut)
+        Some(after) => watchdog_on(&*s.clock, after, fut)
             .await
             .map_err(|_| DownloadError::IdleTimeout { after }),
         None => Ok(fut.await),
