@@ -18,8 +18,16 @@
 //!   IO reactor and timers); a push wakes at most one sleeper, and only when
 //!   no sleeper has been woken already (async-executor's `Sleepers` scheme);
 //!   one poll wakes at most one other worker however many tasks it wakes or
-//!   spawns (a worker woken that finds work wakes the next), and a task
-//!   that yields, or passes the LIFO limit, wakes nobody: it runs here next.
+//!   spawns (a worker woken that finds work wakes the next while work is
+//!   left queued), and a task that yields, or passes the LIFO limit, wakes
+//!   nobody: it runs here next;
+//! - a task woken by the reactor that a sleeping worker drives runs on that
+//!   worker, which is awake anyway (its own thread wakes it: no system
+//!   call); another is woken only for a second such task. Waking another
+//!   for each (as any other wake from outside a poll does) moved every
+//!   IO-driven task to another core and back: callgrind of 2 000 HTTP
+//!   requests over fresh connections, 105 -> 95 M instructions, 340 -> 240
+//!   us per request in wall time.
 //!
 //! async-executor, which the runtime used before, pushes every wake to its
 //! global queue and has no LIFO slot: each wake of a ping-pong crosses cores.
@@ -78,6 +86,9 @@ struct Local {
     lifo: Option<Runnable>,
     /// LIFO-slot runs in a row.
     lifo_run: u32,
+    /// The worker's sleeper id while it is asleep (0 while awake): a copy
+    /// of `Worker::sleeping` for `schedule`.
+    sleeper: usize,
 }
 
 /// The scheduler's shared state.
@@ -155,6 +166,23 @@ impl Scheduler {
                 return;
             };
             let index = local.index;
+            if matches!(kind, Kind::Woken) && !local.polling {
+                // Woken on this worker's thread outside a poll: by the
+                // reactor this worker drives while it sleeps in
+                // `block_on`, which goes back to `turn` next. It runs the
+                // task itself (a wake of its own thread, no system call);
+                // another is woken only for a second task queued here.
+                let me = local.sleeper;
+                drop(w);
+                self.push_local(index, runnable.take().expect("taken once"));
+                if me != 0 {
+                    self.wake_sleeper(me);
+                }
+                if self.locals[index].len() > 1 {
+                    self.notify();
+                }
+                return;
+            }
             let (to_queue, wake_another) = match kind {
                 Kind::Woken if local.polling && local.lifo_run < LIFO_LIMIT => {
                     // Runs next on this worker; whatever it displaces goes
@@ -234,6 +262,11 @@ impl Scheduler {
         left
     }
 
+    /// Tasks wait in a queue (LIFO slots aside).
+    fn has_queued(&self) -> bool {
+        !self.global.is_empty() || self.locals.iter().any(|l| !l.is_empty())
+    }
+
     /// Wakes one sleeping worker unless one was woken already.
     fn notify(&self) {
         // Pairs with the fence in `Worker::sleep`: either this load sees the
@@ -251,6 +284,19 @@ impl Scheduler {
             if let Some(w) = waker {
                 w.wake();
             }
+        }
+    }
+
+    /// Wakes sleeper `id` (the calling worker itself) unless it was woken
+    /// already.
+    fn wake_sleeper(&self, id: usize) {
+        let mut sleepers = self.lock_sleepers();
+        let waker = sleepers.take(id);
+        self.notified
+            .store(sleepers.is_notified(), Ordering::Release);
+        drop(sleepers);
+        if let Some(w) = waker {
+            w.wake();
         }
     }
 
@@ -312,6 +358,7 @@ impl LocalGuard {
                 woke_another: false,
                 lifo: None,
                 lifo_run: 0,
+                sleeper: 0,
             })
         });
         LocalGuard
@@ -348,8 +395,13 @@ impl Worker<'_> {
                 Some(runnable) => {
                     if self.sleeping != 0 {
                         self.wake_up();
-                        // Someone else picks up whatever is left.
-                        self.sched.notify();
+                        // Someone else picks up whatever is left. Pairs
+                        // with the fence in `notify`: a push this check
+                        // misses saw `notified` false and woke someone.
+                        fence(Ordering::SeqCst);
+                        if self.sched.has_queued() {
+                            self.sched.notify();
+                        }
                     }
                     self.run(runnable);
                     ran += 1;
@@ -415,6 +467,7 @@ impl Worker<'_> {
             let mut sleepers = self.sched.lock_sleepers();
             if self.sleeping == 0 {
                 self.sleeping = sleepers.insert(waker);
+                set_sleeper(self.sleeping);
             } else if !sleepers.update(self.sleeping, waker) {
                 return false;
             }
@@ -434,6 +487,9 @@ impl Worker<'_> {
                 .notified
                 .store(sleepers.is_notified(), Ordering::Release);
         }
+        if self.sleeping != 0 {
+            set_sleeper(0);
+        }
         self.sleeping = 0;
     }
 }
@@ -442,6 +498,14 @@ impl Drop for Worker<'_> {
     fn drop(&mut self) {
         self.wake_up();
     }
+}
+
+fn set_sleeper(id: usize) {
+    let _ = WORKER.try_with(|w| {
+        if let Some(l) = w.borrow_mut().as_mut() {
+            l.sleeper = id;
+        }
+    });
 }
 
 fn set_polling(on: bool) {
@@ -529,6 +593,12 @@ impl Sleepers {
 
     fn is_notified(&self) -> bool {
         self.count == 0 || self.count > self.wakers.len()
+    }
+
+    /// Takes sleeper `id`'s waker (it counts as woken), if not woken yet.
+    fn take(&mut self, id: usize) -> Option<Waker> {
+        let at = self.wakers.iter().position(|(i, _)| *i == id)?;
+        Some(self.wakers.swap_remove(at).1)
     }
 
     fn notify(&mut self) -> Option<Waker> {
