@@ -36,5 +36,6 @@ pub use error::{
 };
 pub use policy::{Policy, PolicyBuilder};
 pub use retry::{Classify, Decision, NoHook, OnRetry, Retry, RetryBudget, RetryErrors, RetryEvent};
+#[cfg(feature = "http")]
 pub(crate) use timeout::watchdog_on;
 pub use timeout::{Timeout, deadline, deadline_on, timeout, timeout_on};

@@ -57,6 +57,7 @@ pub fn timeout_on<F: Future>(clock: &dyn Clock, duration: Duration, fut: F) -> T
 
 /// [`timeout_on`] on the clock's [`watchdog`](Clock::watchdog): for a
 /// timeout that almost never fires.
+#[cfg(feature = "http")]
 pub(crate) fn watchdog_on<F: Future>(clock: &dyn Clock, duration: Duration, fut: F) -> Timeout<F> {
     Timeout {
         fut,
