@@ -14,8 +14,10 @@
 //!   [`detach`](JoinHandle::detach) was called, and a panic comes back as
 //!   [`JoinError::Panicked`].
 //! - [`Clock`] gives `now` and `sleep`. [`SystemClock`] sleeps on
-//!   `async_io::Timer`, which works under every executor. Tests use
-//!   `testing::ManualClock` (feature `testing`), which moves only when told.
+//!   `async_io::Timer`, which works under every executor, and keeps the
+//!   deadlines of [`Clock::watchdog`] (timeouts that almost never fire) on
+//!   one thread of its own. Tests use `testing::ManualClock` (feature
+//!   `testing`), which moves only when told.
 //! - [`Runtime`] is a small multi-threaded executor (`async-task` tasks,
 //!   per-worker queues, work stealing, a LIFO slot), with a live task
 //!   registry ([`Runtime::tasks`]),
