@@ -97,9 +97,6 @@ thread_local! {
 /// fifth of the contended semaphore's instructions on the `Runtime`.
 struct Ticks {
     clock: quanta::Clock,
-    /// A reading taken at `origin`.
-    origin_raw: u64,
-    origin: Instant,
 }
 
 static TICKS: OnceLock<Ticks> = OnceLock::new();
@@ -107,14 +104,8 @@ static TICKS: OnceLock<Ticks> = OnceLock::new();
 /// The clock, calibrated on first use (see [`Monitor::new`]).
 #[inline]
 fn ticks() -> &'static Ticks {
-    TICKS.get_or_init(|| {
-        let clock = quanta::Clock::new();
-        let origin = Instant::now();
-        Ticks {
-            origin_raw: clock.raw(),
-            clock,
-            origin,
-        }
+    TICKS.get_or_init(|| Ticks {
+        clock: quanta::Clock::new(),
     })
 }
 
@@ -139,10 +130,17 @@ fn ticks_in(d: Duration) -> u64 {
     u64::try_from(d.as_nanos().saturating_mul(u128::from(SPAN)) / span_ns).unwrap_or(u64::MAX)
 }
 
-fn instant_at(raw: u64) -> Instant {
-    let t = ticks();
-    let since = Duration::from_nanos(ns_between(t.origin_raw, raw));
-    t.origin.checked_add(since).unwrap_or(t.origin)
+/// The instant of reading `raw`, counted back from `now` (read with
+/// `now_raw`): never after `now`, and off by the calibration's error
+/// times the reading's age, not times the process's.
+///
+/// NOTE: counted forward from an origin taken at calibration, a
+/// calibration a little fast put a task's last poll after `now` once the
+/// process had run a second or two (`tests/runtime.rs`, two runs in three
+/// with 15 test binaries at once).
+fn instant_at(now: Instant, now_raw: u64, raw: u64) -> Instant {
+    let ago = Duration::from_nanos(ns_between(raw, now_raw));
+    now.checked_sub(ago).unwrap_or(now)
 }
 
 /// The worker is about to wait or hand its thread to the reactor: the next
@@ -294,6 +292,7 @@ impl Monitor {
 
     pub(crate) fn tasks(&self) -> Vec<TaskInfo> {
         let mut out = Vec::new();
+        let (now, now_raw) = (Instant::now(), now_ticks());
         for shard in &self.waiting {
             let shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
             out.extend(
@@ -303,7 +302,7 @@ impl Monitor {
                     .map(|m| TaskInfo {
                         id: m.id,
                         name: m.name.clone(),
-                        spawned_at: instant_at(m.spawned),
+                        spawned_at: instant_at(now, now_raw, m.spawned),
                         polls: m.polls.load(Ordering::Relaxed),
                         busy: Duration::from_nanos(ns_between(0, m.busy.load(Ordering::Relaxed))),
                         longest_poll: Duration::from_nanos(ns_between(
@@ -312,7 +311,7 @@ impl Monitor {
                         )),
                         last_poll: match m.last_poll.load(Ordering::Relaxed) {
                             0 => None,
-                            raw => Some(instant_at(raw)),
+                            raw => Some(instant_at(now, now_raw, raw)),
                         },
                     }),
             );
