@@ -167,20 +167,9 @@ impl Scheduler {
             };
             let index = local.index;
             if matches!(kind, Kind::Woken) && !local.polling {
-                // Woken on this worker's thread outside a poll: by the
-                // reactor this worker drives while it sleeps in
-                // `block_on`, which goes back to `turn` next. It runs the
-                // task itself (a wake of its own thread, no system call);
-                // another is woken only for a second task queued here.
                 let me = local.sleeper;
                 drop(w);
-                self.push_local(index, runnable.take().expect("taken once"));
-                if me != 0 {
-                    self.wake_sleeper(me);
-                }
-                if self.locals[index].len() > 1 {
-                    self.notify();
-                }
+                self.woken_by_reactor(index, me, runnable.take().expect("taken once"));
                 return;
             }
             let (to_queue, wake_another) = match kind {
@@ -199,7 +188,7 @@ impl Scheduler {
                 // (and cost a futex wake per yield).
                 Kind::Woken if local.polling => (runnable.take(), false),
                 Kind::Yielded => (runnable.take(), false),
-                // New work, or woken from outside a poll: others may help.
+                // New work: others may help.
                 Kind::New | Kind::Woken => (runnable.take(), true),
             };
             // At most one other worker per poll, and only for a task that
@@ -223,6 +212,24 @@ impl Scheduler {
         }
     }
 
+    /// A task woken on worker `index`'s thread outside a poll: by the
+    /// reactor that worker drives while it sleeps in `block_on` (sleeper
+    /// `me`, 0 if awake), which goes back to `turn` next. That worker runs
+    /// it (it wakes itself: no system call); another is woken only for a
+    /// second task queued there.
+    #[cold]
+    #[inline(never)]
+    fn woken_by_reactor(&self, index: usize, me: usize, runnable: Runnable) {
+        self.push_local(index, runnable);
+        if me != 0 {
+            self.wake_sleeper(me);
+        }
+        if self.locals[index].len() > 1 {
+            self.notify();
+        }
+    }
+
+    #[inline(always)]
     fn push_local(&self, index: usize, runnable: Runnable) {
         match self.locals[index].push(runnable) {
             Err(PushError::Full(r) | PushError::Closed(r)) => self.push_global(r),
