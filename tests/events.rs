@@ -428,6 +428,45 @@ fn an_overwritten_event_is_dropped_after_the_emit_lets_go_of_the_bus() {
     });
 }
 
+/// Two `DropOldest` groups on one topic: each emit overwrites in both, and
+/// neither overwritten event is dropped while the bus's lock is held (an
+/// emit carries one out of the lock; the second group's overwrite goes the
+/// slow way), by `emit` and by a `Publisher`.
+#[test]
+fn overwrites_in_two_groups_are_dropped_after_the_lock_too() {
+    within(|| {
+        let cell = Arc::new(std::sync::OnceLock::new());
+        let dropped = Arc::new(AtomicUsize::new(0));
+        let bus = cell.get_or_init(Bus::<Reentrant>::new).clone();
+        let opts = || {
+            SubscribeOptions::new()
+                .with_capacity(1)
+                .with_overflow(Overflow::DropOldest)
+        };
+        let mut exact = bus.subscribe_with("t", opts()).unwrap();
+        let mut any = bus.subscribe_with("#", opts()).unwrap();
+        let event = |n| Reentrant {
+            n,
+            bus: cell.clone(),
+            dropped: dropped.clone(),
+        };
+        let mut publisher = bus.publisher("t").unwrap();
+        smol::block_on(async {
+            assert_eq!(bus.emit("t", event(1)).await.unwrap(), 2);
+            // Overwrites 1 in both groups.
+            assert_eq!(bus.emit("t", event(2)).await.unwrap(), 2);
+            // And 2, by the publisher.
+            assert_eq!(publisher.publish(event(3)).await.unwrap(), 2);
+        });
+        // The two copies each of 1 and 2 (a payload's last copy is the
+        // payload itself).
+        assert_eq!(dropped.load(Ordering::SeqCst), 4);
+        assert_eq!(exact.try_next().map(|e| e.payload.n), Some(3));
+        assert_eq!(any.try_next().map(|e| e.payload.n), Some(3));
+        assert_eq!(bus.stats().dropped, 4);
+    });
+}
+
 #[test]
 fn an_emit_parked_on_a_full_subscription_gets_its_payload_back_at_shutdown() {
     // The old code returned Ok(0) here and lost the payload.

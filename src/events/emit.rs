@@ -22,45 +22,77 @@ struct Rest<E> {
     queued: usize,
 }
 
-/// What [`offer`] did; each carries the event a `DropOldest` group
-/// overwrote, if any, to be dropped once no lock is held (before any
-/// wait).
+/// What [`offer`] did. Sixteen bytes, so it comes back in registers: the
+/// event a `DropOldest` group overwrote goes to the caller's `old` (to be
+/// dropped once no lock is held, before any wait), and the rare paths are
+/// boxed.
+///
+/// NOTE: it carried the overwritten `Option<Event>` and the `Rest` inline,
+/// and each move of it (`push_quiet`'s result into it, it into the
+/// `Result` of `offer_locked`) copied the event in 16-byte loads of what
+/// had just been stored in 8-byte halves: perf put 40% of the
+/// one-subscriber `emit`'s samples in its loop on three such
+/// store-forwarding stalls.
 enum Offered<E> {
     /// Every matching group took the event: the copies queued.
-    Done(usize, Option<Event<E>>),
+    Done(usize),
     /// A group would have waited, woken a reader or dropped.
-    Rest(Rest<E>, Option<Event<E>>),
+    Rest(Box<Rest<E>>),
+    /// The topic was refused (`offer_locked` only).
+    Refused(Box<EmitError<E>>),
 }
 
 /// Offers `payload` on `topic` to the groups of `route` in order while
 /// each takes it at once (see `Group::push_quiet`: nothing is woken or
-/// dropped inside, so it may run under the bus's lock).
+/// dropped inside, so it may run under the bus's lock). An event a
+/// `DropOldest` group overwrote is left in `old`.
 #[inline]
-fn offer<E: Clone>(route: &Route<E>, topic: &Arc<str>, payload: E) -> Offered<E> {
+fn offer<E: Clone>(
+    route: &Route<E>,
+    topic: &Arc<str>,
+    payload: E,
+    old: &mut Option<Event<E>>,
+) -> Offered<E> {
     // One group, the common case: no payload clones to decide on.
     if let [group] = &**route {
-        return match group.push_quiet(topic.clone(), payload, true) {
-            Ok((queued, overwritten)) => Offered::Done(queued, overwritten),
-            Err(ev) => Offered::Rest(
-                Rest {
-                    topic: topic.clone(),
-                    route: route.clone(),
-                    at: 0,
-                    ev,
-                    rest: None,
-                    queued: 0,
-                },
-                None,
-            ),
+        return match group.push_quiet(topic.clone(), payload, true, old) {
+            Ok(queued) => Offered::Done(queued),
+            Err(ev) => rest(route, topic, 0, ev, None, 0),
         };
     }
-    offer_many(route, topic, payload)
+    offer_many(route, topic, payload, old)
+}
+
+/// The rest of an emit from group `at` on, boxed (out of line: the
+/// common path stays small).
+#[cold]
+#[inline(never)]
+fn rest<E>(
+    route: &Route<E>,
+    topic: &Arc<str>,
+    at: usize,
+    ev: Event<E>,
+    rest: Option<E>,
+    queued: usize,
+) -> Offered<E> {
+    Offered::Rest(Box::new(Rest {
+        topic: topic.clone(),
+        route: route.clone(),
+        at,
+        ev,
+        rest,
+        queued,
+    }))
 }
 
 /// [`offer`] to a route of several groups (or none).
-fn offer_many<E: Clone>(route: &Route<E>, topic: &Arc<str>, payload: E) -> Offered<E> {
+fn offer_many<E: Clone>(
+    route: &Route<E>,
+    topic: &Arc<str>,
+    payload: E,
+    old: &mut Option<Event<E>>,
+) -> Offered<E> {
     let mut queued = 0;
-    let mut overwritten = None;
     let mut payload = Some(payload);
     for (at, group) in route.iter().enumerate() {
         // The last match takes the payload itself: one clone fewer.
@@ -72,48 +104,18 @@ fn offer_many<E: Clone>(route: &Route<E>, topic: &Arc<str>, payload: E) -> Offer
         let Some(p) = p else { break };
         // One overwritten event is carried out; a second `DropOldest`
         // group to overwrite goes the slow way.
-        match group.push_quiet(topic.clone(), p, overwritten.is_none()) {
-            Ok((q, old)) => {
-                queued += q;
-                if old.is_some() {
-                    overwritten = old;
-                }
-            }
-            Err(ev) => {
-                let rest = Rest {
-                    topic: topic.clone(),
-                    route: route.clone(),
-                    at,
-                    ev,
-                    rest: payload,
-                    queued,
-                };
-                return Offered::Rest(rest, overwritten);
-            }
+        let overwrite = old.is_none();
+        match group.push_quiet(topic.clone(), p, overwrite, old) {
+            Ok(q) => queued += q,
+            Err(ev) => return rest(route, topic, at, ev, payload, queued),
         }
     }
-    Offered::Done(queued, overwritten)
-}
-
-/// Drops what [`offer`] overwrote (no lock is held by then, and no wait
-/// has begun): `Ok` with the copies queued, or the rest to [`finish`].
-#[inline]
-fn settle<E>(offered: Offered<E>) -> Result<usize, Rest<E>> {
-    match offered {
-        Offered::Done(queued, overwritten) => {
-            drop(overwritten);
-            Ok(queued)
-        }
-        Offered::Rest(rest, overwritten) => {
-            drop(overwritten);
-            Err(rest)
-        }
-    }
+    Offered::Done(queued)
 }
 
 /// The rest of an emit after [`offer`]: group `at` waits for room (or is
 /// closed), then the groups after it in turn.
-async fn finish<E: Clone + Send + 'static>(rest: Rest<E>) -> Result<usize, EmitError<E>> {
+async fn finish<E: Clone + Send + 'static>(rest: Box<Rest<E>>) -> Result<usize, EmitError<E>> {
     let Rest {
         topic,
         route,
@@ -121,7 +123,7 @@ async fn finish<E: Clone + Send + 'static>(rest: Rest<E>) -> Result<usize, EmitE
         ev,
         rest,
         queued: mut n,
-    } = rest;
+    } = *rest;
     match route[at].send(ev).await {
         Ok(queued) => n += queued,
         // Closed (a shutdown) with nothing queued: hand it back.
@@ -184,9 +186,13 @@ impl<E: Clone + Send + 'static> Bus<E> {
         // NOTE: matched here, not in a shared `async fn`: a future made of
         // the whole `Offered` per event was a 1 KiB `memcpy` (14% of the
         // one-subscriber instructions).
-        match settle(self.offer_locked(topic, payload)?) {
-            Ok(queued) => Ok(queued),
-            Err(rest) => finish(rest).await,
+        let mut old = None;
+        let offered = self.offer_locked(topic, payload, &mut old);
+        drop(old);
+        match offered {
+            Offered::Done(queued) => Ok(queued),
+            Offered::Rest(rest) => finish(rest).await,
+            Offered::Refused(e) => Err(*e),
         }
     }
 
@@ -199,18 +205,18 @@ impl<E: Clone + Send + 'static> Bus<E> {
     /// on one `Runtime` worker and from 98-104 to 74-75 ms on smol's
     /// executor.
     #[inline]
-    fn offer_locked(&self, topic: &str, payload: E) -> Result<Offered<E>, EmitError<E>> {
+    fn offer_locked(&self, topic: &str, payload: E, old: &mut Option<Event<E>>) -> Offered<E> {
         let mut subs = lock(&self.inner.subs);
         let subs = &mut *subs;
         let hit = matches!(&subs.last, Some((name, _)) if same_topic(name, topic));
         if !hit && let Err(e) = subs.lookup(topic) {
-            return Err(EmitError::Topic(e, payload));
+            return Offered::Refused(Box::new(EmitError::Topic(e, payload)));
         }
         subs.emitted += 1;
         match &subs.last {
-            Some((name, route)) => Ok(offer(route, name, payload)),
+            Some((name, route)) => offer(route, name, payload, old),
             // NOTE: `lookup` has just put the route here.
-            None => Ok(Offered::Done(0, None)),
+            None => Offered::Done(0),
         }
     }
 
@@ -311,9 +317,13 @@ impl<E: Clone + Send + 'static> Publisher<E> {
         }
         let n = self.emitted.load(Ordering::Relaxed);
         self.emitted.store(n + 1, Ordering::Relaxed);
-        match settle(offer(&self.route, &self.topic, payload)) {
-            Ok(queued) => Ok(queued),
-            Err(rest) => finish(rest).await,
+        let mut old = None;
+        let offered = offer(&self.route, &self.topic, payload, &mut old);
+        drop(old);
+        match offered {
+            Offered::Done(queued) => Ok(queued),
+            Offered::Rest(rest) => finish(rest).await,
+            Offered::Refused(e) => Err(*e),
         }
     }
 }

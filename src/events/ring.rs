@@ -280,11 +280,16 @@ impl<E: Clone> Group<E> {
     /// copies queued (0: dropped by `DropNewest`) and the event it
     /// overwrote, to be dropped after the lock; `Err` when a `Wait` group
     /// has no free slot.
-    fn write(&self, r: &mut Ring<E>, ev: Event<E>) -> Result<(usize, Option<Event<E>>), Event<E>> {
+    fn write(
+        &self,
+        r: &mut Ring<E>,
+        ev: Event<E>,
+        old: &mut Option<Event<E>>,
+    ) -> Result<usize, Event<E>> {
         let i = r.at;
         let busy = Self::busy_at(r, i);
         let Event { topic, payload } = ev;
-        self.write_at(r, i, busy, topic, payload)
+        self.write_at(r, i, busy, topic, payload, old)
     }
 
     /// [`write`](Self::write) at slot `i`, the tail's, which `busy` says
@@ -300,13 +305,14 @@ impl<E: Clone> Group<E> {
         busy: bool,
         topic: Arc<str>,
         payload: E,
-    ) -> Result<(usize, Option<Event<E>>), Event<E>> {
+        old: &mut Option<Event<E>>,
+    ) -> Result<usize, Event<E>> {
         if busy {
             match self.overflow {
                 Overflow::Wait => return Err(Event { topic, payload }),
                 Overflow::DropNewest => {
                     r.each_live(|m| m.dropped += 1);
-                    return Ok((0, None));
+                    return Ok(0);
                 }
                 // The readers behind count the lag when they meet it.
                 Overflow::DropOldest => {}
@@ -316,28 +322,27 @@ impl<E: Clone> Group<E> {
         // NOTE: written field by field, not as a new `Slot` swapped in
         // (56 bytes through the stack and back, per event). The spent
         // topic is dropped here, by the emitter (see `read`).
-        let old = match r.slots.get_mut(i) {
+        match r.slots.get_mut(i) {
             Some(slot) => {
                 slot.pos = pos;
                 slot.rem = rem;
                 slot.spent = None;
                 slot.by = by;
-                slot.ev.replace(Event { topic, payload })
+                if let Some(overwritten) = slot.ev.replace(Event { topic, payload }) {
+                    *old = Some(overwritten);
+                }
             }
-            None => {
-                r.slots.push(Slot {
-                    pos,
-                    rem,
-                    ev: Some(Event { topic, payload }),
-                    spent: None,
-                    by,
-                });
-                None
-            }
-        };
+            None => r.slots.push(Slot {
+                pos,
+                rem,
+                ev: Some(Event { topic, payload }),
+                spent: None,
+                by,
+            }),
+        }
         r.tail += 1;
         r.at = if i + 1 == self.capacity { 0 } else { i + 1 };
-        Ok((rem, old))
+        Ok(rem)
     }
 
     /// Wakes the members parked on an empty ring, after `r` is unlocked.
@@ -360,9 +365,10 @@ impl<E: Clone> Group<E> {
         if r.live == 0 {
             return Push::Closed(ev);
         }
-        match self.write(&mut r, ev) {
-            Ok((0, _)) => Push::Dropped,
-            Ok((n, old)) => {
+        let mut old = None;
+        match self.write(&mut r, ev, &mut old) {
+            Ok(0) => Push::Dropped,
+            Ok(n) => {
                 self.wake_readers(r);
                 drop(old);
                 Push::Queued(n)
@@ -371,18 +377,20 @@ impl<E: Clone> Group<E> {
         }
     }
 
-    /// Writes `ev` when that takes no wait and wakes nobody (no parked
-    /// reader; a free slot, or with `overwrite` a `DropOldest` slot to
-    /// overwrite): what an emitter may do while it holds the bus's lock.
-    /// `Ok` with the copies queued and the event overwritten, for the
-    /// caller to drop after its lock; `Err` hands `ev` back for
-    /// [`send`](Self::send), which does the rest.
+    /// Writes the event when that takes no wait and wakes nobody (no
+    /// parked reader; a free slot, or with `overwrite` a `DropOldest` slot
+    /// to overwrite): what an emitter may do while it holds the bus's lock.
+    /// `Ok` with the copies queued, the event overwritten (if any) put in
+    /// `old` (empty when `overwrite`) for the caller to drop after its
+    /// lock; `Err` hands the event back for [`send`](Self::send), which
+    /// does the rest.
     pub(super) fn push_quiet(
         &self,
         topic: Arc<str>,
         payload: E,
         overwrite: bool,
-    ) -> Result<(usize, Option<Event<E>>), Event<E>> {
+        old: &mut Option<Event<E>>,
+    ) -> Result<usize, Event<E>> {
         let mut r = lock(&self.ring);
         let i = r.at;
         let busy = Self::busy_at(&r, i);
@@ -392,7 +400,7 @@ impl<E: Clone> Group<E> {
         {
             return Err(Event { topic, payload });
         }
-        self.write_at(&mut r, i, busy, topic, payload)
+        self.write_at(&mut r, i, busy, topic, payload, old)
     }
 
     /// Writes what it can of `evs` (front first) under one lock, without
@@ -407,8 +415,9 @@ impl<E: Clone> Group<E> {
         }
         let mut queued = 0;
         while let Some(ev) = evs.pop_front() {
-            match self.write(&mut r, ev) {
-                Ok((n, old)) => {
+            let mut old = None;
+            match self.write(&mut r, ev, &mut old) {
+                Ok(n) => {
                     queued += n;
                     overwritten.extend(old);
                 }

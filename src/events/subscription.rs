@@ -131,6 +131,7 @@ impl<E: Clone> Reader<E> {
         self.take(None).0
     }
 
+    #[inline]
     pub(super) fn poll_read(&mut self, cx: &mut Context<'_>) -> Poll<Option<Event<E>>> {
         // A reader that always finds an event queued yields now and then.
         if self.budget.poll_proceed(cx).is_pending() {
@@ -204,6 +205,7 @@ impl<E: Clone + Send + 'static> Subscriber<E> {
 impl<E: Clone + Send + 'static> Stream for Subscriber<E> {
     type Item = Event<E>;
 
+    #[inline]
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event<E>>> {
         self.get_mut().reader.poll_read(cx)
     }
