@@ -277,9 +277,9 @@ impl<E: Clone> Group<E> {
     }
 
     /// Writes one event under the lock, the policy applied: `Ok` with the
-    /// copies queued (0: dropped by `DropNewest`) and the event it
-    /// overwrote, to be dropped after the lock; `Err` when a `Wait` group
-    /// has no free slot.
+    /// copies queued (0: dropped by `DropNewest`), the event it overwrote
+    /// put in `old` to be dropped after the lock; `Err` when a `Wait`
+    /// group has no free slot.
     fn write(
         &self,
         r: &mut Ring<E>,

@@ -53,11 +53,21 @@ const CREDENTIALS: [HeaderName; 3] = [AUTHORIZATION, COOKIE, ::http::header::PRO
 pub(crate) fn origin(uri: &Uri) -> Option<(String, String, u16)> {
     let scheme = uri.scheme_str()?.to_ascii_lowercase();
     let host = uri.host()?.to_ascii_lowercase();
-    let port = uri.port_u16().unwrap_or(match scheme.as_str() {
-        "https" => 443,
-        _ => 80,
-    });
-    Some((scheme, host, port))
+    Some((scheme, host, port(uri)?))
+}
+
+/// `uri`'s port, or its scheme's default (443 for https, any case; else
+/// 80); `None` without a scheme.
+pub(crate) fn port(uri: &Uri) -> Option<u16> {
+    let scheme = uri.scheme_str()?;
+    Some(
+        uri.port_u16()
+            .unwrap_or(if scheme.eq_ignore_ascii_case("https") {
+                443
+            } else {
+                80
+            }),
+    )
 }
 
 /// Checks the request URI is absolute `http(s)` with a host.

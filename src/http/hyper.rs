@@ -341,14 +341,7 @@ impl HyperClient {
 
     /// The pool for `uri`'s origin (`None` without a scheme or host).
     fn host(&self, uri: &Uri) -> Option<Arc<Host>> {
-        let (scheme, name) = (uri.scheme_str()?, uri.host()?);
-        let port = uri
-            .port_u16()
-            .unwrap_or(if scheme.eq_ignore_ascii_case("https") {
-                443
-            } else {
-                80
-            });
+        let (scheme, name, port) = (uri.scheme_str()?, uri.host()?, client::port(uri)?);
         let mut hosts = lock(&self.inner.hosts);
         if let Some(h) = hosts.last.as_ref().filter(|h| {
             h.key.2 == port

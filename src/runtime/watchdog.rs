@@ -247,6 +247,15 @@ mod tests {
         }
     }
 
+    /// A waker that says when it is woken, for a bounded wait on it.
+    struct Signal(std::sync::mpsc::SyncSender<()>);
+
+    impl Wake for Signal {
+        fn wake(self: Arc<Self>) {
+            let _ = self.0.try_send(());
+        }
+    }
+
     fn registered(w: &Watch) -> bool {
         w.id.is_some_and(|id| state().find(w.deadline, id).is_some())
     }
@@ -290,7 +299,8 @@ mod tests {
     #[test]
     fn a_dropped_sleep_leaves_the_queue_and_a_new_waker_is_the_one_woken() {
         let first = Arc::new(Count(AtomicUsize::new(0)));
-        let second = Arc::new(Count(AtomicUsize::new(0)));
+        let (woke, second) = std::sync::mpsc::sync_channel(1);
+        let second_waker = Waker::from(Arc::new(Signal(woke)));
         let mut dropped = Box::pin(Watch::new(Instant::now() + Duration::from_secs(3600)));
         let waker = Waker::from(first.clone());
         assert!(
@@ -311,19 +321,20 @@ mod tests {
                 .poll(&mut Context::from_waker(&waker))
                 .is_pending()
         );
-        let waker = Waker::from(second.clone());
         assert!(
             w.as_mut()
-                .poll(&mut Context::from_waker(&waker))
+                .poll(&mut Context::from_waker(&second_waker))
                 .is_pending()
         );
-        within(async {
-            while second.0.load(Ordering::SeqCst) == 0 {
-                async_io::Timer::after(Duration::from_millis(1)).await;
-            }
-        });
+        second
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the watchdog woke the newest waker within 10 s");
         assert_eq!(first.0.load(Ordering::SeqCst), 0, "the old waker was woken");
-        assert!(w.as_mut().poll(&mut Context::from_waker(&waker)).is_ready());
+        assert!(
+            w.as_mut()
+                .poll(&mut Context::from_waker(&second_waker))
+                .is_ready()
+        );
         assert!(Instant::now() >= w.deadline);
     }
 
